@@ -1,0 +1,241 @@
+"""CIFAR-10 from its standard python layout to tensors; the seeded split; batched augmentation.
+
+The test split is read only by `tuner ensemble`.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+
+from tuner.errors import ConfigError, DataError
+from tuner.spec import DataSpec
+
+FOLDER = "cifar-10-batches-py"
+URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+MD5 = "c58f30108f718f92721af3b95e74349a"
+CLASSES = 10
+# per-channel statistics of the CIFAR-10 training set, on the 0..255 scale
+MEAN = (125.31, 122.95, 113.87)
+STD = (62.99, 62.09, 66.70)
+
+
+def default_data_dir() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "tuner" / "cifar10"
+
+
+def resolve_data_dir(cli_value: str | os.PathLike[str] | None) -> Path:
+    """--data-dir, else TUNER_DATA_DIR, else a folder under the user's cache."""
+    chosen = cli_value or os.environ.get("TUNER_DATA_DIR")
+    return Path(chosen).expanduser() if chosen else default_data_dir()
+
+
+def batches_dir(root: Path) -> Path:
+    """Accept both the folder that holds `cifar-10-batches-py` and that folder itself."""
+    return root if root.name == FOLDER else root / FOLDER
+
+
+def ensure_cifar(root: Path, *, download: bool = True) -> Path:
+    """Return the `cifar-10-batches-py` folder, downloading the release if it is absent."""
+    folder = batches_dir(root)
+    if (folder / "test_batch").is_file():
+        return folder
+    if not download:
+        raise DataError(_missing_message(folder, "downloading is turned off"))
+    print(f"CIFAR-10 not found at {folder}; downloading {URL} …", flush=True)
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    try:
+        download_and_extract_archive(URL, download_root=str(folder.parent), md5=MD5)
+    except Exception as exc:  # offline, proxy, disk full: all end the same way for the user
+        raise DataError(_missing_message(folder, f"the download failed ({exc})")) from None
+    return folder
+
+
+def _missing_message(folder: Path, why: str) -> str:
+    return (
+        f"CIFAR-10 is not at {folder} and {why}.\n"
+        "Point tuner at a local copy of the python release (the folder that holds "
+        f"'{FOLDER}/'), with --data-dir DIR or TUNER_DATA_DIR=DIR, or download "
+        f"{URL} and unpack it there."
+    )
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """The CIFAR pickles hold dicts of numpy arrays; refuse any other global (no code runs)."""
+
+    ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "_reconstruct"),  # the original release, pickled by numpy 1
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch")
+        if module == "numpy.core.multiarray":
+            module = "numpy._core.multiarray" if hasattr(np, "_core") else module
+        return super().find_class(module, name)
+
+
+def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with path.open("rb") as f:
+            batch = _ArraysOnly(f, encoding="bytes").load()
+        data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    except Exception as exc:
+        raise DataError(f"{path}: not a readable CIFAR-10 batch ({exc})") from None
+    if len(data) != len(labels) or labels.min() < 0 or labels.max() >= CLASSES:
+        raise DataError(f"{path}: {len(data)} images but {len(labels)} labels in 0..9")
+    return data, labels
+
+
+def read_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """All `data_batch_*` files (train) or `test_batch` (test): uint8 N×3×32×32 and int64 N."""
+    if split == "train":
+        paths = sorted(folder.glob("data_batch_*"))
+    elif split == "test":
+        paths = [folder / "test_batch"]
+    else:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if not paths or not all(p.is_file() for p in paths):
+        raise DataError(f"{folder}: no {split} batches found (expected data_batch_N, test_batch)")
+    parts = [_read_batch(p) for p in paths]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def split_indices(
+    labels: np.ndarray, val_size: int, train_size: int | None, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified, seeded: `val_size` images to validate, the rest (or `train_size`) to train."""
+    n = len(labels)
+    if val_size >= n:
+        raise ConfigError(
+            f"data.val_size={val_size} leaves no training images: the data set has {n}; "
+            "lower data.val_size in the study file"
+        )
+    index = np.arange(n)
+    train, val = train_test_split(
+        index, test_size=val_size, stratify=labels, random_state=seed, shuffle=True
+    )
+    if train_size is not None and train_size < len(train):
+        train, _ = train_test_split(
+            train, train_size=train_size, stratify=labels[train], random_state=seed
+        )
+    return np.sort(train), np.sort(val)
+
+
+def subsample(labels: np.ndarray, size: int | None, seed: int) -> np.ndarray:
+    """A stratified subset of `size` indices (all when size is None or too large)."""
+    index = np.arange(len(labels))
+    if size is None or size >= len(labels):
+        return index
+    chosen, _ = train_test_split(index, train_size=size, stratify=labels, random_state=seed)
+    return np.sort(chosen)
+
+
+@dataclass(frozen=True)
+class Split:
+    """Images stay uint8 on the training device (4× smaller than float); labels are int64."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class TrainVal:
+    train: Split
+    val: Split
+    source: Path
+
+
+def _to_split(images: np.ndarray, labels: np.ndarray, device: torch.device) -> Split:
+    return Split(torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device))
+
+
+def load_train_val(root: Path, spec: DataSpec, seed: int, device: torch.device) -> TrainVal:
+    folder = ensure_cifar(root)
+    images, labels = read_split(folder, "train")
+    train, val = split_indices(labels, spec.val_size, spec.train_size, seed)
+    return TrainVal(
+        train=_to_split(images[train], labels[train], device),
+        val=_to_split(images[val], labels[val], device),
+        source=folder,
+    )
+
+
+def load_test(root: Path, spec: DataSpec, seed: int, device: torch.device) -> Split:
+    folder = ensure_cifar(root)
+    images, labels = read_split(folder, "test")
+    keep = subsample(labels, spec.test_size, seed)
+    return _to_split(images[keep], labels[keep], device)
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 N×3×H×W → float, standardized per channel."""
+    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float() - mean) / std
+
+
+def augment(
+    images: torch.Tensor,
+    kind: str,
+    *,
+    padding: int,
+    cutout: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Batched augmentation on uint8 images, on their own device; no per-image Python."""
+    if kind == "none":
+        return images
+    n, _, h, w = images.shape
+    device = images.device
+
+    def rand(*shape: int, high: int) -> torch.Tensor:
+        return torch.randint(0, high, shape, device=device, generator=generator)
+
+    if kind.startswith("crop") and padding > 0:
+        images = _random_crop(images, padding, rand(n, high=2 * padding + 1),
+                              rand(n, high=2 * padding + 1))  # fmt: skip
+    flip = rand(n, high=2).bool().view(n, 1, 1, 1)
+    images = torch.where(flip, images.flip(3), images)
+    if kind.endswith("cutout"):
+        images = _cutout(images, cutout, rand(n, high=h), rand(n, high=w))
+    return images
+
+
+def _random_crop(
+    images: torch.Tensor, padding: int, dy: torch.Tensor, dx: torch.Tensor
+) -> torch.Tensor:
+    """Reflect-pad by `padding`, then cut each image's H×W window at its own offset (dy, dx)."""
+    n, c, h, w = images.shape
+    padded = torch.nn.functional.pad(images.float(), (padding,) * 4, mode="reflect")
+    padded = padded.to(images.dtype).flatten(2)  # n × c × (H+2p)(W+2p)
+    rows = dy.view(n, 1, 1) + torch.arange(h, device=images.device).view(1, h, 1)
+    cols = dx.view(n, 1, 1) + torch.arange(w, device=images.device).view(1, 1, w)
+    flat = (rows * (w + 2 * padding) + cols).view(n, 1, h * w).expand(n, c, h * w)
+    return padded.gather(2, flat).view(n, c, h, w)
+
+
+def _cutout(images: torch.Tensor, size: int, cy: torch.Tensor, cx: torch.Tensor) -> torch.Tensor:
+    """Zero a size×size square centred at (cy, cx) in each image (clipped at the border)."""
+    n, _, h, w = images.shape
+    ys = torch.arange(h, device=images.device).view(1, h, 1)
+    xs = torch.arange(w, device=images.device).view(1, 1, w)
+    top, left = (cy - size // 2).view(n, 1, 1), (cx - size // 2).view(n, 1, 1)
+    inside = (ys >= top) & (ys < top + size) & (xs >= left) & (xs < left + size)
+    return images.masked_fill(inside.unsqueeze(1), 0)

@@ -1,0 +1,82 @@
+"""The search space as data: Optuna distributions; the one place that knows conditionals."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
+
+from tuner.spec import FloatRange, SpaceSpec
+
+
+@dataclass(frozen=True)
+class TrialParams:
+    """One point of the space, decoded: what a trial trains with."""
+
+    depth: str
+    batch_norm: bool
+    dropout: float
+    optimizer: str
+    lr: float
+    weight_decay: float
+    augment: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def lr_name(optimizer: str) -> str:
+    """The learning rate is conditional on the optimizer, so each has its own parameter."""
+    return f"lr_{optimizer}"
+
+
+def _float(r: FloatRange) -> FloatDistribution:
+    return FloatDistribution(r.low, r.high, log=r.log)
+
+
+def fixed_distributions(space: SpaceSpec) -> dict[str, BaseDistribution]:
+    """Parameters every trial draws, whatever else it drew."""
+    return {
+        "depth": CategoricalDistribution(space.depth),
+        "batch_norm": CategoricalDistribution(space.batch_norm),
+        "dropout": _float(space.dropout),
+        "optimizer": CategoricalDistribution(tuple(space.optimizer)),
+        "weight_decay": _float(space.weight_decay),
+        "augment": CategoricalDistribution(space.augment),
+    }
+
+
+def conditional_distributions(space: SpaceSpec) -> dict[str, dict[str, BaseDistribution]]:
+    """optimizer → the parameters drawn only when it is chosen."""
+    return {opt: {lr_name(opt): _float(sub.lr)} for opt, sub in space.optimizer.items()}
+
+
+def _draw(trial: optuna.Trial, name: str, dist: BaseDistribution) -> Any:
+    if isinstance(dist, CategoricalDistribution):
+        return trial.suggest_categorical(name, dist.choices)
+    assert isinstance(dist, FloatDistribution)
+    return trial.suggest_float(name, dist.low, dist.high, log=dist.log)
+
+
+def suggest(trial: optuna.Trial, space: SpaceSpec) -> TrialParams:
+    drawn = {name: _draw(trial, name, d) for name, d in fixed_distributions(space).items()}
+    for name, dist in conditional_distributions(space)[drawn["optimizer"]].items():
+        drawn[name] = _draw(trial, name, dist)
+    return decode(drawn)
+
+
+def decode(params: Mapping[str, Any]) -> TrialParams:
+    """Optuna's flat `trial.params` → `TrialParams` (also for trials loaded back from storage)."""
+    optimizer = params["optimizer"]
+    return TrialParams(
+        depth=params["depth"],
+        batch_norm=bool(params["batch_norm"]),
+        dropout=float(params["dropout"]),
+        optimizer=optimizer,
+        lr=float(params[lr_name(optimizer)]),
+        weight_decay=float(params["weight_decay"]),
+        augment=params["augment"],
+    )

@@ -1,0 +1,235 @@
+"""The study file: YAML in, one validated and frozen `StudySpec` out, before anything trains."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
+
+from tuner.errors import SpecError
+
+Depth = Literal["vgg11", "vgg13", "vgg16", "vgg19"]
+Optimizer = Literal["sgd", "nesterov", "adam", "adamw"]
+Augment = Literal["none", "flip", "crop_flip", "crop_flip_cutout"]
+Schedule = Literal["constant", "cosine", "onecycle"]
+
+# Scalars are strict (no "1e-3" → 0.001, no True → 1); an int is still a valid float.
+Float = Annotated[float, Strict()]
+Int = Annotated[int, Strict()]
+Bool = Annotated[bool, Strict()]
+PosInt = Annotated[int, Strict(), Field(gt=0)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FloatRange(_Frozen):
+    """A float searched in [low, high], on a log scale when `log` is set."""
+
+    low: Float
+    high: Float
+    log: Bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> FloatRange:
+        if self.low > self.high:
+            raise ValueError(f"low must not exceed high, got low={self.low}, high={self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log-scale range needs low > 0, got low={self.low}")
+        return self
+
+
+class OptimizerSpace(_Frozen):
+    """Per-optimizer ranges: Adam's useful learning rates are not SGD's."""
+
+    lr: FloatRange
+
+
+class SpaceSpec(_Frozen):
+    depth: tuple[Depth, ...] = Field(min_length=1)
+    batch_norm: tuple[Bool, ...] = Field(min_length=1)
+    dropout: FloatRange
+    optimizer: dict[Optimizer, OptimizerSpace] = Field(min_length=1)
+    weight_decay: FloatRange
+    augment: tuple[Augment, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> SpaceSpec:
+        if not 0 <= self.dropout.low <= self.dropout.high < 1:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+        if self.weight_decay.low < 0:
+            raise ValueError(f"weight_decay must be >= 0, got low={self.weight_decay.low}")
+        return self
+
+
+class TrainSpec(_Frozen):
+    epochs: PosInt
+    batch_size: PosInt = 512
+    schedule: Schedule = "onecycle"
+    warmup_fraction: Annotated[Float, Field(ge=0, lt=1)] = 0.2  # of all steps (onecycle/cosine)
+    momentum: Annotated[Float, Field(ge=0, lt=1)] = 0.9  # SGD and Nesterov
+    label_smoothing: Annotated[Float, Field(ge=0, lt=1)] = 0.0
+    width: Annotated[Float, Field(gt=0, le=4)] = 1.0  # channel multiplier; tests use 1/8
+    cutout_size: Annotated[Int, Field(ge=1, le=32)] = 8  # pixels, for crop_flip_cutout
+    crop_padding: Annotated[Int, Field(ge=0, le=16)] = 4  # pixels, for crop_*
+
+
+class DataSpec(_Frozen):
+    val_size: PosInt = 5000  # images carved from the training set, stratified and seeded
+    train_size: PosInt | None = None  # cap on training images (None: all that remain)
+    test_size: PosInt | None = None  # cap on test images for `tuner ensemble` (None: all)
+
+
+class TPESamplerSpec(_Frozen):
+    type: Literal["tpe"]
+    n_startup_trials: Annotated[Int, Field(ge=0)] = 10
+    seed: Int | None = None  # None: the study's seed
+
+
+class RandomSamplerSpec(_Frozen):
+    type: Literal["random"]
+    seed: Int | None = None
+
+
+class HyperbandPrunerSpec(_Frozen):
+    type: Literal["hyperband"]
+    min_epochs: PosInt = 1  # the smallest budget a trial gets before it can be pruned
+    reduction_factor: Annotated[Int, Field(ge=2)] = 3
+
+
+class MedianPrunerSpec(_Frozen):
+    type: Literal["median"]
+    n_startup_trials: Annotated[Int, Field(ge=0)] = 5
+    warmup_epochs: Annotated[Int, Field(ge=0)] = 1
+
+
+class NoPrunerSpec(_Frozen):
+    type: Literal["none"]
+
+
+SamplerSpec = Annotated[TPESamplerSpec | RandomSamplerSpec, Field(discriminator="type")]
+PrunerSpec = Annotated[
+    HyperbandPrunerSpec | MedianPrunerSpec | NoPrunerSpec, Field(discriminator="type")
+]
+
+
+class StudySpec(_Frozen):
+    """A whole study: what is searched, how each trial trains, how the search runs."""
+
+    name: Annotated[str, Strict(), Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    seed: Int = 0
+    trials: PosInt = 20  # trials per `tuner study run` unless --trials says otherwise
+    space: SpaceSpec
+    train: TrainSpec
+    data: DataSpec = DataSpec()
+    sampler: SamplerSpec = TPESamplerSpec(type="tpe")
+    pruner: PrunerSpec = HyperbandPrunerSpec(type="hyperband")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved spec, defaults filled in, as plain data (logged with every run)."""
+        return self.model_dump(mode="json")
+
+
+# YAML 1.1 reads these as something other than what was typed; they are errors, not guesses.
+_OCTAL_LOOKING = re.compile(r"^[-+]?0[0-9_]+$")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses YAML 1.1 octal-looking ints such as `010` (read as 8)."""
+
+    def construct_yaml_int(self, node: yaml.Node) -> int:
+        value = self.construct_scalar(node)
+        if isinstance(value, str) and _OCTAL_LOOKING.match(value):
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"{value!r} is read by YAML 1.1 as an octal number; write it without the "
+                "leading zero, or quote it if it is text",
+                node.start_mark,
+            )
+        return super().construct_yaml_int(node)
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
+
+
+def resolve_path(name_or_path: str, studies_dir: Path = Path("studies")) -> Path:
+    """`vgg-cifar` → `studies/vgg-cifar.yaml`; a path to a YAML file is taken as it is."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in {".yaml", ".yml"} or candidate.exists():
+        path = candidate
+    else:
+        path = studies_dir / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in studies_dir.glob("*.yaml")) if studies_dir.is_dir() else []
+        hint = f" Known studies in {studies_dir}/: {', '.join(known)}." if known else ""
+        raise SpecError(f"{path}: no such study file.{hint}")
+    return path
+
+
+def load(name_or_path: str, studies_dir: Path = Path("studies")) -> StudySpec:
+    """Read and validate a study file; each problem is a `SpecError` naming file and key."""
+    path = resolve_path(name_or_path, studies_dir)
+    try:
+        raw = yaml.load(path.read_text(), Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: the file must hold a mapping of keys, got {type(raw).__name__}")
+    return parse(raw, source=str(path))
+
+
+def parse(raw: dict[str, Any], source: str = "<spec>") -> StudySpec:
+    try:
+        return StudySpec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError("\n".join(_describe(err, source) for err in exc.errors())) from None
+
+
+def _describe(err: Any, source: str) -> str:
+    """One line per problem: file, dotted key, what is wrong, and how to fix it where we know."""
+    loc = [str(part) for part in err["loc"] if not str(part).startswith("function-after")]
+    # pydantic adds the discriminator tag ("tpe") to the path of union members: drop it
+    loc = [part for part in loc if part not in {"tpe", "random", "hyperband", "median", "none"}]
+    key = ".".join(part for part in loc if part != "[key]") or "(top level)"
+    value = err.get("input")
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        message = "unknown key (a typo, or a setting tuner does not have)"
+    elif kind == "missing":
+        message = "required key is missing"
+    else:
+        message = err["msg"].removeprefix("Value error, ")
+        if not isinstance(value, dict | list):
+            message += f", got {value!r}"
+    return f"{source}: {key}: {message}{_hint(kind, value)}"
+
+
+def _hint(kind: str, value: Any) -> str:
+    if kind == "float_type" and isinstance(value, str) and _is_number(value):
+        return (
+            f" (YAML 1.1 reads {value} as text because it has no decimal point: "
+            f"write {_with_point(value)})"
+        )
+    if isinstance(value, bool) and kind in {"string_type", "literal_error"}:
+        return " (YAML 1.1 reads yes/no/on/off as booleans: quote the word)"
+    return ""
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _with_point(text: str) -> str:
+    mantissa, _, exponent = text.lower().partition("e")
+    if "." not in mantissa:
+        mantissa += ".0"
+    return f"{mantissa}e{exponent}" if exponent else mantissa

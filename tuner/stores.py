@@ -1,0 +1,99 @@
+"""Where a study lives: the Optuna storage, the MLflow tracking store and its artifacts.
+
+Defaults need no server: SQLite files under `mlruns/`. Each can be moved by a flag or the
+environment (`TUNER_STORAGE`, MLflow's own `MLFLOW_TRACKING_URI`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import sqlalchemy
+
+from tuner.errors import ConfigError
+
+HEARTBEAT_SECONDS = 10  # a running trial writes a heartbeat this often
+GRACE_SECONDS = 60  # a trial silent this long is marked failed (its worker died)
+SQLITE_TIMEOUT_SECONDS = 60  # wait this long on a locked SQLite file before failing
+
+
+@dataclass(frozen=True)
+class Stores:
+    mlruns: Path  # the folder that holds the default stores
+    optuna_url: str
+    tracking_uri: str
+    artifact_root: str | None  # where new experiments keep artifacts; None: the server decides
+
+    def describe(self) -> str:
+        lines = [
+            f"  Optuna storage  : {self.optuna_url}",
+            f"  MLflow tracking : {self.tracking_uri}",
+        ]
+        if self.artifact_root:
+            lines.append(f"  MLflow artifacts: {self.artifact_root}")
+        return "\n".join(lines)
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path.resolve()}"
+
+
+def resolve(
+    mlruns: str | os.PathLike[str] | None = None,
+    storage: str | None = None,
+    tracking_uri: str | None = None,
+) -> Stores:
+    """Flags first, then the environment, then SQLite files under `mlruns/`."""
+    folder = Path(mlruns or os.environ.get("TUNER_MLRUNS") or "mlruns").expanduser()
+    optuna_url = storage or os.environ.get("TUNER_STORAGE") or sqlite_url(folder / "optuna.db")
+    tracking = (
+        tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or sqlite_url(folder / "mlflow.db")
+    )
+    remote = tracking.split(":", 1)[0] in {"http", "https", "databricks"}
+    artifacts = None if remote else (folder / "artifacts").resolve().as_uri()
+    return Stores(folder, optuna_url, tracking, artifacts)
+
+
+def _prepare_sqlite(url: str, what: str) -> None:
+    """Create the folder of a SQLite file; fail early, naming the URL, when it cannot be."""
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except Exception as exc:
+        raise ConfigError(f"{what} URL {url!r} is not a valid database URL ({exc})") from None
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        folder = Path(parsed.database).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"{what} {url}: cannot create {folder} ({exc})") from None
+
+
+def optuna_storage(stores: Stores) -> optuna.storages.RDBStorage:
+    """The RDB storage with heartbeats on: a killed worker's trial is failed, then retried."""
+    _prepare_sqlite(stores.optuna_url, "Optuna storage")
+    engine_kwargs = {}
+    if stores.optuna_url.startswith("sqlite"):
+        engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_SECONDS}}
+    try:
+        return optuna.storages.RDBStorage(
+            stores.optuna_url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=HEARTBEAT_SECONDS,
+            grace_period=GRACE_SECONDS,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                max_retry=1
+            ),
+        )
+    except Exception as exc:
+        raise ConfigError(
+            f"cannot open the Optuna storage {stores.optuna_url} ({exc}); check --storage or "
+            "TUNER_STORAGE, and that the database is reachable"
+        ) from None
+
+
+def prepare_tracking(stores: Stores) -> None:
+    if stores.tracking_uri.startswith("sqlite"):
+        _prepare_sqlite(stores.tracking_uri, "MLflow tracking")

@@ -1,0 +1,225 @@
+"""The training loop, top to bottom. It knows nothing of Optuna or MLflow: it reports each epoch
+to a callback, and a callback that raises (a pruner, Ctrl-C) ends training there."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tuner.data import Split, TrainVal, augment, normalize
+
+NAN_CHECK_EVERY = 10  # steps between divergence checks (each check syncs the GPU once)
+
+
+class Diverged(Exception):
+    """The training loss became NaN or infinite; training stops at once."""
+
+    def __init__(self, epoch: int, step: int, loss: float) -> None:
+        super().__init__(f"loss became {loss} at epoch {epoch}, step {step}")
+        self.epoch, self.step, self.loss = epoch, step, loss
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int
+    batch_size: int
+    optimizer: str  # sgd | nesterov | adam | adamw
+    lr: float  # peak learning rate
+    weight_decay: float
+    momentum: float  # SGD and Nesterov only
+    schedule: str  # constant | cosine | onecycle
+    warmup_fraction: float  # of all steps
+    label_smoothing: float
+    augment: str  # none | flip | crop_flip | crop_flip_cutout
+    crop_padding: int  # pixels
+    cutout_size: int  # pixels
+    seed: int
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    epoch: int  # 1-based
+    train_loss: float
+    val_loss: float
+    val_acc: float
+    lr: float  # at the end of the epoch
+    seconds: float  # wall time of the epoch's training and validation
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "train_loss": self.train_loss,
+            "val_loss": self.val_loss,
+            "val_acc": self.val_acc,
+            "lr": self.lr,
+            "epoch_seconds": self.seconds,
+        }
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    history: tuple[EpochStats, ...]
+    val_probs: np.ndarray  # N×10 softmax outputs on the validation split, after the last epoch
+    state_dict: dict[str, torch.Tensor]  # on the CPU, ready to save
+
+
+def lr_factor(step: int, total: int, schedule: str, warmup_fraction: float) -> float:
+    """Multiplier of the peak rate at optimizer step `step` of `total`."""
+    if schedule == "constant":
+        return 1.0
+    warmup = int(total * warmup_fraction)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "onecycle":  # linear up, then linear down to zero
+        return max(0.0, 1 - progress)
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def make_optimizer(
+    params: Iterator[nn.Parameter], cfg: TrainConfig, device: torch.device
+) -> torch.optim.Optimizer:
+    fused = device.type == "cuda"  # one kernel per step instead of one per tensor
+    if cfg.optimizer in ("sgd", "nesterov"):
+        return torch.optim.SGD(
+            params,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.optimizer == "nesterov",
+            weight_decay=cfg.weight_decay,
+            fused=fused,
+        )
+    if cfg.optimizer == "adam":  # L2 through the gradient, as torch's Adam does
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    if cfg.optimizer == "adamw":  # decoupled weight decay
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """bf16 on the GPU (no loss scaling needed); plain fp32 on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    x = normalize(images)
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Softmax outputs (float32, N×classes) for uint8 images on the model's device."""
+    device = images.device
+    model.eval()
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        with autocast(device):
+            logits = model(to_input(images[start : start + batch_size], device))
+        outputs.append(torch.softmax(logits.float(), dim=1))
+    return torch.cat(outputs)
+
+
+def train(
+    model: nn.Module,
+    data: TrainVal,
+    cfg: TrainConfig,
+    on_epoch: Callable[[EpochStats], None] = lambda stats: None,
+) -> TrainResult:
+    device = data.train.images.device
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model.parameters(), cfg, device)
+    steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total, cfg.schedule, cfg.warmup_fraction)
+    )
+    history: list[EpochStats] = []
+    probs = torch.empty(0)
+    for epoch in range(1, cfg.epochs + 1):
+        started = time.perf_counter()
+        train_loss = _train_epoch(model, data.train, cfg, optimizer, schedule, generator, epoch)
+        probs = predict(model, data.val.images, cfg.batch_size * 2)
+        val_loss, val_acc = _score(probs, data.val)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        stats = EpochStats(
+            epoch=epoch,
+            train_loss=train_loss,
+            val_loss=val_loss,
+            val_acc=val_acc,
+            lr=schedule.get_last_lr()[0],
+            seconds=time.perf_counter() - started,
+        )
+        history.append(stats)
+        on_epoch(stats)
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return TrainResult(tuple(history), probs.cpu().numpy(), state)
+
+
+def _train_epoch(
+    model: nn.Module,
+    split: Split,
+    cfg: TrainConfig,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    generator: torch.Generator,
+    epoch: int,
+) -> float:
+    device = split.images.device
+    model.train()
+    order = torch.randperm(len(split), device=device, generator=generator)
+    loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per step
+    seen = 0
+    for step, start in enumerate(range(0, len(split), cfg.batch_size), start=1):
+        index = order[start : start + cfg.batch_size]
+        images = augment(
+            split.images[index],
+            cfg.augment,
+            padding=cfg.crop_padding,
+            cutout=cfg.cutout_size,
+            generator=generator,
+        )
+        with autocast(device):
+            logits = model(to_input(images, device))
+            loss = F.cross_entropy(
+                logits.float(), split.labels[index], label_smoothing=cfg.label_smoothing
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        loss_sum += loss.detach() * len(index)
+        seen += len(index)
+        if step % NAN_CHECK_EVERY == 0:
+            _check_finite(loss_sum, epoch, step)
+    _check_finite(loss_sum, epoch, step)
+    return loss_sum.item() / seen
+
+
+def _check_finite(loss_sum: torch.Tensor, epoch: int, step: int) -> None:
+    value = loss_sum.item()
+    if not math.isfinite(value):
+        raise Diverged(epoch, step, value)
+
+
+def _score(probs: torch.Tensor, split: Split) -> tuple[float, float]:
+    """(mean log-loss, accuracy) of softmax outputs against the split's labels."""
+    labels = split.labels
+    picked = probs.gather(1, labels.view(-1, 1)).clamp_min(1e-12)
+    loss = -picked.log().mean().item()
+    acc = (probs.argmax(1) == labels).float().mean().item()
+    return loss, acc
