@@ -175,7 +175,8 @@ def load(name_or_path: str, studies_dir: Path = Path("studies")) -> StudySpec:
     """Read and validate a study file; each problem is a `SpecError` naming file and key."""
     path = resolve_path(name_or_path, studies_dir)
     try:
-        raw = yaml.load(path.read_text(), Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
+        with path.open() as stream:  # a stream, so YAML's marks name the file
+            raw = yaml.load(stream, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
@@ -187,7 +188,11 @@ def parse(raw: dict[str, Any], source: str = "<spec>") -> StudySpec:
     try:
         return StudySpec.model_validate(raw)
     except ValidationError as exc:
-        raise SpecError("\n".join(_describe(err, source) for err in exc.errors())) from None
+        errors = exc.errors()
+        # a list whose items failed is also reported "too short": keep the cause only
+        failed = {tuple(e["loc"][:-1]) for e in errors if e["type"] != "too_short"}
+        errors = [e for e in errors if not (e["type"] == "too_short" and e["loc"] in failed)]
+        raise SpecError("\n".join(_describe(err, source) for err in errors)) from None
 
 
 def _describe(err: Any, source: str) -> str:

@@ -1,0 +1,144 @@
+from __future__ import annotations
+
+import pickle
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tuner import data
+from tuner.errors import ConfigError, DataError
+from tuner.spec import DataSpec
+
+
+def test_reads_the_standard_layout(fake_cifar: Path) -> None:
+    folder = data.ensure_cifar(fake_cifar, download=False)
+    images, labels = data.read_split(folder, "train")
+    assert images.shape == (300, 3, 32, 32) and images.dtype == np.uint8
+    assert labels.shape == (300,) and set(labels) == set(range(10))
+    test_images, _ = data.read_split(folder, "test")
+    assert len(test_images) == 100
+    # the batches folder itself is accepted too
+    assert data.ensure_cifar(folder, download=False) == folder
+
+
+def test_pixels_are_in_channel_major_order(tmp_path: Path) -> None:
+    """CIFAR rows are 1024 red, 1024 green, then 1024 blue values."""
+    folder = tmp_path / data.FOLDER
+    folder.mkdir()
+    row = np.concatenate([np.full(1024, 10), np.full(1024, 20), np.full(1024, 30)])
+    with (folder / "data_batch_1").open("wb") as f:
+        pickle.dump({b"data": row[None].astype(np.uint8), b"labels": [3]}, f)
+    images, labels = data.read_split(folder, "train")
+    assert images[0, :, 5, 7].tolist() == [10, 20, 30] and labels.tolist() == [3]
+
+
+def test_split_is_stratified_seeded_and_disjoint() -> None:
+    labels = np.repeat(np.arange(10), 50)
+    train, val = data.split_indices(labels, val_size=100, train_size=None, seed=1)
+    assert len(val) == 100 and len(train) == 400
+    assert not set(train) & set(val)
+    assert set(Counter(labels[val]).values()) == {10}, "each class equally represented"
+    again, _ = data.split_indices(labels, val_size=100, train_size=None, seed=1)
+    other, _ = data.split_indices(labels, val_size=100, train_size=None, seed=2)
+    assert np.array_equal(train, again) and not np.array_equal(train, other)
+
+
+def test_train_size_caps_the_training_set_stratified() -> None:
+    labels = np.repeat(np.arange(10), 50)
+    train, val = data.split_indices(labels, val_size=100, train_size=200, seed=0)
+    assert len(train) == 200 and set(Counter(labels[train]).values()) == {20}
+    assert not set(train) & set(val)
+
+
+def test_validation_larger_than_the_data_is_explained() -> None:
+    with pytest.raises(ConfigError, match="val_size=5000 leaves no training images.*has 300"):
+        data.split_indices(np.arange(300) % 10, val_size=5000, train_size=None, seed=0)
+
+
+def test_load_train_val_puts_uint8_on_the_device(fake_cifar: Path) -> None:
+    tv = data.load_train_val(fake_cifar, DataSpec(val_size=50), 0, torch.device("cpu"))
+    assert len(tv.train) == 250 and len(tv.val) == 50
+    assert tv.train.images.dtype == torch.uint8 and tv.train.labels.dtype == torch.int64
+
+
+def test_test_split_is_separate_and_capped(fake_cifar: Path) -> None:
+    test = data.load_test(fake_cifar, DataSpec(test_size=40), 0, torch.device("cpu"))
+    assert len(test) == 40 and set(test.labels.tolist()) == set(range(10))
+
+
+def test_refuses_pickles_that_run_code(tmp_path: Path) -> None:
+    folder = tmp_path / data.FOLDER
+    folder.mkdir()
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("owned",))
+
+    with (folder / "data_batch_1").open("wb") as f:
+        pickle.dump({b"data": Evil(), b"labels": [0]}, f)
+    with pytest.raises(DataError, match=r"data_batch_1.*refusing to load builtins\.print"):
+        data.read_split(folder, "train")
+
+
+def test_offline_without_data_says_how_to_fix_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torchvision.datasets.utils as tv_utils
+
+    def offline(*args, **kwargs):
+        raise OSError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", offline)
+    with pytest.raises(DataError) as info:
+        data.ensure_cifar(tmp_path / "nowhere")
+    message = str(info.value)
+    assert "download failed" in message and "name resolution" in message
+    assert "--data-dir" in message and "TUNER_DATA_DIR" in message
+
+
+def test_data_dir_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TUNER_DATA_DIR", str(tmp_path / "env"))
+    assert data.resolve_data_dir(tmp_path / "flag") == tmp_path / "flag"
+    assert data.resolve_data_dir(None) == tmp_path / "env"
+    monkeypatch.delenv("TUNER_DATA_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert data.resolve_data_dir(None) == tmp_path / "cache" / "tuner" / "cifar10"
+
+
+def _images(n: int = 6) -> torch.Tensor:
+    return torch.randint(1, 256, (n, 3, 32, 32), dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("kind", ["none", "flip", "crop_flip", "crop_flip_cutout"])
+def test_augment_keeps_shape_and_dtype(kind: str) -> None:
+    x = _images()
+    out = data.augment(x, kind, padding=4, cutout=8, generator=torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == torch.uint8
+
+
+def test_flip_mirrors_some_images_and_keeps_the_rest() -> None:
+    x = _images(64)
+    out = data.augment(x, "flip", padding=4, cutout=8, generator=torch.Generator().manual_seed(0))
+    flipped = [bool(torch.equal(o, i.flip(2))) for o, i in zip(out, x, strict=True)]
+    kept = [bool(torch.equal(o, i)) for o, i in zip(out, x, strict=True)]
+    assert all(f or k for f, k in zip(flipped, kept, strict=True))
+    assert 10 < sum(flipped) < 54
+
+
+def test_crop_shifts_by_its_offset() -> None:
+    x = _images(2)
+    centre = torch.tensor([4, 4])
+    assert torch.equal(data._random_crop(x, 4, centre, centre), x)
+    shifted = data._random_crop(x, 4, torch.tensor([6, 6]), torch.tensor([4, 4]))
+    assert torch.equal(shifted[:, :, :30], x[:, :, 2:])  # two rows down in the padded image
+
+
+def test_cutout_zeroes_one_square() -> None:
+    x = _images(2)
+    out = data._cutout(x, 8, torch.tensor([16, 0]), torch.tensor([16, 0]))
+    assert (out[0] == 0).all(0).sum() == 64  # a full 8×8 square inside the image
+    assert (out[1] == 0).all(0).sum() == 16  # clipped at the corner: 4×4
+    assert torch.equal(out[0, :, :12], x[0, :, :12])

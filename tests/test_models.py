@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tuner.models import LAYERS, build_vgg
+
+CONVS = {"vgg11": 8, "vgg13": 10, "vgg16": 13, "vgg19": 16}
+
+
+@pytest.mark.parametrize("batch_norm", [True, False], ids=["bn", "no-bn"])
+@pytest.mark.parametrize("depth", list(CONVS))
+def test_shapes_and_layers(depth: str, batch_norm: bool) -> None:
+    model = build_vgg(depth, batch_norm=batch_norm, dropout=0.3, width=0.125)
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 10)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(convs) == CONVS[depth]
+    assert len(norms) == (CONVS[depth] if batch_norm else 0)
+    assert all((c.bias is None) == batch_norm for c in convs)
+    assert [m.p for m in model.modules() if isinstance(m, nn.Dropout)] == [0.3]
+
+
+def test_width_multiplier_scales_channels() -> None:
+    full = build_vgg("vgg11", batch_norm=True)
+    tiny = build_vgg("vgg11", batch_norm=True, width=0.125)
+    assert [m.out_channels for m in full.modules() if isinstance(m, nn.Conv2d)][-1] == 512
+    assert [m.out_channels for m in tiny.modules() if isinstance(m, nn.Conv2d)][-1] == 64
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(tiny) < count(full) / 40
+
+
+def test_standard_vgg16_size() -> None:
+    # conv weights of VGG16 (14.7 M) + BN + a 512→10 head: the standard CIFAR VGG16-BN
+    params = sum(p.numel() for p in build_vgg("vgg16", batch_norm=True).parameters())
+    assert 14_700_000 < params < 14_800_000
+
+
+def test_unknown_depth_is_named() -> None:
+    with pytest.raises(ValueError, match="vgg12"):
+        build_vgg("vgg12", batch_norm=True)
+
+
+def test_table_has_five_pools_per_variant() -> None:
+    assert all(row.count("M") == 5 for row in LAYERS.values())

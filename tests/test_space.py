@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from tuner import space
+from tuner.spec import parse
+
+from .conftest import TINY_STUDY
+
+SPACE = parse(TINY_STUDY).space
+
+
+@pytest.fixture(scope="module")
+def sampled() -> list[tuple[optuna.trial.FrozenTrial, space.TrialParams]]:
+    """300 points drawn at random from the tiny study's space (the vgg-cifar space)."""
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    out = []
+    for _ in range(300):
+        trial = study.ask()
+        params = space.suggest(trial, SPACE)
+        study.tell(trial, 0.0)
+        out.append((study.trials[-1], params))
+    return out
+
+
+def test_every_choice_is_reachable(sampled) -> None:
+    drawn = [p for _, p in sampled]
+    assert {p.depth for p in drawn} == set(SPACE.depth)
+    assert {p.batch_norm for p in drawn} == {True, False}
+    assert {p.optimizer for p in drawn} == set(SPACE.optimizer)
+    assert {p.augment for p in drawn} == set(SPACE.augment)
+
+
+def test_ranges_hold_and_learning_rate_depends_on_optimizer(sampled) -> None:
+    for trial, p in sampled:
+        lr_range = SPACE.optimizer[p.optimizer].lr
+        assert lr_range.low <= p.lr <= lr_range.high
+        assert SPACE.dropout.low <= p.dropout <= SPACE.dropout.high
+        assert SPACE.weight_decay.low <= p.weight_decay <= SPACE.weight_decay.high
+        # only the chosen optimizer's learning rate is a parameter of the trial
+        lr_params = {name for name in trial.params if name.startswith("lr_")}
+        assert lr_params == {space.lr_name(p.optimizer)}
+    adam_lrs = [p.lr for _, p in sampled if p.optimizer == "adam"]
+    sgd_lrs = [p.lr for _, p in sampled if p.optimizer == "sgd"]
+    assert max(adam_lrs) <= 3.0e-3 < max(sgd_lrs), "SGD's range reaches where Adam's stops"
+
+
+def test_log_scale_spreads_over_decades(sampled) -> None:
+    sgd = [p.lr for _, p in sampled if p.optimizer in ("sgd", "nesterov")]
+    # log-uniform on [1e-3, 0.5]: about a third of the draws fall below 1e-2
+    assert 0.15 < sum(lr < 1e-2 for lr in sgd) / len(sgd) < 0.6
+
+
+def test_decode_round_trips_stored_params(sampled) -> None:
+    for trial, p in sampled[:20]:
+        assert space.decode(trial.params) == p
+
+
+def test_distributions_match_the_spec() -> None:
+    fixed = space.fixed_distributions(SPACE)
+    assert fixed["weight_decay"].log and fixed["weight_decay"].low == 1.0e-6
+    conditional = space.conditional_distributions(SPACE)
+    assert conditional["adam"]["lr_adam"].high == 3.0e-3
+    assert conditional["sgd"]["lr_sgd"].high == 0.5

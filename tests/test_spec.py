@@ -1,0 +1,137 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tuner import spec
+from tuner.cli import main
+from tuner.errors import SpecError
+
+from .conftest import TINY_STUDY
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["vgg-cifar", "vgg-cifar-smoke"])
+def test_shipped_study_files_validate(name: str) -> None:
+    loaded = spec.load(name, ROOT / "studies")
+    assert loaded.name == name
+    assert set(loaded.space.depth) == {"vgg11", "vgg13", "vgg16", "vgg19"}
+    assert set(loaded.space.optimizer) == {"sgd", "nesterov", "adam", "adamw"}
+    assert set(loaded.space.augment) == {"none", "flip", "crop_flip", "crop_flip_cutout"}
+    assert set(loaded.space.batch_norm) == {True, False}
+
+
+def test_full_study_defaults() -> None:
+    loaded = spec.load("vgg-cifar", ROOT / "studies")
+    assert loaded.data.val_size == 5000
+    assert loaded.pruner.type == "hyperband"
+    assert loaded.sampler.type == "tpe"
+
+
+def test_spec_is_frozen() -> None:
+    loaded = spec.parse(TINY_STUDY)
+    with pytest.raises(Exception, match="frozen"):
+        loaded.train.epochs = 3  # type: ignore[misc]
+
+
+# (YAML text replacing one part of the tiny study, the key the message must name, and a phrase)
+BAD = {
+    "unknown top-level key": ("trails: 3", "trails", "unknown key"),
+    "unknown nested key": ("train: {epochs: 2, learning_rate: 0.1}", "train.learning_rate",
+                           "unknown key"),
+    "wrong type": ("train: {epochs: two}", "train.epochs", "valid integer"),
+    "float for an int": ("train: {epochs: 2.5}", "train.epochs", "valid integer"),
+    "lr read as a string": (
+        "space: {depth: [vgg11], batch_norm: [true], dropout: {low: 0, high: 0.1},"
+        " weight_decay: {low: 0, high: 0}, augment: [none],"
+        " optimizer: {adam: {lr: {low: 1e-3, high: 1.0e-2}}}}",
+        "space.optimizer.adam.lr.low", "write 1.0e-3"),
+    "low above high": (
+        "space: {depth: [vgg11], batch_norm: [true], dropout: {low: 0, high: 0.1},"
+        " weight_decay: {low: 0.1, high: 0.01}, augment: [none],"
+        " optimizer: {adam: {lr: {low: 1.0e-3, high: 1.0e-2}}}}",
+        "space.weight_decay", "low must not exceed high"),
+    "log scale from zero": (
+        "space: {depth: [vgg11], batch_norm: [true], dropout: {low: 0, high: 0.1},"
+        " weight_decay: {low: 0, high: 0.01, log: true}, augment: [none],"
+        " optimizer: {adam: {lr: {low: 1.0e-3, high: 1.0e-2}}}}",
+        "space.weight_decay", "log-scale range needs low > 0"),
+    "unknown optimizer": (
+        "space: {depth: [vgg11], batch_norm: [true], dropout: {low: 0, high: 0.1},"
+        " weight_decay: {low: 0, high: 0.01}, augment: [none],"
+        " optimizer: {rmsprop: {lr: {low: 1.0e-3, high: 1.0e-2}}}}",
+        "space.optimizer.rmsprop", "'sgd', 'nesterov', 'adam' or 'adamw'"),
+    "unknown depth": (
+        "space: {depth: [vgg12], batch_norm: [true], dropout: {low: 0, high: 0.1},"
+        " weight_decay: {low: 0, high: 0.01}, augment: [none],"
+        " optimizer: {adam: {lr: {low: 1.0e-3, high: 1.0e-2}}}}",
+        "space.depth.0", "'vgg11'"),
+    "yes/no read as a boolean": (
+        "space: {depth: [vgg11], batch_norm: [true], dropout: {low: 0, high: 0.1},"
+        " weight_decay: {low: 0, high: 0.01}, augment: [no],"
+        " optimizer: {adam: {lr: {low: 1.0e-3, high: 1.0e-2}}}}",
+        "space.augment.0", "quote the word"),
+    "octal-looking number": ("train: {epochs: 010}", "010", "octal"),
+    "python object tag": ("seed: !!python/object/apply:os.system ['true']", "python/object",
+                          "not valid YAML"),
+    "unknown pruner": ("pruner: {type: asha}", "pruner", "hyperband"),
+    "dropout of one": (
+        "space: {depth: [vgg11], batch_norm: [true], dropout: {low: 0, high: 1.0},"
+        " weight_decay: {low: 0, high: 0.01}, augment: [none],"
+        " optimizer: {adam: {lr: {low: 1.0e-3, high: 1.0e-2}}}}",
+        "space", "dropout must lie in [0, 1)"),
+}  # fmt: skip
+
+
+def _with(tmp_path: Path, line: str) -> Path:
+    """The tiny study with one top-level section replaced by `line` (YAML text)."""
+    key = line.split(":", 1)[0]
+    base = {k: v for k, v in TINY_STUDY.items() if k != key}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(base, sort_keys=False) + line + "\n")
+    return path
+
+
+@pytest.mark.parametrize("case", BAD, ids=list(BAD))
+def test_bad_spec_names_file_and_key(tmp_path: Path, case: str) -> None:
+    line, key, phrase = BAD[case]
+    path = _with(tmp_path, line)
+    with pytest.raises(SpecError) as info:
+        spec.load(str(path))
+    message = str(info.value)
+    assert str(path) in message
+    assert key in message
+    assert phrase in message
+
+
+@pytest.mark.parametrize(
+    "case", ["lr read as a string", "unknown top-level key", "octal-looking number"]
+)
+def test_cli_bad_spec_exits_2_without_traceback(
+    tmp_path: Path, case: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = _with(tmp_path, BAD[case][0])
+    with pytest.raises(SystemExit) as info:
+        main(["study", "create", str(path)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(path) in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "mlruns").exists(), "a bad spec must not touch the stores"
+
+
+def test_missing_study_file_lists_known_ones(tmp_path: Path) -> None:
+    (tmp_path / "studies").mkdir()
+    (tmp_path / "studies" / "vgg-cifar.yaml").write_text("name: x\n")
+    with pytest.raises(SpecError, match="Known studies .*vgg-cifar"):
+        spec.load("vgg-cifr", tmp_path / "studies")
+
+
+def test_resolved_spec_has_defaults_filled_in() -> None:
+    resolved = spec.parse(TINY_STUDY).to_dict()
+    assert resolved["train"]["schedule"] == "onecycle"
+    assert resolved["pruner"]["type"] == "median"

@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from tuner.data import load_train_val
+from tuner.models import build_vgg
+from tuner.spec import DataSpec
+from tuner.train import Diverged, TrainConfig, lr_factor, train
+
+CONFIG = TrainConfig(
+    epochs=2, batch_size=32, optimizer="nesterov", lr=0.05, weight_decay=5e-4, momentum=0.9,
+    schedule="onecycle", warmup_fraction=0.2, label_smoothing=0.0, augment="crop_flip_cutout",
+    crop_padding=4, cutout_size=8, seed=0,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_data(fake_cifar: Path):
+    spec = DataSpec(val_size=60, train_size=120)
+    return load_train_val(fake_cifar, spec, 0, torch.device("cpu"))
+
+
+def _model(batch_norm: bool = True) -> torch.nn.Module:
+    return build_vgg("vgg11", batch_norm=batch_norm, width=0.0625)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "onecycle"])
+def test_schedules_warm_up_and_end_where_they_should(schedule: str) -> None:
+    factors = [lr_factor(s, 100, schedule, 0.2) for s in range(100)]
+    assert all(0 <= f <= 1 for f in factors)
+    if schedule == "constant":
+        assert set(factors) == {1.0}
+    else:
+        assert factors[0] == pytest.approx(0.05) and factors[19] == 1.0  # 20 warm-up steps
+        assert factors[-1] < 0.05
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "nesterov", "adam", "adamw"])
+def test_trains_and_reports_every_epoch(tiny_data, optimizer: str) -> None:
+    lr = 1e-3 if optimizer.startswith("adam") else 0.05
+    seen = []
+    result = train(_model(), tiny_data, replace(CONFIG, optimizer=optimizer, lr=lr), seen.append)
+    assert [s.epoch for s in seen] == [1, 2] and result.history == tuple(seen)
+    assert all(s.seconds > 0 and 0 <= s.val_acc <= 1 for s in seen)
+    assert result.val_probs.shape == (60, 10)
+    assert result.val_probs.sum(1) == pytest.approx(1.0, abs=1e-4)
+    assert seen[-1].lr == pytest.approx(0.0, abs=1e-9), "onecycle ends at zero"
+
+
+def test_same_seed_same_result(tiny_data) -> None:
+    a = train(_model(), tiny_data, CONFIG).history[-1]
+    b = train(_model(), tiny_data, CONFIG).history[-1]
+    assert (a.train_loss, a.val_acc) == (b.train_loss, b.val_acc)
+
+
+def test_learns_the_generated_classes(tiny_data) -> None:
+    config = replace(CONFIG, epochs=6, augment="flip", optimizer="adam", lr=3e-3)
+    result = train(build_vgg("vgg11", batch_norm=True, width=0.125), tiny_data, config)
+    assert result.history[-1].val_acc > 0.3  # chance is 0.1
+
+
+def test_nan_loss_stops_training_at_once(tiny_data) -> None:
+    seen = []
+    config = replace(CONFIG, optimizer="sgd", lr=1e3, schedule="constant", augment="none")
+    with pytest.raises(Diverged) as info:
+        train(_model(batch_norm=False), tiny_data, config, seen.append)
+    assert info.value.epoch == 1 and seen == [], "no epoch is reported after a NaN"
+
+
+def test_a_raising_callback_ends_training(tiny_data) -> None:
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(stats):
+        raise Stop
+
+    with pytest.raises(Stop):
+        train(_model(), tiny_data, replace(CONFIG, epochs=5), stop_after_first)
