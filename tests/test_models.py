@@ -45,3 +45,22 @@ def test_unknown_depth_is_named() -> None:
 
 def test_table_has_five_pools_per_variant() -> None:
     assert all(row.count("M") == 5 for row in LAYERS.values())
+
+
+def test_trial_models_are_seeded_not_global() -> None:
+    from tuner.objective import build_model
+    from tuner.space import decode
+    from tuner.spec import parse
+
+    from .conftest import TINY_STUDY
+
+    spec = parse(TINY_STUDY)
+    params = decode({"depth": "vgg11", "batch_norm": False, "dropout": 0.1, "optimizer": "adam",
+                     "lr_adam": 1e-3, "weight_decay": 0.0, "augment": "none"})  # fmt: skip
+    torch.manual_seed(1)
+    a = build_model(spec, params, seed=7).state_dict()
+    torch.manual_seed(2)
+    b = build_model(spec, params, seed=7).state_dict()
+    c = build_model(spec, params, seed=8).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)

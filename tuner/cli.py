@@ -228,7 +228,7 @@ def ui(host: str, port: int, stores: Any) -> None:
     prepare_tracking(stores)
     say(f"MLflow UI for {stores.tracking_uri}\n  open http://{host}:{port}  (Ctrl-C to stop)")
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", stores.tracking_uri,
-               "--host", host, "--port", str(port)]  # fmt: skip
+               "--host", host, "--port", str(port), "--workers", "1"]  # fmt: skip
     if stores.artifact_root:
         command += ["--default-artifact-root", stores.artifact_root]
     sys.exit(subprocess.call(command, env=os.environ.copy()))
@@ -238,8 +238,12 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: user-facing errors become one line and an exit code."""
     try:
         cli.main(args=argv, prog_name="tuner", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("interrupted", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+        click.echo(
+            "\ninterrupted: a trial that was running is recorded as failed (interrupted) and its "
+            "MLflow run as KILLED; run the same command again to continue the study",
+            err=True,
+        )
         sys.exit(130)
     except click.ClickException as exc:
         exc.show()
@@ -247,8 +251,4 @@ def main(argv: list[str] | None = None) -> None:
     except TunerError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        click.echo("\ninterrupted: the running trial was recorded as failed (interrupted); "
-                   "run the same command again to continue the study", err=True)  # fmt: skip
-        sys.exit(130)
     sys.exit(0)

@@ -69,9 +69,7 @@ def load_weights(path: Path, model: torch.nn.Module) -> None:
 
 def load_member(tracker: Tracker, run_id: str, into: Path) -> torch.nn.Module:
     arch = json.loads(tracker.download(run_id, ARCH, into / run_id).read_text())
-    model = build_vgg(
-        arch["depth"], batch_norm=arch["batch_norm"], dropout=arch["dropout"], width=arch["width"]
-    )
+    model = build_vgg(**arch)
     load_weights(tracker.download(run_id, WEIGHTS, into / run_id), model)
     return model
 

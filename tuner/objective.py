@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import optuna
+import torch
 
 from tuner.data import TrainVal
 from tuner.models import build_vgg
@@ -65,6 +66,13 @@ def architecture(spec: StudySpec, params: TrialParams) -> dict[str, object]:
     }
 
 
+def build_model(spec: StudySpec, params: TrialParams, seed: int) -> torch.nn.Module:
+    """The trial's network, its initial weights drawn from `seed` (not from the global RNG)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_vgg(**architecture(spec, params))
+
+
 def describe(params: TrialParams) -> str:
     bn = "bn" if params.batch_norm else "no-bn"
     return (
@@ -108,14 +116,9 @@ def make_objective(ctx: StudyContext) -> Callable[[optuna.Trial], float]:
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {stats.epoch}")
 
-        model = build_vgg(
-            params.depth,
-            batch_norm=params.batch_norm,
-            dropout=params.dropout,
-            width=spec.train.width,
-        ).to(ctx.data.train.images.device)
         # each trial gets its own seed: same study seed and trial number, same run
         config = train_config(spec, params, seed=spec.seed * 100_003 + trial.number)
+        model = build_model(spec, params, config.seed).to(ctx.data.train.images.device)
         try:
             result = train(model, ctx.data, config, on_epoch)
         except optuna.TrialPruned:

@@ -40,6 +40,9 @@ STATE_NAMES = {
 }
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+# Optuna logs every failed trial with its traceback; tuner prints one line with the reason and
+# keeps the traceback in the trial's MLflow run (error.txt).
+logging.getLogger("optuna.study._optimize").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
