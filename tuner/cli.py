@@ -236,6 +236,8 @@ def ui(host: str, port: int, stores: Any) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user-facing errors become one line and an exit code."""
+    # progress must show as it happens also when piped to a file or `tee`
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     try:
         cli.main(args=argv, prog_name="tuner", standalone_mode=False)
     except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort

@@ -4,6 +4,7 @@ on a process-global "active run" and parallel workers can share one parent."""
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import tempfile
@@ -46,6 +47,7 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+@functools.cache
 def provenance() -> dict[str, str]:
     """What made a run: tuner's version, torch's, the git commit of the working folder."""
     tags = {"tuner.version": __version__, "torch.version": torch.__version__}
@@ -77,6 +79,12 @@ class Tracker:
     def experiment_id(self, name: str, *, create: bool) -> str:
         try:
             experiment = self.client.get_experiment_by_name(name)
+            if experiment is not None and experiment.lifecycle_stage == "deleted":
+                raise ConfigError(
+                    f"the MLflow experiment {name!r} was deleted; restore it with "
+                    f"`mlflow experiments restore --experiment-id {experiment.experiment_id}` "
+                    "or give the study another name"
+                )
             if experiment is not None:
                 return experiment.experiment_id
             if not create:
