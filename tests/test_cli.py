@@ -178,3 +178,23 @@ def test_diverging_trial_is_recorded_and_the_study_goes_on(
     trial_runs = [r for r in runs(tmp_path, "boom") if role(r) == "trial"]
     assert {r.info.status for r in trial_runs} == {"FAILED"}
     assert {r.data.tags["tuner.fail_reason"] for r in trial_runs} == {"diverged"}
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+def test_ui_binds_loopback_unless_told_otherwise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], host: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    started = []
+    monkeypatch.setattr(subprocess, "call", lambda command, env: started.append(command) or 0)
+    args = ["ui"] if host == "127.0.0.1" else ["ui", "--host", host]
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 0
+    command = started[0]
+    assert command[command.index("--host") + 1] == host
+    assert command[command.index("--backend-store-uri") + 1].endswith("mlruns/mlflow.db")
+    out = capsys.readouterr().out
+    assert f"http://{host}:5000" in out
+    assert ("no authentication" in out) == (host != "127.0.0.1")
