@@ -132,7 +132,10 @@ class Tracker:
             tags += [RunTag(f"best.{k}", str(v)) for k, v in params.items()]
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
         for name, figure in figures.items():
-            self.client.log_figure(run_id, figure, f"plots/{name}.png")
+            # Optuna's plots put long parameter names outside the axes: keep them in the picture
+            self.client.log_figure(
+                run_id, figure, f"plots/{name}.png", save_kwargs={"bbox_inches": "tight"}
+            )
 
     # -- trial runs -----------------------------------------------------------------------------
 
