@@ -97,12 +97,12 @@ class Created:
     experiment_id: str
 
 
-def create_study(spec: StudySpec, stores: Stores) -> Created:
+def create_study(spec: StudySpec, stores: Stores, tracker: Tracker | None = None) -> Created:
     """Create the Optuna study, the MLflow experiment and the study's parent run, once."""
     from tuner.tracking import Tracker
 
     storage = optuna_storage(stores)
-    tracker = Tracker(stores)
+    tracker = tracker or Tracker(stores)
     experiment_id = tracker.experiment_id(spec.name, create=True)
     study = optuna.create_study(
         study_name=spec.name, storage=storage, direction="maximize", load_if_exists=True
@@ -121,9 +121,7 @@ def create_study(spec: StudySpec, stores: Stores) -> Created:
 def load_study(spec: StudySpec, stores: Stores) -> optuna.Study:
     storage = optuna_storage(stores)
     try:
-        n_existing = len(
-            optuna.load_study(study_name=spec.name, storage=storage).get_trials(deepcopy=False)
-        )
+        n_existing = storage.get_n_trials(storage.get_study_id_from_name(spec.name))
     except KeyError:
         raise TunerError(
             f"no study {spec.name!r} in {stores.optuna_url}; run `tuner study create` first"
@@ -158,14 +156,14 @@ def run_study(
     from tuner.objective import REASON_ATTR, StudyContext, TrialFailed, make_objective
     from tuner.tracking import Tracker
 
-    created = create_study(spec, stores)
+    tracker = Tracker(stores)
+    created = create_study(spec, stores, tracker)
     if created.created:
         say(f"created study {spec.name!r}")
     study = load_study(spec, stores)
     if study.user_attrs.get(SPEC_ATTR) != spec_digest(spec):
         say("warning: the study file changed since the study was created; "
             "earlier trials were run with the old settings")  # fmt: skip
-    tracker = Tracker(stores)
     before = {t.number for t in study.get_trials(deepcopy=False)}
     say(f"loading CIFAR-10 from {data_dir} onto {device} …")
     data = load_train_val(data_dir, spec.data, spec.seed, device)
