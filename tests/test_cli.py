@@ -33,6 +33,10 @@ def runs(cwd: Path, experiment: str) -> list[mlflow.entities.Run]:
     return mlflow.search_runs(experiment_names=[experiment], output_format="list")
 
 
+def stored_study(cwd: Path, name: str = "tiny") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{cwd}/mlruns/optuna.db")
+
+
 def role(run: mlflow.entities.Run) -> str:
     return run.data.tags.get("tuner.role", "")
 
@@ -60,8 +64,7 @@ def test_run_prints_progress_per_trial_and_epoch(study_dir: Path) -> None:
 
 
 def test_optuna_holds_every_trial(study_dir: Path) -> None:
-    storage = f"sqlite:///{study_dir}/mlruns/optuna.db"
-    study = optuna.load_study(study_name="tiny", storage=storage)
+    study = stored_study(study_dir)
     assert len(study.trials) == 4
     assert {t.state.name for t in study.trials} <= {"COMPLETE", "PRUNED", "FAIL"}
     assert any(t.state.name == "COMPLETE" for t in study.trials)
@@ -80,7 +83,7 @@ def test_one_nested_mlflow_run_per_trial(study_dir: Path) -> None:
     parent = parents[0]
     trials = [r for r in all_runs if role(r) == "trial"]
     assert len(trials) == 4
-    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{study_dir}/mlruns/optuna.db")
+    study = stored_study(study_dir)
     states = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed"}
     client = mlflow.MlflowClient()
     for run in trials:
@@ -109,7 +112,7 @@ def test_one_nested_mlflow_run_per_trial(study_dir: Path) -> None:
 
 def test_parent_run_carries_the_best_value_and_plots(study_dir: Path) -> None:
     parent = next(r for r in runs(study_dir, "tiny") if role(r) == "study")
-    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{study_dir}/mlruns/optuna.db")
+    study = stored_study(study_dir)
     assert parent.data.metrics["best_val_acc"] == pytest.approx(study.best_value)
     assert parent.data.tags["best.trial"] == str(study.best_trial.number)
     plots = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "plots")}
@@ -129,7 +132,7 @@ def test_ensemble_scores_the_top_trials_and_logs_a_run(study_dir: Path, fake_cif
     assert out.returncode == 0, out.stdout + out.stderr
     for line in ("ensemble test accuracy", "ensemble test log-loss", "gain over best member"):
         assert line in out.stdout
-    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{study_dir}/mlruns/optuna.db")
+    study = stored_study(study_dir)
     complete = sorted((t for t in study.trials if t.state.name == "COMPLETE"),
                       key=lambda t: -t.value)[:3]  # fmt: skip
     all_runs = runs(study_dir, "tiny")
@@ -149,7 +152,7 @@ def test_ensemble_scores_the_top_trials_and_logs_a_run(study_dir: Path, fake_cif
 def test_running_again_continues_the_study(study_dir: Path, fake_cifar: Path) -> None:
     out = tuner(study_dir, fake_cifar, "study", "run", "tiny", "--trials", "1")
     assert out.returncode == 0, out.stderr
-    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{study_dir}/mlruns/optuna.db")
+    study = stored_study(study_dir)
     assert len(study.trials) == 5
     assert len([r for r in runs(study_dir, "tiny") if role(r) == "trial"]) == 5
 
@@ -172,7 +175,7 @@ def test_diverging_trial_is_recorded_and_the_study_goes_on(
     assert info.value.code == 1, "every trial failed, so the command fails"
     out = capsys.readouterr()
     assert "diverged" in out.out and "every trial of this run failed" in out.err
-    study = optuna.load_study(study_name="boom", storage="sqlite:///mlruns/optuna.db")
+    study = stored_study(tmp_path, "boom")
     assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"], "both ran: no crash"
     assert all(t.user_attrs["fail_reason"] == "diverged" for t in study.trials)
     trial_runs = [r for r in runs(tmp_path, "boom") if role(r) == "trial"]
