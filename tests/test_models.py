@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from tuner.models import LAYERS, build_vgg
+from tuner.models import LAYERS, Dropout, build_vgg
 
 CONVS = {"vgg11": 8, "vgg13": 10, "vgg16": 13, "vgg19": 16}
 
@@ -20,7 +20,17 @@ def test_shapes_and_layers(depth: str, batch_norm: bool) -> None:
     assert len(convs) == CONVS[depth]
     assert len(norms) == (CONVS[depth] if batch_norm else 0)
     assert all((c.bias is None) == batch_norm for c in convs)
-    assert [m.p for m in model.modules() if isinstance(m, nn.Dropout)] == [0.3]
+    assert [round(m.p.item(), 6) for m in model.modules() if isinstance(m, Dropout)] == [0.3]
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25, 0.5])
+def test_dropout_drops_that_share_in_training_and_nothing_in_eval(p: float) -> None:
+    layer = Dropout(p)
+    x = torch.ones(200_000)
+    out = layer(x)
+    assert (out == 0).float().mean().item() == pytest.approx(p, abs=0.01)
+    assert out.mean().item() == pytest.approx(1.0, abs=0.02)  # survivors scaled by 1/(1-p)
+    assert torch.equal(layer.eval()(x), x)
 
 
 def test_width_multiplier_scales_channels() -> None:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 
 from tuner.errors import ConfigError, DataError
 from tuner.spec import DataSpec
@@ -118,6 +117,8 @@ def split_indices(
     labels: np.ndarray, val_size: int, train_size: int | None, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Stratified, seeded: `val_size` images to validate, the rest (or `train_size`) to train."""
+    from sklearn.model_selection import train_test_split  # 1.6 s to import: only when needed
+
     n = len(labels)
     if val_size >= n:
         raise ConfigError(
@@ -137,6 +138,8 @@ def split_indices(
 
 def subsample(labels: np.ndarray, size: int | None, seed: int) -> np.ndarray:
     """A stratified subset of `size` indices (all when size is None or too large)."""
+    from sklearn.model_selection import train_test_split
+
     index = np.arange(len(labels))
     if size is None or size >= len(labels):
         return index
@@ -191,6 +194,9 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return (images.float() - mean) / std
 
 
+AUGMENT_CHUNK = 8192  # images augmented per batched op: bounds the index tensors (64 MB)
+
+
 def augment(
     images: torch.Tensor,
     kind: str,
@@ -199,9 +205,16 @@ def augment(
     cutout: int,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Batched augmentation on uint8 images, on their own device; no per-image Python."""
+    """Batched augmentation of uint8 images on their own device; no per-image Python.
+
+    Called once per epoch on the whole (shuffled) training set: a few tensor ops per chunk.
+    """
     if kind == "none":
         return images
+    if len(images) > AUGMENT_CHUNK:
+        chunks = images.split(AUGMENT_CHUNK)
+        return torch.cat([augment(c, kind, padding=padding, cutout=cutout, generator=generator)
+                          for c in chunks])  # fmt: skip
     n, _, h, w = images.shape
     device = images.device
 
@@ -218,17 +231,28 @@ def augment(
     return images
 
 
+def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Where position `index` of a reflect-padded axis reads from (-1 → 1, size → size-2)."""
+    index = index.abs()
+    return torch.where(index >= size, 2 * (size - 1) - index, index)
+
+
 def _random_crop(
     images: torch.Tensor, padding: int, dy: torch.Tensor, dx: torch.Tensor
 ) -> torch.Tensor:
-    """Reflect-pad by `padding`, then cut each image's H×W window at its own offset (dy, dx)."""
+    """Reflect-pad by `padding`, then cut each image's H×W window at its own offset (dy, dx).
+
+    The padded image is never built: each output pixel's source is computed and gathered.
+    """
     n, c, h, w = images.shape
-    padded = torch.nn.functional.pad(images.float(), (padding,) * 4, mode="reflect")
-    padded = padded.to(images.dtype).flatten(2)  # n × c × (H+2p)(W+2p)
-    rows = dy.view(n, 1, 1) + torch.arange(h, device=images.device).view(1, h, 1)
-    cols = dx.view(n, 1, 1) + torch.arange(w, device=images.device).view(1, 1, w)
-    flat = (rows * (w + 2 * padding) + cols).view(n, 1, h * w).expand(n, c, h * w)
-    return padded.gather(2, flat).view(n, c, h, w)
+    rows = _reflect(
+        dy.view(n, 1, 1) - padding + torch.arange(h, device=images.device).view(1, h, 1), h
+    )
+    cols = _reflect(
+        dx.view(n, 1, 1) - padding + torch.arange(w, device=images.device).view(1, 1, w), w
+    )
+    flat = (rows * w + cols).view(n, 1, h * w).expand(n, c, h * w)
+    return images.flatten(2).gather(2, flat).view(n, c, h, w)
 
 
 def _cutout(images: torch.Tensor, size: int, cy: torch.Tensor, cx: torch.Tensor) -> torch.Tensor:

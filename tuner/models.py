@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 # Output channels per 3×3 conv; "M" is a 2×2 max-pool (Simonyan & Zisserman 2014, table 1).
@@ -13,6 +14,24 @@ LAYERS: dict[str, tuple[int | str, ...]] = {
     "vgg19": (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
               512, 512, 512, 512, "M"),
 }  # fmt: skip
+
+
+class Dropout(nn.Module):
+    """Dropout whose rate is a buffer, not a Python float: torch.compile guards on floats, and
+    a searched rate would recompile the training step for every trial."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.register_buffer("p", torch.tensor(float(p)), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        keep = 1 - self.p.to(x.dtype)
+        return x * (torch.rand_like(x) < keep) / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p.item():.3f}"
 
 
 def scaled(channels: int, width: float) -> int:
@@ -43,7 +62,7 @@ def build_vgg(
             layers.append(nn.BatchNorm2d(out))
         layers.append(nn.ReLU(inplace=True))
         in_channels = out
-    layers += [nn.Flatten(), nn.Dropout(dropout), nn.Linear(in_channels, num_classes)]
+    layers += [nn.Flatten(), Dropout(dropout), nn.Linear(in_channels, num_classes)]
     model = nn.Sequential(*layers)
     _init(model)
     return model

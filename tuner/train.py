@@ -19,6 +19,13 @@ from tuner.data import Split, TrainVal, augment, normalize
 NAN_CHECK_EVERY = 10  # steps between divergence checks (each check syncs the GPU once)
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator failing (a RuntimeError there)."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+    )
+
+
 class Diverged(Exception):
     """The training loss became NaN or infinite; training stops at once."""
 
@@ -42,6 +49,8 @@ class TrainConfig:
     crop_padding: int  # pixels
     cutout_size: int  # pixels
     seed: int
+    accumulation: int = 1  # micro-batches per optimizer step (batch_size / accumulation each)
+    compile: bool = False  # torch.compile the training step (CUDA graphs on the GPU)
 
 
 @dataclass(frozen=True)
@@ -52,15 +61,19 @@ class EpochStats:
     val_acc: float
     lr: float  # at the end of the epoch
     seconds: float  # wall time of the epoch's training and validation
+    first_step_seconds: float | None = None  # epoch 1 only: includes compiling, when on
 
     def metrics(self) -> dict[str, float]:
-        return {
+        metrics = {
             "train_loss": self.train_loss,
             "val_loss": self.val_loss,
             "val_acc": self.val_acc,
             "lr": self.lr,
             "epoch_seconds": self.seconds,
         }
+        if self.first_step_seconds is not None:
+            metrics["first_step_seconds"] = self.first_step_seconds
+        return metrics
 
 
 @dataclass(frozen=True)
@@ -130,6 +143,39 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Te
     return torch.cat(outputs)
 
 
+def _forward_loss(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, label_smoothing: float
+) -> torch.Tensor:
+    """uint8 images in, mean cross-entropy out: the part of a step that torch.compile takes."""
+    device = images.device
+    with autocast(device):
+        logits = model(to_input(images, device))
+    return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+
+
+_COMPILED: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def step_function(device: torch.device, compiled: bool) -> Callable[..., torch.Tensor]:
+    """The forward-and-loss function; compiled once per process and device type.
+
+    One compiled function serves every trial of a worker: torch.compile treats parameters as
+    inputs, so a new model of an architecture it has seen reuses the compiled graphs (the
+    warm-up is paid once per architecture and worker, and inductor's disk cache shortens it
+    for the next worker).
+    """
+    if not compiled:
+        return _forward_loss
+    if device.type not in _COMPILED:
+        import torch._dynamo
+
+        # 4 depths × batch norm or not × micro-batch sizes: more graphs than the default 8
+        torch._dynamo.config.recompile_limit = 64
+        mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs on the GPU
+        _COMPILED[device.type] = torch.compile(_forward_loss, mode=mode, dynamic=False)
+    return _COMPILED[device.type]
+
+
 def train(
     model: nn.Module,
     data: TrainVal,
@@ -142,16 +188,18 @@ def train(
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model.parameters(), cfg, device)
-    steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
+    total = cfg.epochs * steps_per_epoch(len(data.train), cfg.batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total, cfg.schedule, cfg.warmup_fraction)
     )
+    step_fn = step_function(device, cfg.compile)
     history: list[EpochStats] = []
     probs = torch.empty(0)
     for epoch in range(1, cfg.epochs + 1):
         started = time.perf_counter()
-        train_loss = _train_epoch(model, data.train, cfg, optimizer, schedule, generator, epoch)
+        train_loss, first_step = _train_epoch(
+            model, data.train, cfg, optimizer, schedule, generator, epoch, step_fn
+        )
         probs = predict(model, data.val.images, cfg.batch_size * 2)
         val_loss, val_acc = _score(probs, data.val)
         if device.type == "cuda":
@@ -163,11 +211,17 @@ def train(
             val_acc=val_acc,
             lr=schedule.get_last_lr()[0],
             seconds=time.perf_counter() - started,
+            first_step_seconds=first_step if epoch == 1 else None,
         )
         history.append(stats)
         on_epoch(stats)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return TrainResult(tuple(history), probs.cpu().numpy(), state)
+
+
+def steps_per_epoch(images: int, batch_size: int) -> int:
+    """Full batches only (fixed shapes for compiled steps); a set smaller than one batch is one."""
+    return max(1, images // batch_size)
 
 
 def _train_epoch(
@@ -178,36 +232,42 @@ def _train_epoch(
     schedule: torch.optim.lr_scheduler.LRScheduler,
     generator: torch.Generator,
     epoch: int,
-) -> float:
+    step_fn: Callable[..., torch.Tensor],
+) -> tuple[float, float]:
+    """One pass; returns the mean training loss and the seconds of its first step."""
     device = split.images.device
     model.train()
-    order = torch.randperm(len(split), device=device, generator=generator)
+    steps = steps_per_epoch(len(split), cfg.batch_size)
+    batch = min(cfg.batch_size, len(split))
+    order = torch.randperm(len(split), device=device, generator=generator)[: steps * batch]
+    # the whole epoch's augmentation at once: a few batched ops, no per-batch work
+    images = augment(split.images[order], cfg.augment, padding=cfg.crop_padding,
+                     cutout=cfg.cutout_size, generator=generator)  # fmt: skip
+    labels = split.labels[order]
+    micro = max(1, batch // cfg.accumulation)
     loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per step
-    seen = 0
-    for step, start in enumerate(range(0, len(split), cfg.batch_size), start=1):
-        index = order[start : start + cfg.batch_size]
-        images = augment(
-            split.images[index],
-            cfg.augment,
-            padding=cfg.crop_padding,
-            cutout=cfg.cutout_size,
-            generator=generator,
-        )
-        with autocast(device):
-            logits = model(to_input(images, device))
-            loss = F.cross_entropy(
-                logits.float(), split.labels[index], label_smoothing=cfg.label_smoothing
-            )
+    first_step = 0.0
+    for step in range(1, steps + 1):
+        started = time.perf_counter() if step == 1 else 0.0
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        for start in range((step - 1) * batch, step * batch, micro):
+            end = min(start + micro, step * batch)
+            if cfg.compile and device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()
+            loss = step_fn(model, images[start:end], labels[start:end], cfg.label_smoothing)
+            # each micro-batch's share of the batch mean: accumulated gradients equal one batch's
+            (loss * ((end - start) / batch)).backward()
+            loss_sum += loss.detach() * (end - start)
         optimizer.step()
         schedule.step()
-        loss_sum += loss.detach() * len(index)
-        seen += len(index)
+        if step == 1:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            first_step = time.perf_counter() - started
         if step % NAN_CHECK_EVERY == 0:
             _check_finite(loss_sum, epoch, step)
-    _check_finite(loss_sum, epoch, step)
-    return loss_sum.item() / seen
+    _check_finite(loss_sum, epoch, steps)
+    return loss_sum.item() / (steps * batch), first_step
 
 
 def _check_finite(loss_sum: torch.Tensor, epoch: int, step: int) -> None:
