@@ -3,6 +3,9 @@ report each epoch to the pruner and to MLflow, and close the trial's run with it
 
 from __future__ import annotations
 
+import gc
+import os
+import socket
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -10,15 +13,25 @@ from dataclasses import dataclass
 import optuna
 import torch
 
+from tuner import interrupts
 from tuner.data import TrainVal
+from tuner.interrupts import TrialTimeout
 from tuner.models import build_vgg
 from tuner.space import TrialParams, suggest
 from tuner.spec import StudySpec
 from tuner.tracking import Tracker
-from tuner.train import Diverged, EpochStats, TrainConfig, train
+from tuner.train import Diverged, EpochStats, TrainConfig, is_out_of_memory, train
 
 RUN_ID_ATTR = "mlflow_run_id"
 REASON_ATTR = "fail_reason"
+WORKER_ATTR = "worker"  # host:pid of the process running the trial
+ACCUMULATION_ATTR = "grad_accumulation"  # set on the retry of a trial that ran out of memory
+RETRY_OF_ATTR = "retry_of"
+DIVERGED = "diverged"  # also the name of the Optuna constraint a diverged trial violates
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class TrialFailed(Exception):
@@ -35,9 +48,17 @@ class StudyContext:
     experiment_id: str
     parent_run_id: str
     say: Callable[[str], None] = print
+    on_start: Callable[[optuna.Trial], None] = lambda trial: None  # the trial exists now
 
 
-def train_config(spec: StudySpec, params: TrialParams, seed: int) -> TrainConfig:
+def train_config(
+    spec: StudySpec,
+    params: TrialParams,
+    seed: int,
+    *,
+    accumulation: int = 1,
+    compile: bool = False,
+) -> TrainConfig:
     t = spec.train
     return TrainConfig(
         epochs=t.epochs,
@@ -53,7 +74,14 @@ def train_config(spec: StudySpec, params: TrialParams, seed: int) -> TrainConfig
         crop_padding=t.crop_padding,
         cutout_size=t.cutout_size,
         seed=seed,
+        accumulation=accumulation,
+        compile=compile,
     )
+
+
+def use_compile(setting: str, device: torch.device) -> bool:
+    """`auto` compiles on the GPU only: on the CPU the compile takes longer than it saves."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
 def architecture(spec: StudySpec, params: TrialParams) -> dict[str, object]:
@@ -86,19 +114,29 @@ def make_objective(ctx: StudyContext) -> Callable[[optuna.Trial], float]:
     settings = {
         "train": spec.train.model_dump(),
         "data": spec.data.model_dump(),
+        "limits": spec.limits.model_dump(),
         "seed": spec.seed,
     }
+    device = ctx.data.train.images.device
 
     def objective(trial: optuna.Trial) -> float:
+        ctx.on_start(trial)
         params = suggest(trial, spec.space)
+        accumulation = int(trial.user_attrs.get(ACCUMULATION_ATTR, 1))
         tag = f"[trial {trial.number}]"
-        ctx.say(f"{tag} start: {describe(params)}")
+        system = trial.storage.get_trial_system_attrs(trial._trial_id)  # Trial hides them
+        retry = trial.user_attrs.get(RETRY_OF_ATTR, system.get("failed_trial"))
+        note = f" (retry of trial {retry})" if retry is not None else ""
+        if accumulation > 1:
+            note += f" at batch {spec.train.batch_size // accumulation} × {accumulation} steps"
+        ctx.say(f"{tag} start: {describe(params)}{note}")
+        trial.set_user_attr(WORKER_ATTR, worker_id())
         run_id = ctx.tracker.start_trial(
             ctx.experiment_id,
             ctx.parent_run_id,
             spec.name,
             trial.number,
-            params.as_dict(),
+            {**params.as_dict(), ACCUMULATION_ATTR: accumulation},
             settings,
         )
         trial.set_user_attr(RUN_ID_ATTR, run_id)
@@ -107,38 +145,71 @@ def make_objective(ctx: StudyContext) -> Callable[[optuna.Trial], float]:
         def on_epoch(stats: EpochStats) -> None:
             last[0] = stats.epoch
             ctx.tracker.log_epoch(run_id, stats)
+            warmup = (
+                f", first step {stats.first_step_seconds:.1f} s"
+                if stats.first_step_seconds is not None and stats.first_step_seconds >= 1
+                else ""
+            )
             ctx.say(
                 f"{tag} epoch {stats.epoch}/{spec.train.epochs}  train_loss {stats.train_loss:.3f}"
                 f"  val_loss {stats.val_loss:.3f}  val_acc {stats.val_acc:.4f}"
-                f"  ({stats.seconds:.1f} s)"
+                f"  ({stats.seconds:.1f} s{warmup})"
             )
             trial.report(stats.val_acc, stats.epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {stats.epoch}")
 
+        def on_hang() -> None:  # from the watchdog thread: the main thread is stuck
+            _record_hang(ctx, trial, run_id, last[0])
+
         # each trial gets its own seed: same study seed and trial number, same run
-        config = train_config(spec, params, seed=spec.seed * 100_003 + trial.number)
-        model = build_model(spec, params, config.seed).to(ctx.data.train.images.device)
+        seed = spec.seed * 100_003 + trial.number
+        config = train_config(spec, params, seed, accumulation=accumulation,
+                              compile=use_compile(spec.train.compile, device))  # fmt: skip
+        out_of_memory = None
         try:
-            result = train(model, ctx.data, config, on_epoch)
+            model = build_model(spec, params, config.seed).to(device)
+            with interrupts.time_limit(spec.limits.trial_timeout, on_hang):
+                result = train(model, ctx.data, config, on_epoch)
         except optuna.TrialPruned:
             trial.set_user_attr("pruned_at_epoch", last[0])
             ctx.tracker.end_trial(run_id, "pruned", epochs=last[0])
             ctx.say(f"{tag} pruned after epoch {last[0]}")
             raise
         except Diverged as exc:
-            _fail(ctx, trial, run_id, "diverged", str(exc), last[0])
-            raise TrialFailed(f"{tag} diverged: {exc}") from None
-        except KeyboardInterrupt:
-            trial.set_user_attr(REASON_ATTR, "interrupted")
-            ctx.tracker.end_trial(run_id, "killed", reason="interrupted", epochs=last[0])
+            # PRUNED with a violated constraint, not FAIL: TPE learns only from finished
+            # trials, and ranks infeasible ones below every feasible one
+            trial.set_user_attr(REASON_ATTR, DIVERGED)
+            trial.set_constraint(DIVERGED, 1.0)
+            ctx.tracker.end_trial(run_id, DIVERGED, reason=f"{DIVERGED}: {exc}", epochs=last[0])
+            ctx.say(f"{tag} diverged: {exc}; the sampler is told to avoid this region")
+            raise optuna.TrialPruned(f"diverged: {exc}") from None
+        except TrialTimeout:
+            limit = spec.limits.trial_timeout
+            _fail(ctx, trial, run_id, "timeout", f"ran past limits.trial_timeout={limit} s",
+                  last[0])  # fmt: skip
+            raise TrialFailed(f"{tag} timed out after {limit} s") from None
+        except KeyboardInterrupt as exc:
+            why = interrupts.reason(exc)
+            trial.set_user_attr(REASON_ATTR, why)
+            ctx.tracker.end_trial(run_id, "killed", reason=why, epochs=last[0])
             raise
         except Exception as exc:
-            reason = f"error: {type(exc).__name__}: {exc}"
-            _fail(ctx, trial, run_id, reason, traceback.format_exc(), last[0])
-            raise TrialFailed(f"{tag} failed: {reason}") from exc
+            if not is_out_of_memory(exc):
+                reason = f"error: {type(exc).__name__}: {exc}"
+                _fail(ctx, trial, run_id, reason, traceback.format_exc(), last[0])
+                raise TrialFailed(f"{tag} failed: {reason}") from exc
+            out_of_memory = f"{type(exc).__name__}: {str(exc)[:300]}"
+        if out_of_memory is not None:
+            # out of the `except` block: the traceback and its tensors are gone; free the rest
+            model = None  # noqa: F841
+            release_memory(device)
+            _fail(ctx, trial, run_id, "out_of_memory", out_of_memory, last[0])
+            retried = _retry_smaller(ctx, trial, accumulation)
+            raise TrialFailed(f"{tag} out of memory{retried}")
 
         value = result.history[-1].val_acc
+        interrupts.defer()  # Ctrl-C or SIGTERM now waits until the trial is recorded whole
         ctx.tracker.save_trial_outputs(
             run_id,
             result.state_dict,
@@ -151,6 +222,41 @@ def make_objective(ctx: StudyContext) -> Callable[[optuna.Trial], float]:
         return value
 
     return objective
+
+
+def release_memory(device: torch.device) -> None:
+    """Give the allocator's cached blocks back, so the next trial starts from empty."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _retry_smaller(ctx: StudyContext, trial: optuna.Trial, accumulation: int) -> str:
+    """Queue the same parameters once more at half the batch, two micro-batches per step."""
+    micro = ctx.spec.train.batch_size // (2 * accumulation)
+    if not ctx.spec.limits.retry_out_of_memory or accumulation > 1 or micro < 1:
+        return "; not retried"
+    trial.study.enqueue_trial(
+        trial.params,
+        user_attrs={ACCUMULATION_ATTR: 2 * accumulation, RETRY_OF_ATTR: trial.number},
+        skip_if_exists=False,
+    )
+    ctx.say(f"[trial {trial.number}] out of memory: queued a retry at batch {micro} "
+            f"× {2 * accumulation} accumulation steps (same effective batch)")  # fmt: skip
+    return "; retry queued at half the batch"
+
+
+def _record_hang(ctx: StudyContext, trial: optuna.Trial, run_id: str, epochs: int) -> None:
+    """The trial ignored its time limit (stuck in native code): record it before the exit."""
+    reason = "timeout"
+    details = "hung past limits.trial_timeout; the worker process was ended"
+    ctx.say(f"[trial {trial.number}] hung past its time limit; ending this worker")
+    try:
+        trial.set_user_attr(REASON_ATTR, reason)
+        storage = trial.study._storage
+        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+    finally:
+        ctx.tracker.end_trial(run_id, "failed", reason=reason, epochs=epochs, details=details)
 
 
 def _fail(

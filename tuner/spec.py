@@ -76,12 +76,31 @@ class TrainSpec(_Frozen):
     width: Annotated[Float, Field(gt=0, le=4)] = 1.0  # channel multiplier; tests use 1/8
     cutout_size: Annotated[Int, Field(ge=1, le=32)] = 8  # pixels, for crop_flip_cutout
     crop_padding: Annotated[Int, Field(ge=0, le=16)] = 4  # pixels, for crop_*
+    # torch.compile of the training step (CUDA graphs on the GPU); auto: on the GPU only
+    compile: Literal["auto", "on", "off"] = "auto"
 
 
 class DataSpec(_Frozen):
     val_size: PosInt = 5000  # images carved from the training set, stratified and seeded
     train_size: PosInt | None = None  # cap on training images (None: all that remain)
     test_size: PosInt | None = None  # cap on test images for `tuner ensemble` (None: all)
+
+
+class LimitsSpec(_Frozen):
+    """How a study survives its failures: hung trials, dead workers, out-of-memory."""
+
+    trial_timeout: Annotated[Float, Field(gt=0)] | None = None  # wall-clock seconds per trial
+    heartbeat: PosInt = 10  # seconds between a running trial's heartbeats
+    grace: PosInt = 60  # seconds of silence after which a trial's worker is taken for dead
+    retry_out_of_memory: Bool = True  # once, at half the batch with 2-step gradient accumulation
+
+    @model_validator(mode="after")
+    def _check(self) -> LimitsSpec:
+        if self.grace <= self.heartbeat:
+            raise ValueError(
+                f"grace must exceed heartbeat, got heartbeat={self.heartbeat}, grace={self.grace}"
+            )
+        return self
 
 
 class TPESamplerSpec(_Frozen):
@@ -128,6 +147,7 @@ class StudySpec(_Frozen):
     data: DataSpec = DataSpec()
     sampler: SamplerSpec = TPESamplerSpec(type="tpe")
     pruner: PrunerSpec = HyperbandPrunerSpec(type="hyperband")
+    limits: LimitsSpec = LimitsSpec()
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved spec, defaults filled in, as plain data (logged with every run)."""
@@ -178,10 +198,20 @@ def load(name_or_path: str, studies_dir: Path = Path("studies")) -> StudySpec:
         with path.open() as stream:  # a stream, so YAML's marks name the file
             raw = yaml.load(stream, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: not valid YAML: {exc}") from None
+        raise SpecError(_yaml_error(path, exc)) from None
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: the file must hold a mapping of keys, got {type(raw).__name__}")
     return parse(raw, source=str(path))
+
+
+def _yaml_error(path: Path, exc: yaml.YAMLError) -> str:
+    """One line: file:line:column, the problem, and the fix where one is known."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(exc, "problem", None) or str(exc)
+    if "python/" in problem:
+        problem += " (tuner reads plain YAML: !!python tags are refused, never run)"
+    return f"{where}: not valid YAML: {problem}"
 
 
 def parse(raw: dict[str, Any], source: str = "<spec>") -> StudySpec:

@@ -1,0 +1,115 @@
+"""How a worker is stopped: SIGTERM and Ctrl-C end the running trial as failed with a reason, a
+trial past its wall-clock limit is cut short, and neither lands in the middle of a file write."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from types import FrameType
+
+EXIT_HUNG = 124  # a worker whose trial would not stop after its time limit (as `timeout`)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (preemption, `kill`, a supervisor shutting down): handled as Ctrl-C is."""
+
+
+class TrialTimeout(BaseException):
+    """A trial ran past `limits.trial_timeout`. A BaseException, so that no library's
+    `except Exception` retry loop swallows it on its way out of the training loop."""
+
+
+_deferring = 0
+_pending: list[BaseException] = []
+_stopping = False  # a stop was raised: later signals must not break the clean-up it started
+
+
+def _raise(exc: BaseException) -> None:
+    global _stopping
+    if _stopping and not isinstance(exc, TrialTimeout):
+        return
+    if _deferring:  # between `defer()` and `resume()`: raise it between trials
+        _pending.append(exc)
+        return
+    if not isinstance(exc, TrialTimeout):
+        _stopping = True
+    raise exc
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    _raise(Terminated("terminated by SIGTERM"))
+
+
+def _on_sigint(signum: int, frame: FrameType | None) -> None:
+    _raise(KeyboardInterrupt("interrupted (Ctrl-C)"))
+
+
+def _on_alarm(signum: int, frame: FrameType | None) -> None:
+    _raise(TrialTimeout())
+
+
+def install() -> None:
+    """SIGTERM and SIGINT raise in the main thread, except inside `deferred()`."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGINT, _on_sigint)
+    signal.signal(signal.SIGALRM, _on_alarm)
+
+
+def reason(exc: BaseException) -> str:
+    """The fail reason recorded for a trial stopped by `exc`."""
+    return "terminated" if isinstance(exc, Terminated) else "interrupted"
+
+
+def defer() -> None:
+    """From here until `resume()`, SIGTERM and Ctrl-C wait: a trial whose results are being
+    written is recorded whole, and the worker stops after it."""
+    global _deferring
+    _deferring = 1
+
+
+def resume() -> None:
+    """End `defer()`; raise the signal that arrived meanwhile, if any (between trials)."""
+    global _deferring, _stopping
+    _deferring = 0
+    if _pending:
+        exc = _pending[0]
+        _pending.clear()
+        _stopping = True
+        raise exc
+
+
+@contextlib.contextmanager
+def time_limit(
+    seconds: float | None, on_hang: Callable[[], None], hang_grace: float = 30.0
+) -> Iterator[None]:
+    """Raise `TrialTimeout` in the main thread after `seconds` of wall-clock time.
+
+    SIGALRM also cuts a blocking sleep or read short. Code stuck in native code never returns
+    to Python to see it: if the block has not ended `hang_grace` seconds later, a watchdog
+    thread calls `on_hang` (which records the trial as failed) and ends the process with
+    `EXIT_HUNG`; a supervisor then starts a fresh worker.
+    """
+    if seconds is None:
+        yield
+        return
+    done = threading.Event()
+
+    def watchdog() -> None:
+        if done.wait(seconds + hang_grace):
+            return
+        try:
+            on_hang()
+        finally:
+            os._exit(EXIT_HUNG)
+
+    thread = threading.Thread(target=watchdog, name="tuner-trial-watchdog", daemon=True)
+    thread.start()
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        done.set()
