@@ -157,32 +157,6 @@ def test_running_again_continues_the_study(study_dir: Path, fake_cifar: Path) ->
     assert len([r for r in runs(study_dir, "tiny") if role(r) == "trial"]) == 5
 
 
-def test_diverging_trial_is_recorded_and_the_study_goes_on(
-    tmp_path: Path, fake_cifar: Path, monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("TUNER_DATA_DIR", str(fake_cifar))
-    space = {
-        "depth": ["vgg11"], "batch_norm": [False], "dropout": {"low": 0.0, "high": 0.0},
-        "weight_decay": {"low": 0.0, "high": 0.0}, "augment": ["none"],
-        "optimizer": {"sgd": {"lr": {"low": 1000.0, "high": 1000.0}}},  # certain to blow up
-    }  # fmt: skip
-    write_study(tmp_path, {"space": space, "trials": 2}, name="boom")
-    with pytest.raises(SystemExit) as info:
-        main(["study", "run", "boom"])
-    assert info.value.code == 1, "every trial failed, so the command fails"
-    out = capsys.readouterr()
-    assert "diverged" in out.out and "every trial of this run failed" in out.err
-    study = stored_study(tmp_path, "boom")
-    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"], "both ran: no crash"
-    assert all(t.user_attrs["fail_reason"] == "diverged" for t in study.trials)
-    trial_runs = [r for r in runs(tmp_path, "boom") if role(r) == "trial"]
-    assert {r.info.status for r in trial_runs} == {"FAILED"}
-    assert {r.data.tags["tuner.fail_reason"] for r in trial_runs} == {"diverged"}
-
-
 @pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
 def test_ui_binds_loopback_unless_told_otherwise(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], host: str

@@ -104,7 +104,7 @@ def create(name: str, stores: Any) -> None:
     from tuner.runner import create_study
 
     spec = spec_module.load(name)
-    created = create_study(spec, stores)
+    created, _ = create_study(spec, stores)
     verb = "created" if created.created else "already exists:"
     say(f"study {spec.name!r} {verb}")
     say(stores.describe())
@@ -124,28 +124,53 @@ def create(name: str, stores: Any) -> None:
     "--timeout",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
-    help="Stop starting new trials after this many seconds.",
+    help="Start no trial after this many seconds (limits.trial_timeout cuts one short).",
+)
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Worker processes on the --device (several trials at once) [default 1].",
+)
+@click.option(
+    "--gpus",
+    default=None,
+    help="GPUs to use, as CUDA indices (0,1) or 'all'; one or more workers on each.",
+)
+@click.option(
+    "--jobs-per-gpu",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Worker processes per GPU given in --gpus (small models leave a GPU idle alone).",
 )
 @store_options
 @data_options
-def run(name: str, trials: int | None, timeout: float | None, stores: Any, data_dir: Path,
-        device: Any) -> None:  # fmt: skip
+def run(name: str, trials: int | None, timeout: float | None, jobs: int | None, gpus: str | None,
+        jobs_per_gpu: int, stores: Any, data_dir: Path, device: Any) -> None:  # fmt: skip
     """Run trials of a study (continuing it if it has some), pruning hopeless ones early."""
-    from tuner.runner import run_study
+    from tuner.runner import gpu_devices, run_study
 
     spec = spec_module.load(name)
-    summary = run_study(
-        spec, stores, n_trials=trials, timeout=timeout, data_dir=data_dir, device=device, say=say
-    )
+    if gpus is not None and jobs is not None:
+        raise click.UsageError("--jobs counts workers on --device; with --gpus use --jobs-per-gpu")
+    devices = gpu_devices(gpus) if gpus is not None else [str(device)]
+    per_device = jobs_per_gpu if gpus is not None else (jobs or 1)
+    summary = run_study(spec, stores, n_trials=trials, timeout=timeout, data_dir=data_dir,
+                        devices=devices, jobs_per_device=per_device, say=say)  # fmt: skip
     ran = ", ".join(f"{n} {state}" for state, n in sorted(summary.ran.items())) or "no trials"
     say(f"\nran {ran} in {summary.seconds:.1f} s")
     for number, reason in summary.failures.items():
-        say(f"  trial {number} failed: {reason}")
+        say(f"  trial {number} {'diverged' if reason == 'diverged' else 'failed: ' + reason}")
+    for lost, retry in sorted(summary.retried.items()):
+        say(f"  trial {lost} was retried as trial {retry}")
+    if summary.workers:
+        say("workers: " + "; ".join(summary.workers))
     if summary.best is not None:
         say(f"best so far: trial {summary.best.number}, val_acc {summary.best.value:.4f}")
     say(f"see: tuner study status {name}  |  tuner ui  |  tuner ensemble {name} --top 5")
-    if summary.ran and set(summary.ran) == {"failed"}:
-        raise TunerError("every trial of this run failed (reasons above)")
+    if summary.ran and not {"complete", "pruned"} & set(summary.ran):
+        raise TunerError("no trial of this run finished: each failed or diverged (reasons above)")
 
 
 @study.command("status")
@@ -240,13 +265,18 @@ def main(argv: list[str] | None = None) -> None:
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     try:
         cli.main(args=argv, prog_name="tuner", standalone_mode=False)
-    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+    except (click.exceptions.Abort, KeyboardInterrupt) as exc:  # click makes Ctrl-C an Abort
+        from tuner.interrupts import Terminated
+
+        why = exc if isinstance(exc, KeyboardInterrupt) else exc.__cause__
+        terminated = isinstance(why, Terminated)
         click.echo(
-            "\ninterrupted: a trial that was running is recorded as failed (interrupted) and its "
-            "MLflow run as KILLED; run the same command again to continue the study",
+            f"\n{'terminated (SIGTERM)' if terminated else 'interrupted'}: a trial that was "
+            f"running is recorded as failed ({'terminated' if terminated else 'interrupted'}) "
+            "and its MLflow run as KILLED; run the same command again to continue the study",
             err=True,
         )
-        sys.exit(130)
+        sys.exit(143 if terminated else 130)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

@@ -21,7 +21,7 @@ from tuner.objective import RUN_ID_ATTR
 from tuner.runner import EXPERIMENT_ATTR, PARENT_ATTR, load_study
 from tuner.spec import StudySpec
 from tuner.stores import Stores
-from tuner.tracking import ARCH, WEIGHTS, Tracker
+from tuner.tracking import ARCH, WEIGHTS, WEIGHTS_SHA256, Tracker, sha256
 from tuner.train import predict
 
 CLASS_NAMES = ("plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -57,20 +57,36 @@ def top_trials(trials: list[FrozenTrial], k: int) -> list[FrozenTrial]:
     return sorted(complete, key=lambda t: (-t.value, t.number))[:k]
 
 
-def load_weights(path: Path, model: torch.nn.Module) -> None:
+def load_weights(path: Path, model: torch.nn.Module, name: str | None = None) -> None:
     """Plain tensors only (weights_only=True); a damaged file is named in the error."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     except Exception as exc:
         kind = type(exc).__name__
-        raise DataError(f"{path}: cannot load these weights ({kind}: {exc})") from None
+        raise DataError(f"{name or path}: cannot load these weights ({kind}: {exc})") from None
 
 
-def load_member(tracker: Tracker, run_id: str, into: Path) -> torch.nn.Module:
+def load_member(tracker: Tracker, trial_number: int, run_id: str, into: Path) -> torch.nn.Module:
+    """A trial's network with its saved weights, checked against the SHA-256 recorded when
+    they were written before a byte of them is unpickled."""
+    where = tracker.artifact_location(run_id, WEIGHTS)
     arch = json.loads(tracker.download(run_id, ARCH, into / run_id).read_text())
     model = build_vgg(**arch)
-    load_weights(tracker.download(run_id, WEIGHTS, into / run_id), model)
+    try:
+        weights = tracker.download(run_id, WEIGHTS, into / run_id)
+    except Exception as exc:
+        raise DataError(
+            f"{where}: the weights of trial {trial_number} cannot be read ({exc})"
+        ) from None
+    expected = tracker.tag(run_id, WEIGHTS_SHA256)
+    if expected is not None and sha256(weights) != expected:
+        raise DataError(
+            f"{where}: the weights of trial {trial_number} (MLflow run {run_id}) do not match "
+            "the checksum recorded when they were written: the file was changed or damaged. "
+            "Not loading it; restore the file or ensemble fewer trials."
+        )
+    load_weights(weights, model, f"{where} (trial {trial_number})")
     return model
 
 
@@ -100,7 +116,7 @@ def evaluate_top(
     with tempfile.TemporaryDirectory() as tmp:
         for trial in chosen:
             run_id = trial.user_attrs[RUN_ID_ATTR]
-            model = load_member(tracker, run_id, Path(tmp)).to(device)
+            model = load_member(tracker, trial.number, run_id, Path(tmp)).to(device)
             p = predict(model, test.images, spec.train.batch_size * 2).cpu().numpy()
             probs.append(p)
             acc = float((p.argmax(1) == labels).mean())

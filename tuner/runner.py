@@ -5,20 +5,23 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
+import socket
 import time
+import uuid
 import warnings
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.errors import ConfigError, TunerError
 from tuner.spec import StudySpec
-from tuner.stores import Stores, optuna_storage
+from tuner.stores import Stores, creation_lock, optuna_storage
 
 if TYPE_CHECKING:
     import torch
@@ -31,6 +34,10 @@ if TYPE_CHECKING:
 PARENT_ATTR = "mlflow_parent_run_id"
 EXPERIMENT_ATTR = "mlflow_experiment_id"
 SPEC_ATTR = "spec_sha256"
+SESSION_ATTR = "session"  # which `tuner study run` ran the trial (its budget counts it)
+# same names as in objective.py, which imports torch; `study status` must not
+REASON_ATTR, RETRY_OF_ATTR, WORKER_ATTR, RUN_ID_ATTR = (
+    "fail_reason", "retry_of", "worker", "mlflow_run_id")  # fmt: skip
 STATE_NAMES = {
     TrialState.COMPLETE: "complete",
     TrialState.PRUNED: "pruned",
@@ -38,6 +45,7 @@ STATE_NAMES = {
     TrialState.RUNNING: "running",
     TrialState.WAITING: "waiting",
 }
+OUTCOMES = ("complete", "pruned", "diverged", "failed", "running", "waiting")
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 # Optuna logs every failed trial with its traceback; tuner prints one line with the reason and
@@ -59,6 +67,25 @@ def pick_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: no CUDA GPU is visible to torch")
     return device
+
+
+def gpu_devices(spec: str) -> list[str]:
+    """`--gpus 0,1` or `all` → ["cuda:0", "cuda:1"], each checked against what torch sees."""
+    import torch
+
+    count = torch.cuda.device_count()
+    if spec.strip() == "all":
+        indices = list(range(count))
+    else:
+        try:
+            indices = [int(part) for part in spec.split(",") if part.strip()]
+        except ValueError:
+            raise ConfigError(
+                f"--gpus takes CUDA indices such as 0,1 or 'all', got {spec!r}"
+            ) from None
+    if not indices or any(not 0 <= i < count for i in indices):
+        raise ConfigError(f"--gpus {spec}: torch sees {count} CUDA GPU(s) on this machine")
+    return [f"cuda:{i}" for i in dict.fromkeys(indices)]
 
 
 def make_sampler(spec: StudySpec, n_existing: int) -> optuna.samplers.BaseSampler:
@@ -97,12 +124,25 @@ class Created:
     experiment_id: str
 
 
-def create_study(spec: StudySpec, stores: Stores, tracker: Tracker | None = None) -> Created:
-    """Create the Optuna study, the MLflow experiment and the study's parent run, once."""
-    from tuner.tracking import Tracker
+def storage_for(spec: StudySpec, stores: Stores) -> optuna.storages.RDBStorage:
+    return optuna_storage(stores, spec.limits.heartbeat, spec.limits.grace)
 
-    storage = optuna_storage(stores)
-    tracker = tracker or Tracker(stores)
+
+def create_study(spec: StudySpec, stores: Stores) -> tuple[Created, Tracker]:
+    """Create the schemas, the Optuna study, the MLflow experiment and the study's parent run,
+    once, whichever of several workers started together gets there first."""
+    from tuner.tracking import Tracker, check_tracking
+
+    with creation_lock(stores):
+        check_tracking(stores)  # both locations checked before either store is written
+        storage = storage_for(spec, stores)
+        tracker = Tracker(stores)  # MLflow migrates a fresh database when the client opens it
+        return _create(spec, stores, storage, tracker), tracker
+
+
+def _create(
+    spec: StudySpec, stores: Stores, storage: optuna.storages.RDBStorage, tracker: Tracker
+) -> Created:
     experiment_id = tracker.experiment_id(spec.name, create=True)
     study = optuna.create_study(
         study_name=spec.name, storage=storage, direction="maximize", load_if_exists=True
@@ -119,7 +159,7 @@ def create_study(spec: StudySpec, stores: Stores, tracker: Tracker | None = None
 
 
 def load_study(spec: StudySpec, stores: Stores) -> optuna.Study:
-    storage = optuna_storage(stores)
+    storage = storage_for(spec, stores)
     try:
         n_existing = storage.get_n_trials(storage.get_study_id_from_name(spec.name))
     except KeyError:
@@ -134,12 +174,69 @@ def load_study(spec: StudySpec, stores: Stores) -> optuna.Study:
     )
 
 
+def outcome(trial: FrozenTrial) -> str:
+    """complete | pruned | diverged | failed | running | waiting (a diverged trial is PRUNED
+    in Optuna, with a violated constraint, so that TPE learns from it)."""
+    if trial.user_attrs.get(REASON_ATTR) == "diverged":
+        return "diverged"
+    return STATE_NAMES.get(trial.state, trial.state.name.lower())
+
+
+def retried_numbers(trials: Iterable[FrozenTrial]) -> set[int]:
+    """Trials whose parameters were queued again (after a dead worker or out-of-memory)."""
+    numbers: set[int] = set()
+    for t in trials:
+        numbers.update(t.system_attrs.get("retry_history", []))
+        if RETRY_OF_ATTR in t.user_attrs:
+            numbers.add(int(t.user_attrs[RETRY_OF_ATTR]))
+    return numbers
+
+
+@dataclass(frozen=True)
+class Session:
+    """One `tuner study run`: its id, its trial budget and its clock, shared by its workers."""
+
+    id: str
+    trials: int  # trials this run may start; a trial lost and retried counts once
+    deadline: float | None  # time.time() after which no trial starts
+
+    def spent(self, study: optuna.Study) -> bool:
+        if self.deadline is not None and time.time() >= self.deadline:
+            return True
+        trials = study.get_trials(deepcopy=False)
+        retried = retried_numbers(trials)
+        mine = [
+            t
+            for t in trials
+            if t.user_attrs.get(SESSION_ATTR) == self.id
+            and t.state != TrialState.WAITING
+            and t.number not in retried
+        ]
+        return len(mine) >= self.trials
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """Everything a worker process needs (picklable: it crosses a `spawn`)."""
+
+    name: str
+    spec: StudySpec
+    stores: Stores
+    data_dir: Path
+    device: str
+    session: Session
+    claim: Any = None  # a multiprocessing lock: one worker at a time turns budget into a trial
+    prefix: bool = False  # tag output lines with the worker's name
+
+
 @dataclass(frozen=True)
 class RunSummary:
-    ran: dict[str, int]  # this session's trials by state
+    ran: dict[str, int]  # this run's trials by outcome
     seconds: float
     best: FrozenTrial | None
-    failures: dict[int, str]  # trial number → reason, this session
+    failures: dict[int, str]  # trial number → reason, this run
+    workers: list[str] = field(default_factory=list)  # how each worker process ended
+    retried: dict[int, int] = field(default_factory=dict)  # lost trial → the trial retrying it
 
 
 def run_study(
@@ -149,49 +246,226 @@ def run_study(
     n_trials: int | None,
     timeout: float | None,
     data_dir: Path,
-    device: torch.device,
+    devices: list[str],
+    jobs_per_device: int = 1,
     say: Callable[[str], None] = print,
 ) -> RunSummary:
-    from tuner.data import load_train_val
-    from tuner.objective import REASON_ATTR, StudyContext, TrialFailed, make_objective
-    from tuner.tracking import Tracker
+    """Run a study's trials in this process (one job) or in worker processes (several)."""
+    from tuner import interrupts
 
-    tracker = Tracker(stores)
-    created = create_study(spec, stores, tracker)
+    interrupts.install()
+    created, tracker = create_study(spec, stores)
     if created.created:
         say(f"created study {spec.name!r}")
     study = load_study(spec, stores)
     if study.user_attrs.get(SPEC_ATTR) != spec_digest(spec):
         say("warning: the study file changed since the study was created; "
             "earlier trials were run with the old settings")  # fmt: skip
-    before = {t.number for t in study.get_trials(deepcopy=False)}
-    say(f"loading CIFAR-10 from {data_dir} onto {device} …")
-    data = load_train_val(data_dir, spec.data, spec.seed, device)
-    say(f"  {len(data.train)} training and {len(data.val)} validation images from {data.source}")
+    recover_stale(study, tracker, created.experiment_id, say)
     n = n_trials if n_trials is not None else spec.trials
-    say(f"running {n} trials of {spec.name!r} on {device}"
-        + (f", for at most {timeout:.0f} s" if timeout else ""))  # fmt: skip
-    ctx = StudyContext(spec, data, tracker, created.experiment_id, created.parent_run_id, say)
+    session = Session(uuid.uuid4().hex[:12], n, time.time() + timeout if timeout else None)
+    slots = [(device, j) for device in devices for j in range(jobs_per_device)]
+    say(f"running {n} trials of {spec.name!r} on {_describe_slots(devices, jobs_per_device)}"
+        + (f", starting none after {timeout:.0f} s" if timeout else ""))  # fmt: skip
     started = time.perf_counter()
+    exits: list[str] = []
     tracker.parent_running(created.parent_run_id, True)
     try:
-        study.optimize(
-            make_objective(ctx), n_trials=n, timeout=timeout, catch=(TrialFailed,),
-            gc_after_trial=device.type == "cpu",
-        )  # fmt: skip
+        if len(slots) == 1:
+            work(WorkerPlan("main", spec, stores, data_dir, devices[0], session))
+        else:
+            exits = _run_pool(spec, stores, data_dir, session, slots, study, tracker,
+                              created.experiment_id, say)  # fmt: skip
     finally:
+        recover_stale(study, tracker, created.experiment_id, say)
         update_parent(study, tracker, created.parent_run_id)
         tracker.parent_running(created.parent_run_id, False)
-    ran = [t for t in study.get_trials(deepcopy=False) if t.number not in before]
+    return summarize(study, session, time.perf_counter() - started, exits)
+
+
+def _describe_slots(devices: list[str], jobs: int) -> str:
+    where = ", ".join(devices)
+    return where if jobs == 1 and len(devices) == 1 else f"{where} ({jobs} workers each)"
+
+
+def _run_pool(
+    spec: StudySpec,
+    stores: Stores,
+    data_dir: Path,
+    session: Session,
+    slots: list[tuple[str, int]],
+    study: optuna.Study,
+    tracker: Tracker,
+    experiment_id: str,
+    say: Callable[[str], None],
+) -> list[str]:
+    from tuner.workers import Exit, Pool
+
+    claim = multiprocessing.get_context("spawn").Lock()
+    plans = {}
+    for device, j in slots:
+        name = f"w{j}" if device == "cpu" else f"{device}#{j}"
+        plans[name] = WorkerPlan(name, spec, stores, data_dir, device, session, claim, True)
+    restarts = [len(plans)]  # replacements allowed in all: a crash loop must end
+
+    def on_exit(ended: Exit) -> WorkerPlan | None:
+        if ended.code == 0:
+            return None
+        say(f"[{ended.name}] worker {ended.describe()}; the others go on")
+        recover_dead_worker(study, tracker, experiment_id, ended, say)
+        if restarts[0] <= 0 or session.spent(study):
+            return None
+        restarts[0] -= 1
+        return plans[ended.name]
+
+    pool = Pool(worker_main, on_exit, say)
+    for name, plan in plans.items():
+        pool.start(name, plan)
+    return [f"{e.name}: {e.describe()}" for e in pool.run()]
+
+
+def worker_main(plan: WorkerPlan) -> None:
+    """Entry point of a worker process: exit 0 when the budget is spent, 130/143 on a signal."""
+    import sys
+
+    from tuner import interrupts
+    from tuner.errors import TunerError
+
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    interrupts.install()
+    try:
+        work(plan)
+    except interrupts.Terminated:
+        sys.exit(143)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except TunerError as exc:
+        print(f"[{plan.name}] error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+
+
+def work(plan: WorkerPlan) -> None:
+    """Take trials from the session's budget until it is spent; the body of every worker."""
+    from tuner import interrupts
+    from tuner.data import load_train_val
+    from tuner.objective import StudyContext, TrialFailed, make_objective
+    from tuner.tracking import Tracker
+
+    tag = f"[{plan.name}] " if plan.prefix else ""
+
+    def say(message: str) -> None:
+        print(f"{tag}{message}", flush=True)
+
+    spec, device = plan.spec, pick_device(plan.device)
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.set_device(device)
+    tracker = Tracker(plan.stores)
+    study = load_study(spec, plan.stores)
+    say(f"loading CIFAR-10 from {plan.data_dir} onto {device} …")
+    data = load_train_val(plan.data_dir, spec.data, spec.seed, device)
+    say(f"  {len(data.train)} training and {len(data.val)} validation images from {data.source}")
+    held = [False]
+
+    def on_start(trial: optuna.Trial) -> None:  # the trial exists: the next worker may claim
+        trial.set_user_attr(SESSION_ATTR, plan.session.id)
+        if held[0] and plan.claim is not None:
+            plan.claim.release()
+        held[0] = False
+
+    attrs = study.user_attrs
+    ctx = StudyContext(spec, data, tracker, attrs[EXPERIMENT_ATTR], attrs[PARENT_ATTR], say,
+                       on_start=on_start)  # fmt: skip
+    objective = make_objective(ctx)
+    while True:
+        if plan.claim is not None:
+            plan.claim.acquire()
+            held[0] = True
+        try:
+            if plan.session.spent(study):
+                break
+            study.optimize(objective, n_trials=1, catch=(TrialFailed,),
+                           gc_after_trial=device.type == "cpu")  # fmt: skip
+        finally:
+            if held[0] and plan.claim is not None:
+                plan.claim.release()
+            held[0] = False
+            interrupts.resume()
+
+
+def recover_dead_worker(
+    study: optuna.Study,
+    tracker: Tracker,
+    experiment_id: str,
+    ended: Any,
+    say: Callable[[str], None],
+) -> None:
+    """The trial a dead worker was running: failed and queued again at once (no need to wait
+    for its heartbeat to go stale), and its MLflow run KILLED."""
+    worker = f"{socket.gethostname()}:{ended.pid}"
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.user_attrs.get(WORKER_ATTR) != worker:
+            continue
+        storage = study._storage  # the public Study has no way to fail another process's trial
+        if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+            frozen = storage.get_trial(trial._trial_id)
+            optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)(study, frozen)
+            say(f"[trial {trial.number}] lost with its worker ({ended.describe()}); queued again")
+    reconcile_runs(study, tracker, experiment_id, say)
+
+
+def recover_stale(
+    study: optuna.Study, tracker: Tracker, experiment_id: str, say: Callable[[str], None]
+) -> None:
+    """Trials whose heartbeat stopped are failed and queued again (Optuna's callback), and
+    MLflow runs left RUNNING by dead workers are closed as KILLED."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        stale = optuna.storages.fail_stale_trials(study)
+    for number in stale or ():
+        say(f"[trial {number}] its worker stopped sending heartbeats; failed and queued again")
+    reconcile_runs(study, tracker, experiment_id, say)
+
+
+def reconcile_runs(
+    study: optuna.Study, tracker: Tracker, experiment_id: str, say: Callable[[str], None]
+) -> None:
+    """An MLflow trial run still RUNNING whose Optuna trial has ended belonged to a worker that
+    died (MLflow has no heartbeat): close it as KILLED, with the reason."""
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    alive = (TrialState.RUNNING, TrialState.WAITING)
+    for run in tracker.running_trial_runs(experiment_id):
+        number = int(run.data.tags.get("optuna.trial_number", -1))
+        if number in trials and trials[number].state in alive:
+            continue
+        why = "worker died (killed, or no heartbeat within the grace period)"
+        tracker.end_trial(run.info.run_id, "killed", reason=why)
+        say(f"[trial {number}] MLflow run {run.info.run_id} was left RUNNING by a dead worker: "
+            "closed as KILLED")  # fmt: skip
+
+
+def summarize(
+    study: optuna.Study, session: Session, seconds: float, exits: list[str]
+) -> RunSummary:
+    trials = study.get_trials(deepcopy=False)
+    mine = [t for t in trials if t.user_attrs.get(SESSION_ATTR) == session.id]
+    retried = {}
+    for t in trials:
+        origin = t.user_attrs.get(RETRY_OF_ATTR, t.system_attrs.get("failed_trial"))
+        if origin is not None and t.user_attrs.get(SESSION_ATTR) == session.id:
+            retried[int(origin)] = t.number
     return RunSummary(
-        ran=dict(Counter(STATE_NAMES.get(t.state, t.state.name.lower()) for t in ran)),
-        seconds=time.perf_counter() - started,
+        ran=dict(Counter(outcome(t) for t in mine)),
+        seconds=seconds,
         best=best_trial(study),
         failures={
-            t.number: t.user_attrs.get(REASON_ATTR, "unknown")
-            for t in ran
-            if t.state == TrialState.FAIL
+            t.number: t.user_attrs.get(REASON_ATTR, "worker died")
+            for t in mine
+            if t.state == TrialState.FAIL or outcome(t) == "diverged"
         },
+        workers=exits,
+        retried=retried,
     )
 
 
@@ -201,8 +475,8 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
 
 
 def counts(study: optuna.Study) -> dict[str, int]:
-    tally = Counter(STATE_NAMES.get(t.state) for t in study.get_trials(deepcopy=False))
-    return {name: tally.get(name, 0) for name in ("complete", "pruned", "failed", "running")}
+    tally = Counter(outcome(t) for t in study.get_trials(deepcopy=False))
+    return {name: tally.get(name, 0) for name in OUTCOMES}
 
 
 def update_parent(study: optuna.Study, tracker: Tracker, parent_run_id: str) -> None:

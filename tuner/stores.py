@@ -6,7 +6,10 @@ environment (`TUNER_STORAGE`, MLflow's own `MLFLOW_TRACKING_URI`).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,8 +18,8 @@ import sqlalchemy
 
 from tuner.errors import ConfigError
 
-HEARTBEAT_SECONDS = 10  # a running trial writes a heartbeat this often
-GRACE_SECONDS = 60  # a trial silent this long is marked failed (its worker died)
+HEARTBEAT_SECONDS = 10  # a running trial writes a heartbeat this often (limits.heartbeat)
+GRACE_SECONDS = 60  # a trial silent this long is marked failed (limits.grace)
 SQLITE_TIMEOUT_SECONDS = 60  # wait this long on a locked SQLite file before failing
 
 
@@ -71,7 +74,28 @@ def _prepare_sqlite(url: str, what: str) -> None:
             raise ConfigError(f"{what} {url}: cannot create {folder} ({exc})") from None
 
 
-def optuna_storage(stores: Stores) -> optuna.storages.RDBStorage:
+@contextlib.contextmanager
+def creation_lock(stores: Stores) -> Iterator[None]:
+    """One process at a time creates schemas, experiment and study: eight workers started
+    together on fresh SQLite files would otherwise race on the migrations and crash."""
+    try:
+        stores.mlruns.mkdir(parents=True, exist_ok=True)
+        handle = (stores.mlruns / ".tuner-create.lock").open("a")
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot use the folder {stores.mlruns} for the stores ({exc})"
+        ) from None
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def optuna_storage(
+    stores: Stores, heartbeat: int = HEARTBEAT_SECONDS, grace: int = GRACE_SECONDS
+) -> optuna.storages.RDBStorage:
     """The RDB storage with heartbeats on: a killed worker's trial is failed, then retried."""
     _prepare_sqlite(stores.optuna_url, "Optuna storage")
     engine_kwargs = {}
@@ -81,8 +105,8 @@ def optuna_storage(stores: Stores) -> optuna.storages.RDBStorage:
         return optuna.storages.RDBStorage(
             stores.optuna_url,
             engine_kwargs=engine_kwargs,
-            heartbeat_interval=HEARTBEAT_SECONDS,
-            grace_period=GRACE_SECONDS,
+            heartbeat_interval=heartbeat,
+            grace_period=grace,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
                 max_retry=1
             ),

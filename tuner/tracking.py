@@ -5,10 +5,15 @@ on a process-global "active run" and parallel workers can share one parent."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+import shutil
 import subprocess
 import tempfile
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,7 +32,7 @@ os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 from mlflow import MlflowClient  # noqa: E402
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.entities import Metric, Param, Run, RunTag  # noqa: E402
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID  # noqa: E402
 
 ROLE = "tuner.role"  # study | trial | ensemble
@@ -35,6 +40,9 @@ STATE = "tuner.state"  # complete | pruned | failed (trial runs)
 WEIGHTS = "model/state_dict.pt"
 ARCH = "model/architecture.json"
 VAL_PREDICTIONS = "predictions/val_predictions.npz"
+WEIGHTS_SHA256 = "tuner.weights_sha256"  # checked before the weights are loaded
+LOCKED_RETRY_SECONDS = 120  # keep retrying a write to a locked SQLite store this long
+REMOTE_SCHEMES = {"http", "https", "databricks"}
 
 
 def _git_commit() -> str | None:
@@ -66,13 +74,79 @@ def _flatten(prefix: str, value: Any) -> dict[str, str]:
     return {prefix: str(value)}
 
 
+def _locked(exc: BaseException) -> bool:
+    return "database is locked" in str(exc)
+
+
+class _PatientClient:
+    """An MlflowClient whose calls wait out a locked SQLite store: several workers write to
+    one file, and SQLite lets one writer in at a time (the driver gives up after 5 s)."""
+
+    def __init__(self, client: MlflowClient) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._client, name)
+        if not callable(method):
+            return method
+
+        @functools.wraps(method)
+        def patient(*args: Any, **kwargs: Any) -> Any:
+            deadline = time.monotonic() + LOCKED_RETRY_SECONDS
+            delay = 0.05
+            while True:
+                try:
+                    return method(*args, **kwargs)
+                except Exception as exc:
+                    if not _locked(exc) or time.monotonic() > deadline:
+                        raise
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+        return patient
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """A tracking server that does not answer is an error at start, not after the first trial
+    (MLflow's own client retries for minutes before it gives up)."""
+    if urllib.parse.urlsplit(uri).scheme not in {"http", "https"}:
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            pass
+    except urllib.error.HTTPError as exc:
+        raise ConfigError(
+            f"the MLflow tracking server {uri} answered /health with HTTP {exc.code}; check "
+            "--tracking-uri or MLFLOW_TRACKING_URI"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot reach the MLflow tracking server {uri} ({exc}); check --tracking-uri or "
+            "MLFLOW_TRACKING_URI, and that the server is running"
+        ) from None
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_tracking(stores: Stores) -> None:
+    """The tracking store's folder can be made, or its server answers."""
+    prepare_tracking(stores)
+    check_reachable(stores.tracking_uri)
+
+
 class Tracker:
     """A study's view of the MLflow tracking store."""
 
     def __init__(self, stores: Stores) -> None:
-        prepare_tracking(stores)
+        check_tracking(stores)
         self.stores = stores
-        self.client = MlflowClient(tracking_uri=stores.tracking_uri)
+        self.client = _PatientClient(MlflowClient(tracking_uri=stores.tracking_uri))
 
     # -- experiment and parent run -------------------------------------------------------------
 
@@ -177,15 +251,33 @@ class Tracker:
         val_probs: np.ndarray,
         val_labels: np.ndarray,
     ) -> None:
-        """Weights as a plain `state_dict` (loads with weights_only=True) and val predictions."""
+        """Weights as a plain `state_dict` (loads with weights_only=True), with its SHA-256
+        recorded on the run, and the validation predictions."""
         with tempfile.TemporaryDirectory() as tmp:
             weights = Path(tmp) / Path(WEIGHTS).name
             torch.save(dict(state_dict), weights)
-            self.client.log_artifact(run_id, str(weights), str(Path(WEIGHTS).parent))
+            self.client.set_tag(run_id, WEIGHTS_SHA256, sha256(weights))
+            self._log_file(run_id, weights, WEIGHTS)
             predictions = Path(tmp) / Path(VAL_PREDICTIONS).name
             np.savez_compressed(predictions, probs=val_probs.astype(np.float32), labels=val_labels)
-            self.client.log_artifact(run_id, str(predictions), str(Path(VAL_PREDICTIONS).parent))
+            self._log_file(run_id, predictions, VAL_PREDICTIONS)
         self.client.log_dict(run_id, dict(architecture), ARCH)
+
+    def _log_file(self, run_id: str, local: Path, artifact_path: str) -> None:
+        """Into a local artifact store through a temporary name and a rename, so the file is
+        there whole or not at all; remote stores get MLflow's own upload."""
+        root = self.client.get_run(run_id).info.artifact_uri
+        parsed = urllib.parse.urlsplit(root)
+        if parsed.scheme not in ("", "file"):
+            self.client.log_artifact(run_id, str(local), str(Path(artifact_path).parent))
+            return
+        target = Path(urllib.request.url2pathname(parsed.path)) / artifact_path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+        shutil.copyfile(local, partial)
+        with partial.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(partial, target)
 
     def end_trial(
         self,
@@ -197,7 +289,8 @@ class Tracker:
         epochs: int | None = None,
         details: str | None = None,
     ) -> None:
-        """Close a trial's run: complete/pruned → FINISHED, failed → FAILED, killed → KILLED."""
+        """Close a trial's run: complete/pruned → FINISHED, killed → KILLED, failed or
+        diverged → FAILED."""
         tags = [RunTag(STATE, state)]
         if reason:
             tags.append(RunTag("tuner.fail_reason", reason))
@@ -211,10 +304,24 @@ class Tracker:
         status = {"complete": "FINISHED", "pruned": "FINISHED", "killed": "KILLED"}
         self.client.set_terminated(run_id, status.get(state, "FAILED"))
 
+    def running_trial_runs(self, experiment_id: str) -> list[Run]:
+        """Trial runs still marked RUNNING (live, or orphaned by a worker that died)."""
+        return self.client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{ROLE}` = 'trial' and attributes.status = 'RUNNING'",
+            max_results=10_000,
+        )
+
     # -- ensembles ------------------------------------------------------------------------------
 
     def download(self, run_id: str, path: str, into: Path) -> Path:
         return Path(self.client.download_artifacts(run_id, path, str(into)))
+
+    def artifact_location(self, run_id: str, path: str) -> str:
+        return f"{self.client.get_run(run_id).info.artifact_uri.rstrip('/')}/{path}"
+
+    def tag(self, run_id: str, key: str) -> str | None:
+        return self.client.get_run(run_id).data.tags.get(key)
 
     def log_ensemble(
         self,
