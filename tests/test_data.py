@@ -142,3 +142,21 @@ def test_cutout_zeroes_one_square() -> None:
     assert (out[0] == 0).all(0).sum() == 64  # a full 8×8 square inside the image
     assert (out[1] == 0).all(0).sum() == 16  # clipped at the corner: 4×4
     assert torch.equal(out[0, :, :12], x[0, :, :12])
+
+
+def test_crop_matches_reflect_padding_then_slicing() -> None:
+    x = _images(16)
+    generator = torch.Generator().manual_seed(1)
+    dy, dx = torch.randint(0, 9, (16,), generator=generator), torch.randint(0, 9, (16,))
+    padded = torch.nn.functional.pad(x.float(), (4,) * 4, mode="reflect").to(torch.uint8)
+    windows = zip(padded, dy, dx, strict=True)
+    expected = torch.stack([p[:, y : y + 32, x_ : x_ + 32] for p, y, x_ in windows])
+    assert torch.equal(data._random_crop(x, 4, dy, dx), expected)
+
+
+def test_a_whole_epoch_is_augmented_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(data, "AUGMENT_CHUNK", 5)
+    x = _images(12)
+    out = data.augment(x, "crop_flip_cutout", padding=4, cutout=8,
+                       generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert out.shape == x.shape and not torch.equal(out, x)

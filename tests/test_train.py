@@ -87,3 +87,32 @@ def test_a_raising_callback_ends_training(tiny_data) -> None:
 
     with pytest.raises(Stop):
         train(_model(), tiny_data, replace(CONFIG, epochs=5), stop_after_first)
+
+
+def test_compiled_step_is_reused_across_trials_and_dropout_rates(
+    tiny_data, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One compiled graph serves new models of the same architecture whatever their dropout
+    (inductor's code generation is left out: same tracing, 40 s less on 2 cores)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from tuner import train as train_module
+
+    monkeypatch.setattr(train_module, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(train_module, "_COMPILED", {})
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = replace(CONFIG, compile=True, epochs=1)
+    losses = []
+    for dropout in (0.1, 0.3, 0.45):
+        torch.manual_seed(0)
+        model = build_vgg("vgg11", batch_norm=True, dropout=dropout, width=0.0625)
+        result = train(model, tiny_data, compiled)
+        losses.append(result.history[-1].train_loss)
+        assert result.history[0].first_step_seconds is not None
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    torch.manual_seed(0)
+    eager = train(build_vgg("vgg11", batch_norm=True, dropout=0.45, width=0.0625), tiny_data,
+                  replace(CONFIG, epochs=1))  # fmt: skip
+    assert eager.history[-1].train_loss == pytest.approx(losses[-1], rel=1e-4)

@@ -230,6 +230,111 @@ def ensemble(name: str, k: int, stores: Any, data_dir: Path, device: Any) -> Non
     say(f"logged as MLflow run {report.run_id}")
 
 
+@cli.command("bench")
+@click.option(
+    "--depths",
+    default="vgg11,vgg13,vgg16,vgg19",
+    show_default=True,
+    help="VGG depths to measure (with batch norm).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=512,
+    show_default=True,
+    help="tuner's batch (the reference uses 128, as the usual recipe does).",
+)
+@click.option(
+    "--images",
+    type=click.IntRange(min=1),
+    default=50_000,
+    show_default=True,
+    help="Training images per epoch.",
+)
+@click.option(
+    "--width",
+    type=click.FloatRange(0, 4, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Channel multiplier (a tiny model for a CPU check).",
+)
+@click.option(
+    "--epochs",
+    type=click.IntRange(min=2),
+    default=3,
+    show_default=True,
+    help="Epochs per measurement; the first warms up (and compiles).",
+)
+@click.option(
+    "--loader-workers",
+    type=click.IntRange(min=0),
+    default=None,
+    help="DataLoader workers of the reference [default: min(16, CPUs)].",
+)
+@click.option(
+    "--packed",
+    default="1,2,3",
+    show_default=True,
+    help="Numbers of worker processes to pack onto the device ('' for none).",
+)
+@click.option("--packed-depth", default="vgg16", show_default=True)
+@click.option(
+    "--compile",
+    "compile_",
+    type=click.Choice(["auto", "on", "off"]),
+    default="auto",
+    show_default=True,
+    help="Measure the compiled path too (auto: on the GPU).",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="CIFAR-10 folder; synthetic images of the same shape when absent.",
+)
+@click.option("--device", default="auto", show_default=True)
+def bench(depths: str, batch_size: int, images: int, width: float, epochs: int,
+          loader_workers: int | None, packed: str, packed_depth: str, compile_: str,
+          data_dir: str | None, device: str) -> None:  # fmt: skip
+    """Epoch time of tuner's training path against DataLoader + PIL, and packed workers."""
+    from tuner.bench import BenchConfig, run_bench, table
+    from tuner.data import resolve_data_dir
+    from tuner.models import LAYERS
+    from tuner.runner import pick_device
+
+    names = tuple(d.strip() for d in depths.split(",") if d.strip())
+    unknown = [d for d in (*names, packed_depth) if d not in LAYERS]
+    if unknown or not names:
+        raise click.BadParameter(f"known depths: {', '.join(LAYERS)}; got {unknown or depths}")
+    try:
+        counts = tuple(int(n) for n in packed.split(",") if n.strip())
+    except ValueError:
+        raise click.BadParameter(f"--packed takes counts such as 1,2,3, got {packed!r}") from None
+    where = pick_device(device)
+    if loader_workers is None:
+        loader_workers = min(16, os.cpu_count() or 1)
+    cfg = BenchConfig(
+        depths=names, batch_size=batch_size, images=images, width=width, epochs=epochs,
+        loader_workers=loader_workers,
+        packed=counts, packed_depth=packed_depth, compile=compile_, device=str(where),
+    )  # fmt: skip
+    rows, packed_rows, source = run_bench(cfg, resolve_data_dir(data_dir), say)
+    name = torch_device_name(where)
+    say(f"\n{name}; {cfg.images:,} images per epoch from {source}; width {width}")
+    say(table(rows, packed_rows))
+    say("epoch s: median of the timed epochs (tuner's includes validating 256 images); "
+        "× ref: the reference's epoch time over this path's; warm-up s: first epoch minus a "
+        "timed one (compiling, caches)")  # fmt: skip
+
+
+def torch_device_name(device: Any) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
+    return f"CPU, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
 @cli.command("ui")
 @click.option(
     "--host",

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import os
 import socket
 import time
 import uuid
@@ -21,7 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tuner.errors import ConfigError, TunerError
 from tuner.spec import StudySpec
-from tuner.stores import Stores, creation_lock, optuna_storage
+from tuner.stores import Stores, creation_lock, optuna_storage, use_wal
 
 if TYPE_CHECKING:
     import torch
@@ -137,7 +138,10 @@ def create_study(spec: StudySpec, stores: Stores) -> tuple[Created, Tracker]:
         check_tracking(stores)  # both locations checked before either store is written
         storage = storage_for(spec, stores)
         tracker = Tracker(stores)  # MLflow migrates a fresh database when the client opens it
-        return _create(spec, stores, storage, tracker), tracker
+        created = _create(spec, stores, storage, tracker)
+        for url in (stores.optuna_url, stores.tracking_uri):
+            use_wal(url)
+        return created, tracker
 
 
 def _create(
@@ -227,6 +231,7 @@ class WorkerPlan:
     session: Session
     claim: Any = None  # a multiprocessing lock: one worker at a time turns budget into a trial
     prefix: bool = False  # tag output lines with the worker's name
+    threads: int | None = None  # CPU threads for torch; None: torch's default (all cores)
 
 
 @dataclass(frozen=True)
@@ -279,7 +284,9 @@ def run_study(
     finally:
         recover_stale(study, tracker, created.experiment_id, say)
         update_parent(study, tracker, created.parent_run_id)
-        tracker.parent_running(created.parent_run_id, False)
+        # another `study run` may still be working on the same study: the last one closes it
+        others = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        tracker.parent_running(created.parent_run_id, bool(others))
     return summarize(study, session, time.perf_counter() - started, exits)
 
 
@@ -299,21 +306,30 @@ def _run_pool(
     experiment_id: str,
     say: Callable[[str], None],
 ) -> list[str]:
+    from tuner.data import ensure_cifar
+    from tuner.interrupts import EXIT_HUNG
     from tuner.workers import Exit, Pool
+
+    ensure_cifar(data_dir)  # download once here, not once per worker, all at the same time
 
     claim = multiprocessing.get_context("spawn").Lock()
     plans = {}
+    # each worker gets its share of the cores: oversubscribed OpenMP threads spin-wait on
+    # each other, and an epoch of 0.1 s took 3.7 s now and then
+    threads = max(1, (os.cpu_count() or 1) // len(slots))
     for device, j in slots:
         name = f"w{j}" if device == "cpu" else f"{device}#{j}"
-        plans[name] = WorkerPlan(name, spec, stores, data_dir, device, session, claim, True)
+        plans[name] = WorkerPlan(name, spec, stores, data_dir, device, session, claim, True,
+                                 threads)  # fmt: skip
     restarts = [len(plans)]  # replacements allowed in all: a crash loop must end
 
     def on_exit(ended: Exit) -> WorkerPlan | None:
-        if ended.code == 0:
+        if ended.code in (0, 130, 143):  # done, or stopped by Ctrl-C / SIGTERM with the rest
             return None
         say(f"[{ended.name}] worker {ended.describe()}; the others go on")
         recover_dead_worker(study, tracker, experiment_id, ended, say)
-        if restarts[0] <= 0 or session.spent(study):
+        # killed (a signal) or hung (124): replace it; an error of its own would only recur
+        if ended.code not in (-9, -15, EXIT_HUNG) or restarts[0] <= 0 or session.spent(study):
             return None
         restarts[0] -= 1
         return plans[ended.name]
@@ -321,7 +337,10 @@ def _run_pool(
     pool = Pool(worker_main, on_exit, say)
     for name, plan in plans.items():
         pool.start(name, plan)
-    return [f"{e.name}: {e.describe()}" for e in pool.run()]
+    exits = pool.run()
+    if all(e.code != 0 for e in exits):
+        raise TunerError("every worker failed (reasons above); nothing more will run")
+    return [f"{e.name}: {e.describe()}" for e in exits]
 
 
 def worker_main(plan: WorkerPlan) -> None:
@@ -357,6 +376,10 @@ def work(plan: WorkerPlan) -> None:
         print(f"{tag}{message}", flush=True)
 
     spec, device = plan.spec, pick_device(plan.device)
+    if plan.threads is not None:
+        import torch
+
+        torch.set_num_threads(plan.threads)
     if device.type == "cuda":
         import torch
 
@@ -408,6 +431,7 @@ def recover_dead_worker(
         if trial.user_attrs.get(WORKER_ATTR) != worker:
             continue
         storage = study._storage  # the public Study has no way to fail another process's trial
+        storage.set_trial_user_attr(trial._trial_id, REASON_ATTR, f"worker {ended.describe()}")
         if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
             frozen = storage.get_trial(trial._trial_id)
             optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)(study, frozen)

@@ -93,6 +93,20 @@ def creation_lock(stores: Stores) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def use_wal(url: str) -> None:
+    """Put a SQLite store in write-ahead-log mode (it stays so): readers no longer block the
+    writer, which several workers sharing one file otherwise wait on for seconds at a time."""
+    import sqlite3
+
+    parsed = sqlalchemy.engine.make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return
+    with contextlib.closing(
+        sqlite3.connect(parsed.database, timeout=SQLITE_TIMEOUT_SECONDS)
+    ) as db:
+        db.execute("PRAGMA journal_mode=WAL")
+
+
 def optuna_storage(
     stores: Stores, heartbeat: int = HEARTBEAT_SECONDS, grace: int = GRACE_SECONDS
 ) -> optuna.storages.RDBStorage:

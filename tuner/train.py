@@ -154,6 +154,7 @@ def _forward_loss(
 
 
 _COMPILED: dict[str, Callable[..., torch.Tensor]] = {}
+COMPILE_BACKEND = "inductor"  # tests use "aot_eager": the same tracing, without code generation
 
 
 def step_function(device: torch.device, compiled: bool) -> Callable[..., torch.Tensor]:
@@ -172,7 +173,9 @@ def step_function(device: torch.device, compiled: bool) -> Callable[..., torch.T
         # 4 depths × batch norm or not × micro-batch sizes: more graphs than the default 8
         torch._dynamo.config.recompile_limit = 64
         mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs on the GPU
-        _COMPILED[device.type] = torch.compile(_forward_loss, mode=mode, dynamic=False)
+        _COMPILED[device.type] = torch.compile(
+            _forward_loss, mode=mode, dynamic=False, backend=COMPILE_BACKEND
+        )
     return _COMPILED[device.type]
 
 

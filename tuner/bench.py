@@ -1,0 +1,302 @@
+"""`tuner bench`: what one epoch costs on tuner's training path against the usual recipe
+(DataLoader + PIL transforms, fp32, batch 128), measured in one run on one device, and what
+several workers packed onto that device get done together."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from tuner.data import FOLDER, MEAN, STD, Split, TrainVal, read_split
+from tuner.models import build_vgg
+from tuner.train import TrainConfig, train
+
+REFERENCE_BATCH = 128
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    depths: tuple[str, ...]
+    batch_size: int
+    images: int  # training images per epoch
+    width: float
+    epochs: int  # the first warms up (and compiles); the rest are timed
+    loader_workers: int
+    packed: tuple[int, ...]  # numbers of packed workers to measure
+    packed_depth: str
+    compile: str  # auto | on | off
+    device: str
+
+
+@dataclass(frozen=True)
+class Row:
+    depth: str
+    path: str
+    epoch_seconds: float
+    images_per_second: float
+    ratio: float | None  # reference epoch seconds / this path's
+    warmup_seconds: float | None  # first epoch minus a timed one: compiling and caches
+    peak_gib: float | None  # peak GPU memory of this path
+
+
+@dataclass(frozen=True)
+class Packed:
+    workers: int
+    images_per_second: float  # all workers together
+    ratio: float  # against one worker
+
+
+# -- the data -----------------------------------------------------------------------------------
+
+
+def bench_data(data_dir: Path | None, images: int, device: torch.device) -> tuple[Split, str]:
+    """The real training set when it is there, else random images of the same shape (the
+    content does not change what an epoch costs)."""
+    folder = data_dir / FOLDER if data_dir is not None else None
+    if folder is not None and (folder / "data_batch_1").is_file():
+        x, y = read_split(folder, "train")
+        source = f"CIFAR-10 from {folder}"
+    else:
+        x, y = np.empty((0, 3, 32, 32), np.uint8), np.empty(0, np.int64)
+        source = "synthetic images (no CIFAR-10 found)"
+    if len(x) < images:  # repeat or make up the rest
+        rng = np.random.default_rng(0)
+        extra = images - len(x)
+        if len(x):
+            pick = rng.integers(0, len(x), extra)
+            x, y = np.concatenate([x, x[pick]]), np.concatenate([y, y[pick]])
+            source += f", repeated to {images} images"
+        else:
+            x = rng.integers(0, 256, (images, 3, 32, 32), dtype=np.uint8)
+            y = rng.integers(0, 10, images)
+    x, y = x[:images], y[:images]
+    return Split(torch.from_numpy(x).to(device), torch.from_numpy(y).long().to(device)), source
+
+
+# -- the reference: DataLoader + PIL ------------------------------------------------------------
+
+
+class PilImages(Dataset):
+    """CIFAR-10 as torchvision's dataset serves it: one PIL image per item, transformed."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        from torchvision import transforms
+
+        self.images = images.transpose(0, 2, 3, 1)  # N×H×W×C for PIL
+        self.labels = labels
+        self.transform = transforms.Compose([
+            transforms.RandomCrop(32, padding=4, padding_mode="reflect"),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize([m / 255 for m in MEAN], [s / 255 for s in STD]),
+        ])  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[index])), int(self.labels[index])
+
+
+def reference_epochs(split: Split, depth: str, cfg: BenchConfig) -> list[float]:
+    """Seconds per epoch of the usual recipe: fp32, batch 128, PIL transforms in workers."""
+    device = torch.device(cfg.device)
+    dataset = PilImages(split.images.cpu().numpy(), split.labels.cpu().numpy())
+    loader = DataLoader(
+        dataset,
+        batch_size=REFERENCE_BATCH,
+        shuffle=True,
+        num_workers=cfg.loader_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=cfg.loader_workers > 0,
+        drop_last=True,
+    )
+    model = build_vgg(depth, batch_norm=True, width=cfg.width).to(device)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=0.02, momentum=0.9, nesterov=True, weight_decay=5e-4
+    )
+    model.train()
+    seconds = []
+    for _ in range(cfg.epochs):
+        started = time.perf_counter()
+        for images, labels in loader:
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            loss = F.cross_entropy(model(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        _sync(device)
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# -- tuner's path ------------------------------------------------------------------------------
+
+
+def tuner_config(cfg: BenchConfig, compiled: bool) -> TrainConfig:
+    return TrainConfig(
+        epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer="nesterov", lr=0.02,
+        weight_decay=5e-4, momentum=0.9, schedule="onecycle", warmup_fraction=0.2,
+        label_smoothing=0.0, augment="crop_flip", crop_padding=4, cutout_size=8, seed=0,
+        compile=compiled,
+    )  # fmt: skip
+
+
+def tuner_epochs(split: Split, depth: str, cfg: BenchConfig, compiled: bool) -> list[float]:
+    """Seconds per epoch of tuner's own loop (training, and validating 256 images)."""
+    device = split.images.device
+    val = Split(split.images[:256], split.labels[:256])
+    model = build_vgg(depth, batch_norm=True, width=cfg.width).to(device)
+    seconds: list[float] = []
+    train(model, TrainVal(split, val, Path(".")), tuner_config(cfg, compiled),
+          lambda stats: seconds.append(stats.seconds))  # fmt: skip
+    return seconds
+
+
+# -- packed workers ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _PackedJob:
+    cfg: BenchConfig
+    data_dir: Path | None
+    compiled: bool
+    workers: int
+    barrier: object
+    results: object
+
+
+def _packed_worker(job: _PackedJob) -> None:
+    """One of several processes on one device: warm up, wait for the others, then time."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.workers))  # CPU: share the cores
+    device = torch.device(job.cfg.device)
+    split, _ = bench_data(job.data_dir, job.cfg.images, device)
+    warm = replace(job.cfg, epochs=1)
+    tuner_epochs(split, job.cfg.packed_depth, warm, job.compiled)  # compile, caches, allocator
+    job.barrier.wait()
+    started = time.perf_counter()
+    timed = replace(job.cfg, epochs=max(1, job.cfg.epochs - 1))
+    tuner_epochs(split, job.cfg.packed_depth, timed, job.compiled)
+    job.results.put((timed.epochs * len(split), time.perf_counter() - started))
+
+
+def packed_throughput(cfg: BenchConfig, data_dir: Path | None, compiled: bool, n: int) -> float:
+    """Images per second of `n` worker processes training together on one device."""
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(n), context.Queue()
+    job = _PackedJob(cfg, data_dir, compiled, n, barrier, results)
+    processes = [context.Process(target=_packed_worker, args=(job,)) for _ in range(n)]
+    for process in processes:
+        process.start()
+    outcomes = [results.get(timeout=3600) for _ in processes]
+    for process in processes:
+        process.join()
+    images = sum(done for done, _ in outcomes)
+    return images / max(seconds for _, seconds in outcomes)
+
+
+# -- the whole benchmark ---------------------------------------------------------------------
+
+
+def run_bench(
+    cfg: BenchConfig, data_dir: Path | None, say: Callable[[str], None] = print
+) -> tuple[list[Row], list[Packed], str]:
+    device = torch.device(cfg.device)
+    split, source = bench_data(data_dir, cfg.images, device)
+    compiled_too = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+    paths = [("eager", False)] + ([("compiled", True)] if compiled_too else [])
+    rows: list[Row] = []
+    for depth in cfg.depths:
+        say(f"{depth}-bn: reference (DataLoader + PIL, {cfg.loader_workers} workers, fp32, "
+            f"batch {REFERENCE_BATCH}) …")  # fmt: skip
+        measured = _measure(lambda d=depth: reference_epochs(split, d, cfg), device)
+        reference = _row(depth, f"DataLoader+PIL fp32 b{REFERENCE_BATCH}", measured,
+                         _epoch_images(len(split), REFERENCE_BATCH), None)  # fmt: skip
+        rows.append(reference)
+        for name, compiled in paths:
+            say(f"{depth}-bn: tuner {name} (batch {cfg.batch_size}; bf16 on a GPU) …")
+            measured = _measure(lambda d=depth, c=compiled: tuner_epochs(split, d, cfg, c), device)
+            rows.append(_row(depth, f"tuner {name} b{cfg.batch_size}", measured,
+                             _epoch_images(len(split), cfg.batch_size), reference))  # fmt: skip
+    packed: list[Packed] = []
+    if cfg.packed:
+        single = None
+        for n in cfg.packed:
+            say(f"{cfg.packed_depth}-bn: {n} packed worker(s) …")
+            rate = packed_throughput(cfg, data_dir, compiled_too, n)
+            single = single or (rate if n == 1 else None)
+            packed.append(Packed(n, rate, rate / single if single else math.nan))
+    return rows, packed, source
+
+
+def _measure(run: Callable[[], list[float]], device: torch.device) -> tuple[list[float], float]:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = run()
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else math.nan
+    return seconds, peak
+
+
+def _epoch_images(images: int, batch: int) -> int:
+    return max(1, images // batch) * min(batch, images)  # full batches only, as both loops do
+
+
+def _row(
+    depth: str,
+    path: str,
+    measured: tuple[list[float], float],
+    images: int,
+    reference: Row | None,
+) -> Row:
+    seconds, peak = measured
+    timed = seconds[1:] or seconds
+    epoch = float(np.median(timed))
+    return Row(
+        depth=depth,
+        path=path,
+        epoch_seconds=epoch,
+        images_per_second=images / epoch,
+        ratio=reference.epoch_seconds / epoch if reference else None,
+        warmup_seconds=max(0.0, seconds[0] - epoch) if len(seconds) > 1 else None,
+        peak_gib=None if math.isnan(peak) else peak,
+    )
+
+
+def table(rows: list[Row], packed: list[Packed]) -> str:
+    lines = [
+        f"{'model':<9} {'path':<26} {'epoch s':>8} {'images/s':>10} {'× ref':>6} "
+        f"{'warm-up s':>9} {'peak GiB':>8}",
+    ]
+    for r in rows:
+        ratio = "" if r.ratio is None else f"{r.ratio:.2f}"
+        warmup = "" if r.warmup_seconds is None else f"{r.warmup_seconds:.1f}"
+        peak = "" if r.peak_gib is None else f"{r.peak_gib:.2f}"
+        lines.append(
+            f"{r.depth + '-bn':<9} {r.path:<26} {r.epoch_seconds:>8.3f} "
+            f"{r.images_per_second:>10,.0f} {ratio:>6} {warmup:>9} {peak:>8}"
+        )
+    if packed:
+        lines += ["", f"{'packed workers':<15} {'images/s (all)':>15} {'× one worker':>13}"]
+        lines += [
+            f"{p.workers:<15} {p.images_per_second:>15,.0f} {p.ratio:>13.2f}" for p in packed
+        ]
+    return "\n".join(lines)
