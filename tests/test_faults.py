@@ -205,6 +205,23 @@ def test_sigterm_and_ctrl_c_fail_the_trial_and_exit_promptly(
     assert [t.state.name for t in stored(tmp_path, "stop").trials] == ["FAIL", "COMPLETE"]
 
 
+def test_sigterm_stops_every_worker_of_a_pool(tmp_path: Path, fake_cifar: Path) -> None:
+    study_file(tmp_path, "pool", train={**TINY_STUDY["train"], "epochs": 60})
+    run = start(tmp_path, fake_cifar, "study", "run", "pool", "--jobs", "2", "--trials", "4")
+    wait_for_line(run, r"\[w\d\] \[trial \d\] epoch 3/")
+    while len(stored(tmp_path, "pool").trials) < 2:  # both workers in a trial
+        time.sleep(0.2)
+    sent = time.monotonic()
+    run.send_signal(signal.SIGTERM)
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 143, out + err
+    assert time.monotonic() - sent < 20, f"workers did not stop on SIGTERM:\n{out}{err}"
+    trials = stored(tmp_path, "pool").trials
+    assert [(t.state.name, t.user_attrs.get("fail_reason")) for t in trials] == [
+        ("FAIL", "terminated"), ("FAIL", "terminated")]  # fmt: skip
+    assert {r.info.status for r in trial_runs(tmp_path, "pool").values()} == {"KILLED"}
+
+
 # -- NaN ----------------------------------------------------------------------------------------
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import faulthandler
 import hashlib
 import json
 import logging
 import multiprocessing
 import os
+import signal
 import socket
 import time
 import uuid
@@ -352,6 +354,7 @@ def worker_main(plan: WorkerPlan) -> None:
 
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     interrupts.install()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: where is it?
     try:
         work(plan)
     except interrupts.Terminated:
