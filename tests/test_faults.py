@@ -222,6 +222,27 @@ def test_sigterm_stops_every_worker_of_a_pool(tmp_path: Path, fake_cifar: Path) 
     assert {r.info.status for r in trial_runs(tmp_path, "pool").values()} == {"KILLED"}
 
 
+SHIELDED = """
+import os, signal
+from tuner import interrupts
+interrupts.install()
+try:
+    with interrupts.shielded():
+        os.kill(os.getpid(), signal.SIGTERM)
+        print("the write finished", flush=True)
+except interrupts.Terminated:
+    print("then the signal", flush=True)
+"""
+
+
+def test_a_signal_during_a_database_write_waits_for_it() -> None:
+    """Cut in half, a SQLite write keeps its lock and every clean-up write waits on it (seen:
+    a pool that took 80 s to stop on SIGTERM)."""
+    out = subprocess.run([sys.executable, "-c", SHIELDED], capture_output=True, text=True,
+                         timeout=60)  # fmt: skip
+    assert out.stdout == "the write finished\nthen the signal\n", out.stderr
+
+
 # -- NaN ----------------------------------------------------------------------------------------
 
 

@@ -23,6 +23,7 @@ class TrialTimeout(BaseException):
 
 
 _deferring = 0
+_shielded = 0  # depth of `shielded()` blocks: a database write in progress
 _pending: list[BaseException] = []
 _stopping = False  # a stop was raised: later signals must not break the clean-up it started
 
@@ -31,7 +32,7 @@ def _raise(exc: BaseException) -> None:
     global _stopping
     if _stopping and not isinstance(exc, TrialTimeout):
         return
-    if _deferring:  # between `defer()` and `resume()`: raise it between trials
+    if _deferring or _shielded:  # raise it after the write, or between trials
         _pending.append(exc)
         return
     if not isinstance(exc, TrialTimeout):
@@ -68,6 +69,25 @@ def defer() -> None:
     written is recorded whole, and the worker stops after it."""
     global _deferring
     _deferring = 1
+
+
+@contextlib.contextmanager
+def shielded() -> Iterator[None]:
+    """A signal arriving inside waits until the block is done, then is raised. For database
+    writes: interrupted halfway, SQLite keeps the write lock of the broken transaction, and the
+    clean-up writes that follow (and every other worker's) wait on it."""
+    global _shielded, _stopping
+    _shielded += 1
+    try:
+        yield
+    finally:
+        _shielded -= 1
+    if not _shielded and not _deferring and _pending:
+        exc = _pending[0]
+        _pending.clear()
+        if not isinstance(exc, TrialTimeout):
+            _stopping = True
+        raise exc
 
 
 def resume() -> None:

@@ -143,6 +143,10 @@ def make_objective(ctx: StudyContext) -> Callable[[optuna.Trial], float]:
         last = [0]  # the last epoch that finished, for pruned/failed records
 
         def on_epoch(stats: EpochStats) -> None:
+            with interrupts.shielded():  # MLflow and Optuna writes are not cut in half
+                record_epoch(stats)
+
+        def record_epoch(stats: EpochStats) -> None:
             last[0] = stats.epoch
             ctx.tracker.log_epoch(run_id, stats)
             warmup = (

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tuner import __version__
+from tuner import __version__, interrupts
 from tuner.errors import ConfigError, TunerError
 from tuner.stores import Stores, prepare_tracking
 from tuner.train import EpochStats
@@ -79,8 +79,9 @@ def _locked(exc: BaseException) -> bool:
 
 
 class _PatientClient:
-    """An MlflowClient whose calls wait out a locked SQLite store: several workers write to
-    one file, and SQLite lets one writer in at a time (the driver gives up after 5 s)."""
+    """An MlflowClient whose calls wait out a locked SQLite store (several workers write to
+    one file, and SQLite lets one writer in at a time; the driver gives up after 5 s), and
+    are not cut in half by Ctrl-C or SIGTERM."""
 
     def __init__(self, client: MlflowClient) -> None:
         self._client = client
@@ -96,7 +97,8 @@ class _PatientClient:
             delay = 0.05
             while True:
                 try:
-                    return method(*args, **kwargs)
+                    with interrupts.shielded():  # never leave a SQLite write half done
+                        return method(*args, **kwargs)
                 except Exception as exc:
                     if not _locked(exc) or time.monotonic() > deadline:
                         raise
