@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from tuner.data import FOLDER, MEAN, STD, Split, TrainVal, read_split
 from tuner.models import build_vgg
-from tuner.train import TrainConfig, train
+from tuner.train import TrainConfig, synchronize, train
 
 REFERENCE_BATCH = 128
 
@@ -138,14 +138,9 @@ def reference_epochs(split: Split, depth: str, cfg: BenchConfig) -> list[float]:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        _sync(device)
+        synchronize(device)
         seconds.append(time.perf_counter() - started)
     return seconds
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # -- tuner's path ------------------------------------------------------------------------------

@@ -17,12 +17,12 @@ from sklearn.metrics import ConfusionMatrixDisplay, log_loss
 from tuner.data import CLASSES, load_test
 from tuner.errors import DataError, TunerError
 from tuner.models import build_vgg
-from tuner.objective import RUN_ID_ATTR
 from tuner.runner import EXPERIMENT_ATTR, PARENT_ATTR, load_study
 from tuner.spec import StudySpec
 from tuner.stores import Stores
 from tuner.tracking import ARCH, WEIGHTS, WEIGHTS_SHA256, Tracker, sha256
 from tuner.train import predict
+from tuner.trials import RUN_ID_ATTR
 
 CLASS_NAMES = ("plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 

@@ -29,12 +29,20 @@ _stopping = False  # a stop was raised: later signals must not break the clean-u
 
 
 def _raise(exc: BaseException) -> None:
-    global _stopping
     if _stopping and not isinstance(exc, TrialTimeout):
         return
-    if _deferring or _shielded:  # raise it after the write, or between trials
-        _pending.append(exc)
+    _pending.append(exc)
+    if not (_deferring or _shielded):  # else: after the write, or between trials
+        _raise_pending()
+
+
+def _raise_pending() -> None:
+    """Raise the signal waiting in `_pending`, if any; after a stop, ignore later ones."""
+    global _stopping
+    if not _pending:
         return
+    exc = _pending[0]
+    _pending.clear()
     if not isinstance(exc, TrialTimeout):
         _stopping = True
     raise exc
@@ -53,7 +61,8 @@ def _on_alarm(signum: int, frame: FrameType | None) -> None:
 
 
 def install() -> None:
-    """SIGTERM and SIGINT raise in the main thread, except inside `deferred()`."""
+    """SIGTERM, SIGINT and SIGALRM raise in the main thread (later, inside `shielded()` or
+    between `defer()` and `resume()`)."""
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGINT, _on_sigint)
     signal.signal(signal.SIGALRM, _on_alarm)
@@ -76,29 +85,21 @@ def shielded() -> Iterator[None]:
     """A signal arriving inside waits until the block is done, then is raised. For database
     writes: interrupted halfway, SQLite keeps the write lock of the broken transaction, and the
     clean-up writes that follow (and every other worker's) wait on it."""
-    global _shielded, _stopping
+    global _shielded
     _shielded += 1
     try:
         yield
     finally:
         _shielded -= 1
-    if not _shielded and not _deferring and _pending:
-        exc = _pending[0]
-        _pending.clear()
-        if not isinstance(exc, TrialTimeout):
-            _stopping = True
-        raise exc
+    if not (_shielded or _deferring):
+        _raise_pending()
 
 
 def resume() -> None:
     """End `defer()`; raise the signal that arrived meanwhile, if any (between trials)."""
-    global _deferring, _stopping
+    global _deferring
     _deferring = 0
-    if _pending:
-        exc = _pending[0]
-        _pending.clear()
-        _stopping = True
-        raise exc
+    _raise_pending()
 
 
 @contextlib.contextmanager

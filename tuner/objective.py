@@ -4,8 +4,6 @@ report each epoch to the pruner and to MLflow, and close the trial's run with it
 from __future__ import annotations
 
 import gc
-import os
-import socket
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,17 +19,17 @@ from tuner.space import TrialParams, suggest
 from tuner.spec import StudySpec
 from tuner.tracking import Tracker
 from tuner.train import Diverged, EpochStats, TrainConfig, is_out_of_memory, train
-
-RUN_ID_ATTR = "mlflow_run_id"
-REASON_ATTR = "fail_reason"
-WORKER_ATTR = "worker"  # host:pid of the process running the trial
-ACCUMULATION_ATTR = "grad_accumulation"  # set on the retry of a trial that ran out of memory
-RETRY_OF_ATTR = "retry_of"
-DIVERGED = "diverged"  # also the name of the Optuna constraint a diverged trial violates
-
-
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+from tuner.trials import (
+    ACCUMULATION_ATTR,
+    DIVERGED,
+    REASON_ATTR,
+    RETRY_OF_ATTR,
+    RUN_ID_ATTR,
+    WORKER_ATTR,
+    fail_from_outside,
+    retry_origin,
+    worker_id,
+)
 
 
 class TrialFailed(Exception):
@@ -125,7 +123,7 @@ def make_objective(ctx: StudyContext) -> Callable[[optuna.Trial], float]:
         accumulation = int(trial.user_attrs.get(ACCUMULATION_ATTR, 1))
         tag = f"[trial {trial.number}]"
         system = trial.storage.get_trial_system_attrs(trial._trial_id)  # Trial hides them
-        retry = trial.user_attrs.get(RETRY_OF_ATTR, system.get("failed_trial"))
+        retry = retry_origin(trial.user_attrs, system)
         note = f" (retry of trial {retry})" if retry is not None else ""
         if accumulation > 1:
             note += f" at batch {spec.train.batch_size // accumulation} × {accumulation} steps"
@@ -256,9 +254,7 @@ def _record_hang(ctx: StudyContext, trial: optuna.Trial, run_id: str, epochs: in
     details = "hung past limits.trial_timeout; the worker process was ended"
     ctx.say(f"[trial {trial.number}] hung past its time limit; ending this worker")
     try:
-        trial.set_user_attr(REASON_ATTR, reason)
-        storage = trial.study._storage
-        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        fail_from_outside(trial.study, trial._trial_id, reason)
     finally:
         ctx.tracker.end_trial(run_id, "failed", reason=reason, epochs=epochs, details=details)
 

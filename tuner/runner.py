@@ -9,7 +9,7 @@ import logging
 import multiprocessing
 import os
 import signal
-import socket
+import threading
 import time
 import uuid
 import warnings
@@ -25,11 +25,22 @@ from optuna.trial import FrozenTrial, TrialState
 from tuner.errors import ConfigError, TunerError
 from tuner.spec import StudySpec
 from tuner.stores import Stores, creation_lock, optuna_storage, use_wal
+from tuner.trials import (
+    DIVERGED,
+    REASON_ATTR,
+    RETRY_OF_ATTR,
+    SESSION_ATTR,
+    WORKER_ATTR,
+    fail_from_outside,
+    retry_origin,
+    worker_id,
+)
 
 if TYPE_CHECKING:
     import torch
 
     from tuner.tracking import Tracker
+    from tuner.workers import Exit
 
 # torch, scikit-learn and mlflow are imported by the functions that train or log, not here:
 # `tuner study status` needs only Optuna and answers in a second instead of five.
@@ -37,10 +48,6 @@ if TYPE_CHECKING:
 PARENT_ATTR = "mlflow_parent_run_id"
 EXPERIMENT_ATTR = "mlflow_experiment_id"
 SPEC_ATTR = "spec_sha256"
-SESSION_ATTR = "session"  # which `tuner study run` ran the trial (its budget counts it)
-# same names as in objective.py, which imports torch; `study status` must not
-REASON_ATTR, RETRY_OF_ATTR, WORKER_ATTR, RUN_ID_ATTR = (
-    "fail_reason", "retry_of", "worker", "mlflow_run_id")  # fmt: skip
 STATE_NAMES = {
     TrialState.COMPLETE: "complete",
     TrialState.PRUNED: "pruned",
@@ -139,7 +146,8 @@ def create_study(spec: StudySpec, stores: Stores) -> tuple[Created, Tracker]:
     with creation_lock(stores):
         check_tracking(stores)  # both locations checked before either store is written
         storage = storage_for(spec, stores)
-        tracker = Tracker(stores)  # MLflow migrates a fresh database when the client opens it
+        # MLflow migrates a fresh database when the client opens it
+        tracker = Tracker(stores, checked=True)
         created = _create(spec, stores, storage, tracker)
         for url in (stores.optuna_url, stores.tracking_uri):
             use_wal(url)
@@ -183,8 +191,8 @@ def load_study(spec: StudySpec, stores: Stores) -> optuna.Study:
 def outcome(trial: FrozenTrial) -> str:
     """complete | pruned | diverged | failed | running | waiting (a diverged trial is PRUNED
     in Optuna, with a violated constraint, so that TPE learns from it)."""
-    if trial.user_attrs.get(REASON_ATTR) == "diverged":
-        return "diverged"
+    if trial.user_attrs.get(REASON_ATTR) == DIVERGED:
+        return DIVERGED
     return STATE_NAMES.get(trial.state, trial.state.name.lower())
 
 
@@ -310,7 +318,7 @@ def _run_pool(
 ) -> list[str]:
     from tuner.data import ensure_cifar
     from tuner.interrupts import EXIT_HUNG
-    from tuner.workers import Exit, Pool
+    from tuner.workers import Pool
 
     ensure_cifar(data_dir)  # download once here, not once per worker, all at the same time
 
@@ -368,6 +376,8 @@ def worker_main(plan: WorkerPlan) -> None:
 
 def work(plan: WorkerPlan) -> None:
     """Take trials from the session's budget until it is spent; the body of every worker."""
+    import torch
+
     from tuner import interrupts
     from tuner.data import load_train_val
     from tuner.objective import StudyContext, TrialFailed, make_objective
@@ -380,43 +390,41 @@ def work(plan: WorkerPlan) -> None:
 
     spec, device = plan.spec, pick_device(plan.device)
     if plan.threads is not None:
-        import torch
-
         torch.set_num_threads(plan.threads)
     if device.type == "cuda":
-        import torch
-
         torch.cuda.set_device(device)
     tracker = Tracker(plan.stores)
     study = load_study(spec, plan.stores)
     say(f"loading CIFAR-10 from {plan.data_dir} onto {device} …")
     data = load_train_val(plan.data_dir, spec.data, spec.seed, device)
     say(f"  {len(data.train)} training and {len(data.val)} validation images from {data.source}")
+    # alone in its process, a worker has nobody to wait for: a lock of its own does
+    claim = plan.claim if plan.claim is not None else threading.Lock()
     held = [False]
+
+    def release() -> None:
+        if held[0]:
+            held[0] = False
+            claim.release()
 
     def on_start(trial: optuna.Trial) -> None:  # the trial exists: the next worker may claim
         trial.set_user_attr(SESSION_ATTR, plan.session.id)
-        if held[0] and plan.claim is not None:
-            plan.claim.release()
-        held[0] = False
+        release()
 
     attrs = study.user_attrs
     ctx = StudyContext(spec, data, tracker, attrs[EXPERIMENT_ATTR], attrs[PARENT_ATTR], say,
                        on_start=on_start)  # fmt: skip
     objective = make_objective(ctx)
     while True:
-        if plan.claim is not None:
-            plan.claim.acquire()
-            held[0] = True
+        claim.acquire()
+        held[0] = True
         try:
             if plan.session.spent(study):
                 break
             study.optimize(objective, n_trials=1, catch=(TrialFailed,),
                            gc_after_trial=device.type == "cpu")  # fmt: skip
         finally:
-            if held[0] and plan.claim is not None:
-                plan.claim.release()
-            held[0] = False
+            release()
             interrupts.resume()
 
 
@@ -424,19 +432,17 @@ def recover_dead_worker(
     study: optuna.Study,
     tracker: Tracker,
     experiment_id: str,
-    ended: Any,
+    ended: Exit,
     say: Callable[[str], None],
 ) -> None:
     """The trial a dead worker was running: failed and queued again at once (no need to wait
     for its heartbeat to go stale), and its MLflow run KILLED."""
-    worker = f"{socket.gethostname()}:{ended.pid}"
+    worker = worker_id(ended.pid)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if trial.user_attrs.get(WORKER_ATTR) != worker:
             continue
-        storage = study._storage  # the public Study has no way to fail another process's trial
-        storage.set_trial_user_attr(trial._trial_id, REASON_ATTR, f"worker {ended.describe()}")
-        if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
-            frozen = storage.get_trial(trial._trial_id)
+        if fail_from_outside(study, trial._trial_id, f"worker {ended.describe()}"):
+            frozen = study._storage.get_trial(trial._trial_id)
             optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)(study, frozen)
             say(f"[trial {trial.number}] lost with its worker ({ended.describe()}); queued again")
     reconcile_runs(study, tracker, experiment_id, say)
@@ -478,10 +484,10 @@ def summarize(
     trials = study.get_trials(deepcopy=False)
     mine = [t for t in trials if t.user_attrs.get(SESSION_ATTR) == session.id]
     retried = {}
-    for t in trials:
-        origin = t.user_attrs.get(RETRY_OF_ATTR, t.system_attrs.get("failed_trial"))
-        if origin is not None and t.user_attrs.get(SESSION_ATTR) == session.id:
-            retried[int(origin)] = t.number
+    for t in mine:
+        origin = retry_origin(t.user_attrs, t.system_attrs)
+        if origin is not None:
+            retried[origin] = t.number
     return RunSummary(
         ran=dict(Counter(outcome(t) for t in mine)),
         seconds=seconds,

@@ -145,8 +145,9 @@ def check_tracking(stores: Stores) -> None:
 class Tracker:
     """A study's view of the MLflow tracking store."""
 
-    def __init__(self, stores: Stores) -> None:
-        check_tracking(stores)
+    def __init__(self, stores: Stores, *, checked: bool = False) -> None:
+        if not checked:  # by the caller, just before
+            check_tracking(stores)
         self.stores = stores
         self.client = _PatientClient(MlflowClient(tracking_uri=stores.tracking_uri))
 

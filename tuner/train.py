@@ -130,6 +130,12 @@ def to_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on a GPU, so that wall-clock timings mean what they say."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Softmax outputs (float32, N×classes) for uint8 images on the model's device."""
@@ -205,8 +211,7 @@ def train(
         )
         probs = predict(model, data.val.images, cfg.batch_size * 2)
         val_loss, val_acc = _score(probs, data.val)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         stats = EpochStats(
             epoch=epoch,
             train_loss=train_loss,
@@ -250,8 +255,8 @@ def _train_epoch(
     micro = max(1, batch // cfg.accumulation)
     loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per step
     first_step = 0.0
+    started = time.perf_counter()
     for step in range(1, steps + 1):
-        started = time.perf_counter() if step == 1 else 0.0
         optimizer.zero_grad(set_to_none=True)
         for start in range((step - 1) * batch, step * batch, micro):
             end = min(start + micro, step * batch)
@@ -264,8 +269,7 @@ def _train_epoch(
         optimizer.step()
         schedule.step()
         if step == 1:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize(device)
             first_step = time.perf_counter() - started
         if step % NAN_CHECK_EVERY == 0:
             _check_finite(loss_sum, epoch, step)
