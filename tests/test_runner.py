@@ -10,9 +10,10 @@ from tuner.spec import parse
 from .conftest import TINY_STUDY
 
 
-def _first_point(n_existing: int) -> dict:
+def _first_point(n_existing: int, worker: int = 0) -> dict:
     spec = parse(TINY_STUDY)
-    study = optuna.create_study(direction="maximize", sampler=make_sampler(spec, n_existing))
+    sampler = make_sampler(spec, n_existing, worker)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
     trial = study.ask()
     suggest(trial, spec.space)
     return trial.params
@@ -21,6 +22,12 @@ def _first_point(n_existing: int) -> dict:
 def test_sampler_is_seeded_and_a_restart_does_not_replay_startup_points() -> None:
     assert _first_point(0) == _first_point(0), "same study, same first point"
     assert _first_point(0) != _first_point(4), "a restart after 4 trials draws new points"
+
+
+def test_workers_started_together_draw_different_points() -> None:
+    """Seen: two workers of one run both trained the same first point."""
+    points = [_first_point(0, worker) for worker in range(3)]
+    assert points[0] != points[1] != points[2] != points[0]
 
 
 @pytest.mark.parametrize(

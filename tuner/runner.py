@@ -98,10 +98,12 @@ def gpu_devices(spec: str) -> list[str]:
     return [f"cuda:{i}" for i in dict.fromkeys(indices)]
 
 
-def make_sampler(spec: StudySpec, n_existing: int) -> optuna.samplers.BaseSampler:
+def make_sampler(spec: StudySpec, n_existing: int, worker: int = 0) -> optuna.samplers.BaseSampler:
     # Offset the seed by the trials already stored: a restarted study must not replay the
-    # random start-up points it drew the first time.
-    seed = (spec.sampler.seed if spec.sampler.seed is not None else spec.seed) + n_existing
+    # random start-up points it drew the first time; and by the worker's index: workers that
+    # start together must not all draw the same points.
+    base = spec.sampler.seed if spec.sampler.seed is not None else spec.seed
+    seed = base + n_existing + 1_000_003 * worker
     if spec.sampler.type == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(
@@ -172,7 +174,7 @@ def _create(
     return Created(True, parent, experiment_id)
 
 
-def load_study(spec: StudySpec, stores: Stores) -> optuna.Study:
+def load_study(spec: StudySpec, stores: Stores, worker: int = 0) -> optuna.Study:
     storage = storage_for(spec, stores)
     try:
         n_existing = storage.get_n_trials(storage.get_study_id_from_name(spec.name))
@@ -183,7 +185,7 @@ def load_study(spec: StudySpec, stores: Stores) -> optuna.Study:
     return optuna.load_study(
         study_name=spec.name,
         storage=storage,
-        sampler=make_sampler(spec, n_existing),
+        sampler=make_sampler(spec, n_existing, worker),
         pruner=make_pruner(spec),
     )
 
@@ -242,6 +244,7 @@ class WorkerPlan:
     claim: Any = None  # a multiprocessing lock: one worker at a time turns budget into a trial
     prefix: bool = False  # tag output lines with the worker's name
     threads: int | None = None  # CPU threads for torch; None: torch's default (all cores)
+    index: int = 0  # the worker's number in its run: seeds its own sampler
 
 
 @dataclass(frozen=True)
@@ -327,10 +330,10 @@ def _run_pool(
     # each worker gets its share of the cores: oversubscribed OpenMP threads spin-wait on
     # each other, and an epoch of 0.1 s took 3.7 s now and then
     threads = max(1, (os.cpu_count() or 1) // len(slots))
-    for device, j in slots:
+    for index, (device, j) in enumerate(slots):
         name = f"w{j}" if device == "cpu" else f"{device}#{j}"
         plans[name] = WorkerPlan(name, spec, stores, data_dir, device, session, claim, True,
-                                 threads)  # fmt: skip
+                                 threads, index)  # fmt: skip
     restarts = [len(plans)]  # replacements allowed in all: a crash loop must end
 
     def on_exit(ended: Exit) -> WorkerPlan | None:
@@ -394,7 +397,7 @@ def work(plan: WorkerPlan) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     tracker = Tracker(plan.stores)
-    study = load_study(spec, plan.stores)
+    study = load_study(spec, plan.stores, plan.index)
     say(f"loading CIFAR-10 from {plan.data_dir} onto {device} …")
     data = load_train_val(plan.data_dir, spec.data, spec.seed, device)
     say(f"  {len(data.train)} training and {len(data.val)} validation images from {data.source}")
