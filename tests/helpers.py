@@ -1,0 +1,110 @@
+"""What the tests do as a user would: run `tuner` (as a process, or in this one), wait for what
+it prints, and read the stores it wrote. Waits are on conditions, with generous bounds."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+
+from tuner.cli import main
+
+HIDDEN = ("MLFLOW_TRACKING_URI", "TUNER_STORAGE", "TUNER_MLRUNS")  # the defaults under test
+
+
+def environment(data: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in HIDDEN}
+    env["TUNER_DATA_DIR"] = str(data)
+    return env
+
+
+def start(cwd: Path, data: Path, *args: str, python: list[str] | None = None) -> subprocess.Popen:
+    """`tuner ARGS` as a process in `cwd`, its output piped."""
+    command = [*(python or [sys.executable, "-m", "tuner"]), *args]
+    return subprocess.Popen(
+        command, cwd=cwd, env=environment(data), text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+
+
+def tuner(cwd: Path, data: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`tuner ARGS` as a process, to its end (at most 5 minutes)."""
+    return subprocess.run(
+        [sys.executable, "-m", "tuner", *args], cwd=cwd, env=environment(data),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def in_process(cwd: Path, data: Path, monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
+    """`tuner ARGS` in this process (no interpreter start-up): its exit code."""
+    monkeypatch.chdir(cwd)
+    for key in HIDDEN:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("TUNER_DATA_DIR", str(data))
+    with pytest.raises(SystemExit) as info:
+        main(list(args))
+    return info.value.code
+
+
+def wait_for_line(process: subprocess.Popen, pattern: str, timeout: float = 120) -> list[str]:
+    """Read the process's output until a line matches; the lines read so far."""
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if re.search(pattern, line):
+            return lines
+    process.kill()
+    raise AssertionError(f"no line matching {pattern!r}:\n{''.join(lines)}{process.stderr.read()}")
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 120) -> None:
+    """Poll `condition` until it holds; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout} s for {what}")
+        time.sleep(0.1)
+
+
+def stored(cwd: Path, name: str) -> optuna.Study:
+    """The study as Optuna stored it under `cwd/mlruns`."""
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{cwd}/mlruns/optuna.db")
+
+
+def mlflow_runs(cwd: Path, experiment: str) -> list[mlflow.entities.Run]:
+    mlflow.set_tracking_uri(f"sqlite:///{cwd}/mlruns/mlflow.db")
+    return mlflow.search_runs(experiment_names=[experiment], output_format="list")
+
+
+def role(run: mlflow.entities.Run) -> str:
+    return run.data.tags.get("tuner.role", "")
+
+
+def trial_runs(cwd: Path, name: str) -> dict[int, mlflow.entities.Run]:
+    """MLflow trial runs by Optuna trial number (each number must appear once)."""
+    found = [r for r in mlflow_runs(cwd, name) if role(r) == "trial"]
+    numbers = [int(r.data.tags["optuna.trial_number"]) for r in found]
+    assert len(numbers) == len(set(numbers)), f"a trial has two runs: {sorted(numbers)}"
+    return dict(zip(numbers, found, strict=True))
+
+
+class Payload:
+    """A pickle that runs `touch MARKER` when loaded: what a tampered weights file could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))

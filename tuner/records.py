@@ -1,0 +1,137 @@
+"""The words of the trade, each spelled once: how a trial ends (`Outcome`), the one map from an
+outcome to Optuna's state, MLflow's status and the console's word, and every key tuner writes
+to an Optuna trial or study and to an MLflow run. Imports Optuna only: `study status` stays fast.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import socket
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from optuna.trial import FrozenTrial, TrialState
+
+
+class Outcome(enum.StrEnum):
+    COMPLETE = "complete"
+    PRUNED = "pruned"  # stopped by the pruner
+    DIVERGED = "diverged"  # the loss became NaN or infinite
+    FAILED = "failed"  # an error, a timeout, out of memory
+    KILLED = "killed"  # Ctrl-C, SIGTERM, or its worker died
+    RUNNING = "running"
+    WAITING = "waiting"  # queued (a retry), not started
+
+    @classmethod
+    def of(cls, trial: FrozenTrial) -> Outcome:
+        """A stored trial's outcome. Optuna keeps one FAIL state for failed and killed trials
+        (the reason tells them apart); a diverged trial is PRUNED with its reason."""
+        if trial.user_attrs.get(REASON_ATTR) == DIVERGED:
+            return cls.DIVERGED
+        return _FROM_STATE.get(trial.state, cls.FAILED)
+
+
+@dataclass(frozen=True)
+class Record:
+    """How one outcome is written down in each place."""
+
+    optuna: TrialState
+    mlflow: str  # run status
+    word: str  # on the console, in `study status` and in the `tuner.state` tag
+
+
+RECORDS: dict[Outcome, Record] = {
+    Outcome.COMPLETE: Record(TrialState.COMPLETE, "FINISHED", "complete"),
+    Outcome.PRUNED: Record(TrialState.PRUNED, "FINISHED", "pruned"),
+    # PRUNED with a violated constraint, not FAIL: TPE learns only from finished trials, and
+    # ranks infeasible ones below every feasible one
+    Outcome.DIVERGED: Record(TrialState.PRUNED, "FAILED", "diverged"),
+    Outcome.FAILED: Record(TrialState.FAIL, "FAILED", "failed"),
+    Outcome.KILLED: Record(TrialState.FAIL, "KILLED", "killed"),
+    Outcome.RUNNING: Record(TrialState.RUNNING, "RUNNING", "running"),
+    Outcome.WAITING: Record(TrialState.WAITING, "SCHEDULED", "waiting"),
+}
+_FROM_STATE = {
+    TrialState.COMPLETE: Outcome.COMPLETE,
+    TrialState.PRUNED: Outcome.PRUNED,
+    TrialState.FAIL: Outcome.FAILED,
+    TrialState.RUNNING: Outcome.RUNNING,
+    TrialState.WAITING: Outcome.WAITING,
+}
+# what `study status` counts, in this order (killed trials are FAIL in Optuna: failed)
+COUNTED = (
+    Outcome.COMPLETE,
+    Outcome.PRUNED,
+    Outcome.DIVERGED,
+    Outcome.FAILED,
+    Outcome.RUNNING,
+    Outcome.WAITING,
+)
+
+# -- fail reasons (an Optuna user attribute and an MLflow tag) ---------------------------------
+DIVERGED = "diverged"  # also the name of the constraint a diverged trial violates
+TIMEOUT = "timeout"
+OUT_OF_MEMORY = "out_of_memory"
+TERMINATED = "terminated"  # SIGTERM
+INTERRUPTED = "interrupted"  # Ctrl-C
+WORKER_DIED = "worker died"  # its heartbeat went stale; the pool says how it died
+
+# -- Optuna trial user attributes ---------------------------------------------------------------
+RUN_ID_ATTR = "mlflow_run_id"
+REASON_ATTR = "fail_reason"
+WORKER_ATTR = "worker"  # host:pid of the process running the trial
+SESSION_ATTR = "session"  # which `tuner study run` ran the trial (its budget counts it)
+ACCUMULATION_ATTR = "grad_accumulation"  # on the retry of a trial that ran out of memory
+RETRY_OF_ATTR = "retry_of"  # on that retry: the trial it repeats
+PRUNED_AT_ATTR = "pruned_at_epoch"
+# system attributes Optuna's heartbeat retry sets (RetryHeartbeatStaleTrialCallback)
+HEARTBEAT_RETRY_OF = "failed_trial"
+HEARTBEAT_RETRY_HISTORY = "retry_history"
+
+# -- Optuna study user attributes: where `study run` finds what `study create` made -------------
+PARENT_ATTR = "mlflow_parent_run_id"
+EXPERIMENT_ATTR = "mlflow_experiment_id"
+SPEC_ATTR = "spec_sha256"
+OBJECTIVE_ATTR = "objective"
+
+# -- MLflow tags --------------------------------------------------------------------------------
+ROLE_TAG = "tuner.role"  # study | trial | ensemble
+STATE_TAG = "tuner.state"  # an outcome's word (trial runs)
+REASON_TAG = "tuner.fail_reason"
+PRUNED_AT_TAG = "tuner.pruned_at_epoch"
+EPOCHS_TAG = "tuner.epochs_run"
+WEIGHTS_SHA256_TAG = "tuner.weights_sha256"  # checked before the weights are loaded
+MEMBERS_TAG = "tuner.members"  # an ensemble's trial runs
+TRIAL_NUMBER_TAG = "optuna.trial_number"
+STUDY_TAG = "optuna.study"
+STORAGE_TAG = "optuna.storage"
+BEST_TAG_PREFIX = "best."  # the parent's best trial and its parameters
+
+
+class Role(enum.StrEnum):
+    STUDY = "study"
+    TRIAL = "trial"
+    ENSEMBLE = "ensemble"
+
+
+def worker_id(pid: int | None = None) -> str:
+    """The WORKER_ATTR value of process `pid` (this process when None) on this host."""
+    return f"{socket.gethostname()}:{pid if pid is not None else os.getpid()}"
+
+
+def retry_origin(user_attrs: Mapping[str, Any], system_attrs: Mapping[str, Any]) -> int | None:
+    """The trial this one repeats (after out-of-memory, or a dead worker), if any."""
+    origin = user_attrs.get(RETRY_OF_ATTR, system_attrs.get(HEARTBEAT_RETRY_OF))
+    return int(origin) if origin is not None else None
+
+
+def retried_numbers(trials: Iterable[FrozenTrial]) -> set[int]:
+    """Trials whose parameters were queued again (after a dead worker or out-of-memory)."""
+    numbers: set[int] = set()
+    for t in trials:
+        numbers.update(t.system_attrs.get(HEARTBEAT_RETRY_HISTORY, []))
+        if RETRY_OF_ATTR in t.user_attrs:
+            numbers.add(int(t.user_attrs[RETRY_OF_ATTR]))
+    return numbers
