@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
 
-from tuner.models import LAYERS, Dropout, build_vgg
+from tuner.models import LAYERS, VGG, Architecture, Dropout, build_vgg, load_state
 
 CONVS = {"vgg11": 8, "vgg13": 10, "vgg16": 13, "vgg19": 16}
 
@@ -58,19 +60,50 @@ def test_table_has_five_pools_per_variant() -> None:
 
 
 def test_trial_models_are_seeded_not_global() -> None:
-    from tuner.objective import build_model
-    from tuner.space import decode
-    from tuner.spec import parse
-
-    from .conftest import TINY_STUDY
-
-    spec = parse(TINY_STUDY)
-    params = decode({"depth": "vgg11", "batch_norm": False, "dropout": 0.1, "optimizer": "adam",
-                     "lr_adam": 1e-3, "weight_decay": 0.0, "augment": "none"})  # fmt: skip
+    arch = Architecture("vgg11", batch_norm=False, dropout=0.1, width=0.125)
     torch.manual_seed(1)
-    a = build_model(spec, params, seed=7).state_dict()
+    a = VGG(arch, seed=7).state_dict()
     torch.manual_seed(2)
-    b = build_model(spec, params, seed=7).state_dict()
-    c = build_model(spec, params, seed=8).state_dict()
+    b = VGG(arch, seed=7).state_dict()
+    c = VGG(arch, seed=8).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_weights_have_stable_names_by_part() -> None:
+    names = list(build_vgg("vgg11", batch_norm=True, width=0.125).state_dict())
+    assert names[0] == "features.0.weight" and names[-1] == "classifier.2.bias"
+    assert {n.split(".")[0] for n in names} == {"features", "classifier"}
+
+
+def _as_bare_sequential(model: VGG) -> dict[str, torch.Tensor]:
+    """The weights as tuner saved them before the parts had names (one nn.Sequential)."""
+    legacy = nn.Sequential(*model.features, *model.classifier)
+    return legacy.state_dict()
+
+
+@pytest.mark.parametrize("batch_norm", [True, False], ids=["bn", "no-bn"])
+def test_old_checkpoints_still_load(batch_norm: bool) -> None:
+    trained = build_vgg("vgg13", batch_norm=batch_norm, dropout=0.2, width=0.125)
+    old = _as_bare_sequential(trained)
+    assert "0.weight" in old, "the old naming"
+    fresh = build_vgg("vgg13", batch_norm=batch_norm, dropout=0.2, width=0.125)
+    load_state(fresh, old)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(fresh.eval()(x), trained.eval()(x))
+
+
+def test_weights_of_another_architecture_fail_clearly() -> None:
+    saved = build_vgg("vgg11", batch_norm=True, width=0.125).state_dict()
+    with pytest.raises(ValueError, match="not a vgg16-bn at width 0.125"):
+        load_state(build_vgg("vgg16", batch_norm=True, width=0.125), saved)
+    with pytest.raises(ValueError, match="not a vgg16-bn"):
+        load_state(build_vgg("vgg16", batch_norm=True, width=0.125), _as_bare_sequential(
+            build_vgg("vgg11", batch_norm=True, width=0.125)))  # fmt: skip
+
+
+def test_architecture_round_trips_through_json() -> None:
+    arch = Architecture("vgg19", batch_norm=True, dropout=0.3, width=0.5)
+    assert Architecture.from_dict(json.loads(json.dumps(arch.to_dict()))) == arch
+    old = {"depth": "vgg11", "batch_norm": False, "dropout": 0.1, "width": 0.25}  # pre-VGG class
+    assert Architecture.from_dict(old) == Architecture("vgg11", False, 0.1, 0.25)

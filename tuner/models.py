@@ -1,12 +1,20 @@
-"""VGG for 32×32 inputs: the variants are rows of one table, built by one function."""
+"""VGG for 32×32 inputs: the variants are rows of one table, built by one class with named parts
+(`features`, `classifier`), so that saved weights have stable names."""
 
 from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from tuner.spec import Depth
+
 # Output channels per 3×3 conv; "M" is a 2×2 max-pool (Simonyan & Zisserman 2014, table 1).
-LAYERS: dict[str, tuple[int | str, ...]] = {
+LAYERS: dict[Depth, tuple[int | str, ...]] = {
     "vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
     "vgg13": (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
     "vgg16": (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
@@ -34,38 +42,117 @@ class Dropout(nn.Module):
         return f"p={self.p.item():.3f}"
 
 
+@dataclass(frozen=True)
+class Architecture:
+    """Enough to rebuild a trained network for loading its weights (saved as JSON with them)."""
+
+    depth: Depth
+    batch_norm: bool
+    dropout: float = 0.0
+    width: float = 1.0  # channel multiplier
+    num_classes: int = 10
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Architecture:
+        known = {
+            k: data[k]
+            for k in ("depth", "batch_norm", "dropout", "width", "num_classes")
+            if k in data
+        }
+        return cls(**known)
+
+
 def scaled(channels: int, width: float) -> int:
     return max(1, round(channels * width))
 
 
+class VGG(nn.Module):
+    """VGG features from `LAYERS[depth]`; CIFAR head: five pools leave 1×1, so one linear.
+
+    With `seed`, the initial weights are drawn from it, not from the global RNG: a trial's
+    network is the same in every process.
+    """
+
+    def __init__(self, arch: Architecture, *, seed: int | None = None) -> None:
+        super().__init__()
+        if arch.depth not in LAYERS:
+            raise ValueError(f"unknown VGG depth {arch.depth!r}; known: {', '.join(LAYERS)}")
+        self.arch = arch
+        self.features, channels = _features(LAYERS[arch.depth], arch)
+        self.classifier = nn.Sequential(
+            nn.Flatten(), Dropout(arch.dropout), nn.Linear(channels, arch.num_classes)
+        )
+        if seed is None:
+            _init(self)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                _init(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
 def build_vgg(
-    depth: str,
+    depth: Depth,
     *,
     batch_norm: bool,
     dropout: float = 0.0,
     width: float = 1.0,
     num_classes: int = 10,
-) -> nn.Sequential:
-    """VGG features from `LAYERS[depth]`; CIFAR head: five pools leave 1×1, so one linear."""
-    if depth not in LAYERS:
-        raise ValueError(f"unknown VGG depth {depth!r}; known: {', '.join(LAYERS)}")
-    layers: list[nn.Module] = []
+) -> VGG:
+    """`VGG(Architecture(...))` in one call."""
+    return VGG(Architecture(depth, batch_norm, dropout, width, num_classes))
+
+
+def _features(layers: tuple[int | str, ...], arch: Architecture) -> tuple[nn.Sequential, int]:
+    modules: list[nn.Module] = []
     in_channels = 3
-    for item in LAYERS[depth]:
+    for item in layers:
         if item == "M":
-            layers.append(nn.MaxPool2d(2))
+            modules.append(nn.MaxPool2d(2))
             continue
-        out = scaled(int(item), width)
+        out = scaled(int(item), arch.width)
         # with batch norm the conv's bias is redundant (BN's shift replaces it)
-        layers.append(nn.Conv2d(in_channels, out, 3, padding=1, bias=not batch_norm))
-        if batch_norm:
-            layers.append(nn.BatchNorm2d(out))
-        layers.append(nn.ReLU(inplace=True))
+        modules.append(nn.Conv2d(in_channels, out, 3, padding=1, bias=not arch.batch_norm))
+        if arch.batch_norm:
+            modules.append(nn.BatchNorm2d(out))
+        modules.append(nn.ReLU(inplace=True))
         in_channels = out
-    layers += [nn.Flatten(), Dropout(dropout), nn.Linear(in_channels, num_classes)]
-    model = nn.Sequential(*layers)
-    _init(model)
-    return model
+    return nn.Sequential(*modules), in_channels
+
+
+_INDEXED = re.compile(r"^(\d+)\.(.+)$")
+
+
+def rename_legacy(state: Mapping[str, torch.Tensor], model: VGG) -> dict[str, torch.Tensor]:
+    """Weights saved before the parts had names (a bare `nn.Sequential`: `0.weight`, …, the
+    head after the features) under today's names; other state is returned as it is."""
+    if not state or not all(_INDEXED.match(key) for key in state):
+        return dict(state)
+    n = len(model.features)
+    renamed = {}
+    for key, value in state.items():
+        index, rest = _INDEXED.match(key).groups()  # type: ignore[union-attr]
+        i = int(index)
+        renamed[f"features.{i}.{rest}" if i < n else f"classifier.{i - n}.{rest}"] = value
+    return renamed
+
+
+def load_state(model: VGG, state: Mapping[str, torch.Tensor]) -> None:
+    """Load weights, also ones saved before the parts had names; a mismatch says which."""
+    try:
+        model.load_state_dict(rename_legacy(state, model))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ValueError(
+            f"these weights are not a {model.arch.depth}"
+            f"{'-bn' if model.arch.batch_norm else ''} at width {model.arch.width} "
+            f"({first})"
+        ) from None
 
 
 def _init(model: nn.Module) -> None:
