@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +82,39 @@ def write_study(folder: Path, overrides: dict | None = None, name: str = "tiny")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
+
+
+@pytest.fixture
+def signal_handlers() -> Iterator[None]:
+    """tuner's signal handlers for one test; pytest's own and a clean state after it."""
+    from tuner import interrupts
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM)}
+    interrupts.install()
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+    interrupts._pending.clear()
+    interrupts._deferring = interrupts._shielded = 0
+    interrupts._stopping = False
+
+
+@pytest.fixture(scope="session")
+def stores(tmp_path_factory: pytest.TempPathFactory):
+    """One Optuna and one MLflow SQLite store for the tests that need real ones (an MLflow
+    schema takes seconds to create); each test uses study and experiment names of its own."""
+    from tuner.stores import resolve
+
+    folder = tmp_path_factory.mktemp("mlruns")
+    return resolve(
+        mlruns=folder,
+        storage=f"sqlite:///{folder}/optuna.db",
+        tracking_uri=f"sqlite:///{folder}/mlflow.db",
+    )
+
+
+@pytest.fixture(scope="session")
+def tracker(stores):
+    from tuner.tracking import Tracker
+
+    return Tracker(stores)

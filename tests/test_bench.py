@@ -1,19 +1,16 @@
-"""`tuner bench` on the CPU with a tiny model: the table is there and its figures add up."""
+"""`tuner bench`: its arithmetic on known inputs, and a real (tiny) run on the CPU."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
+import torch
 
-from tuner.bench import PilImages, bench_data
-from tuner.cli import main
+from tuner.bench import BenchConfig, PilImages, _row, bench_data, run_bench
 
 
 def test_reference_dataset_serves_normalized_crops(fake_cifar: Path) -> None:
-    import torch
-
     split, source = bench_data(fake_cifar, 400, torch.device("cpu"))
     assert len(split) == 400 and "repeated to 400" in source  # the fake set has 300
     image, label = PilImages(split.images.numpy(), split.labels.numpy())[0]
@@ -21,23 +18,31 @@ def test_reference_dataset_serves_normalized_crops(fake_cifar: Path) -> None:
     assert -3 < image.mean().item() < 3 and 0 <= label < 10
 
 
+def test_without_data_the_images_are_synthetic_and_say_so(tmp_path: Path) -> None:
+    split, source = bench_data(tmp_path, 64, torch.device("cpu"))
+    assert len(split) == 64 and source == "synthetic images (no CIFAR-10 found)"
+
+
+def test_a_row_times_the_median_epoch_after_the_warm_up() -> None:
+    reference = _row("vgg11", "ref", ([9.0, 4.0, 4.4, 4.2], float("nan")), 1000, None)
+    assert reference.epoch_seconds == pytest.approx(4.2) and reference.ratio is None
+    assert reference.warmup_seconds == pytest.approx(4.8) and reference.peak_gib is None
+    row = _row("vgg11", "tuner", ([30.0, 1.0, 1.2, 1.4], 2.5), 1024, reference)
+    assert row.epoch_seconds == pytest.approx(1.2)
+    assert row.images_per_second == pytest.approx(1024 / 1.2)
+    assert row.ratio == pytest.approx(4.2 / 1.2) and row.warmup_seconds == pytest.approx(28.8)
+    assert row.peak_gib == 2.5
+
+
 @pytest.mark.slow
-def test_bench_prints_the_table_with_ratios(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    args = ["bench", "--device", "cpu", "--images", "512", "--width", "0.0625",
-            "--depths", "vgg11", "--batch-size", "128", "--epochs", "2",
-            "--loader-workers", "0", "--packed", "1,2", "--data-dir", str(tmp_path)]  # fmt: skip
-    with pytest.raises(SystemExit) as info:
-        main(args)
-    assert info.value.code == 0
-    out = capsys.readouterr().out
-    assert "synthetic images (no CIFAR-10 found)" in out
-    reference = re.search(r"vgg11-bn\s+DataLoader\+PIL fp32 b128\s+([\d.]+)\s+([\d,]+)", out)
-    tuner = re.search(r"vgg11-bn\s+tuner eager b128\s+([\d.]+)\s+([\d,]+)\s+([\d.]+)", out)
-    assert reference and tuner, out
-    seconds_ref, seconds = float(reference.group(1)), float(tuner.group(1))
-    assert float(tuner.group(3)) == pytest.approx(seconds_ref / seconds, rel=0.02)
-    assert float(tuner.group(2).replace(",", "")) == pytest.approx(512 / seconds, rel=0.02)
-    packed = re.findall(r"^(\d)\s+([\d,]+)\s+([\d.]+)$", out, re.MULTILINE)
-    assert [p[0] for p in packed] == ["1", "2"] and packed[0][2] == "1.00"
+def test_a_tiny_cpu_run_measures_every_path_and_packing(tmp_path: Path) -> None:
+    cfg = BenchConfig(depths=("vgg11",), batch_size=128, images=512, width=0.0625, epochs=2,
+                      loader_workers=0, packed=(1, 2), packed_depth="vgg11", compile="auto",
+                      device=torch.device("cpu"))  # fmt: skip
+    rows, packed, source = run_bench(cfg, tmp_path)
+    assert [r.path for r in rows] == ["DataLoader+PIL fp32 b128", "tuner eager b128"]
+    assert all(r.epoch_seconds > 0 and r.warmup_seconds is not None for r in rows)
+    assert rows[1].ratio == pytest.approx(rows[0].epoch_seconds / rows[1].epoch_seconds)
+    assert [p.workers for p in packed] == [1, 2] and packed[0].ratio == 1.0
+    assert packed[1].images_per_second > 0, "two processes trained and reported"
+    assert "synthetic" in source

@@ -16,6 +16,7 @@ from tuner.train import TrainConfig, train
 DEV = os.environ.get("TUNER_CIFAR_DEV")
 pytestmark = [
     pytest.mark.realdata,
+    pytest.mark.slow,  # trains for seconds
     pytest.mark.skipif(not DEV, reason="set TUNER_CIFAR_DEV to a CIFAR-10 copy to run"),
 ]
 

@@ -15,13 +15,12 @@ SPACE = parse(TINY_STUDY).space
 def sampled() -> list[tuple[optuna.trial.FrozenTrial, space.TrialParams]]:
     """300 points drawn at random from the tiny study's space (the vgg-cifar space)."""
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    out = []
+    drawn = []
     for _ in range(300):
         trial = study.ask()
-        params = space.suggest(trial, SPACE)
+        drawn.append(space.suggest(trial, SPACE))
         study.tell(trial, 0.0)
-        out.append((study.trials[-1], params))
-    return out
+    return list(zip(study.get_trials(deepcopy=False), drawn, strict=True))
 
 
 def test_every_choice_is_reachable(sampled) -> None:

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tuner.data import load_train_val
+from tuner.data import Split, TrainVal, load_train_val
 from tuner.models import build_vgg
 from tuner.spec import DataSpec
-from tuner.train import Diverged, TrainConfig, lr_factor, train
+from tuner.train import Diverged, TrainConfig, lr_factor, train, wants_compile
 
 CONFIG = TrainConfig(
     epochs=2, batch_size=32, optimizer="nesterov", lr=0.05, weight_decay=5e-4, momentum=0.9,
@@ -116,3 +116,31 @@ def test_compiled_step_is_reused_across_trials_and_dropout_rates(
     eager = train(build_vgg("vgg11", batch_norm=True, dropout=0.45, width=0.0625), tiny_data,
                   replace(CONFIG, epochs=1))  # fmt: skip
     assert eager.history[-1].train_loss == pytest.approx(losses[-1], rel=1e-4)
+
+
+def test_half_batch_with_accumulation_gives_the_same_weights() -> None:
+    """The out-of-memory retry runs half batches, two per step: the same training."""
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    data = TrainVal(
+        Split(images, torch.arange(64) % 10), Split(images[:8], torch.zeros(8).long()), Path(".")
+    )
+    config = replace(CONFIG, epochs=1, batch_size=64, optimizer="sgd", lr=0.1, weight_decay=0.0,
+                     momentum=0.0, schedule="constant", augment="none")  # fmt: skip
+    results = []
+    for accumulation in (1, 2, 4):
+        model = build_vgg("vgg11", batch_norm=False, width=0.125)
+        torch.manual_seed(1)
+        model.load_state_dict(build_vgg("vgg11", batch_norm=False, width=0.125).state_dict())
+        results.append(train(model, data, replace(config, accumulation=accumulation)).state_dict)
+    for other in results[1:]:
+        for key, value in results[0].items():
+            torch.testing.assert_close(other[key], value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("setting", "device", "expected"),
+    [("auto", "cpu", False), ("auto", "cuda", True), ("on", "cpu", True), ("off", "cuda", False)],
+)
+def test_compile_auto_means_on_the_gpu_only(setting: str, device: str, expected: bool) -> None:
+    assert wants_compile(setting, torch.device(device)) is expected

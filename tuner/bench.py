@@ -4,6 +4,7 @@ several workers packed onto that device get done together."""
 
 from __future__ import annotations
 
+import logging
 import math
 import multiprocessing
 import os
@@ -19,23 +20,29 @@ from torch.utils.data import DataLoader, Dataset
 
 from tuner.data import FOLDER, MEAN, STD, Split, TrainVal, read_split
 from tuner.models import build_vgg
-from tuner.train import TrainConfig, synchronize, train
+from tuner.spec import Depth
+from tuner.train import TrainConfig, synchronize, train, wants_compile
 
+log = logging.getLogger(__name__)
 REFERENCE_BATCH = 128
+# the usual CIFAR recipe, on both paths
+RECIPE = dict(optimizer="nesterov", lr=0.02, weight_decay=5e-4, momentum=0.9, schedule="onecycle",
+              warmup_fraction=0.2, label_smoothing=0.0, augment="crop_flip", crop_padding=4,
+              cutout_size=8, seed=0)  # fmt: skip
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    depths: tuple[str, ...]
+    depths: tuple[Depth, ...]
     batch_size: int
     images: int  # training images per epoch
     width: float
     epochs: int  # the first warms up (and compiles); the rest are timed
     loader_workers: int
     packed: tuple[int, ...]  # numbers of packed workers to measure
-    packed_depth: str
+    packed_depth: Depth
     compile: str  # auto | on | off
-    device: str
+    device: torch.device
 
 
 @dataclass(frozen=True)
@@ -94,12 +101,14 @@ class PilImages(Dataset):
 
         self.images = images.transpose(0, 2, 3, 1)  # N×H×W×C for PIL
         self.labels = labels
-        self.transform = transforms.Compose([
-            transforms.RandomCrop(32, padding=4, padding_mode="reflect"),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            transforms.Normalize([m / 255 for m in MEAN], [s / 255 for s in STD]),
-        ])  # fmt: skip
+        self.transform = transforms.Compose(
+            [
+                transforms.RandomCrop(32, padding=4, padding_mode="reflect"),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                transforms.Normalize([m / 255 for m in MEAN], [s / 255 for s in STD]),
+            ]
+        )
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -112,7 +121,7 @@ class PilImages(Dataset):
 
 def reference_epochs(split: Split, depth: str, cfg: BenchConfig) -> list[float]:
     """Seconds per epoch of the usual recipe: fp32, batch 128, PIL transforms in workers."""
-    device = torch.device(cfg.device)
+    device = cfg.device
     dataset = PilImages(split.images.cpu().numpy(), split.labels.cpu().numpy())
     loader = DataLoader(
         dataset,
@@ -147,12 +156,7 @@ def reference_epochs(split: Split, depth: str, cfg: BenchConfig) -> list[float]:
 
 
 def tuner_config(cfg: BenchConfig, compiled: bool) -> TrainConfig:
-    return TrainConfig(
-        epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer="nesterov", lr=0.02,
-        weight_decay=5e-4, momentum=0.9, schedule="onecycle", warmup_fraction=0.2,
-        label_smoothing=0.0, augment="crop_flip", crop_padding=4, cutout_size=8, seed=0,
-        compile=compiled,
-    )  # fmt: skip
+    return TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, compile=compiled, **RECIPE)
 
 
 def tuner_epochs(split: Split, depth: str, cfg: BenchConfig, compiled: bool) -> list[float]:
@@ -161,8 +165,12 @@ def tuner_epochs(split: Split, depth: str, cfg: BenchConfig, compiled: bool) -> 
     val = Split(split.images[:256], split.labels[:256])
     model = build_vgg(depth, batch_norm=True, width=cfg.width).to(device)
     seconds: list[float] = []
-    train(model, TrainVal(split, val, Path(".")), tuner_config(cfg, compiled),
-          lambda stats: seconds.append(stats.seconds))  # fmt: skip
+    train(
+        model,
+        TrainVal(split, val, Path(".")),
+        tuner_config(cfg, compiled),
+        lambda stats: seconds.append(stats.seconds),
+    )
     return seconds
 
 
@@ -182,7 +190,7 @@ class _PackedJob:
 def _packed_worker(job: _PackedJob) -> None:
     """One of several processes on one device: warm up, wait for the others, then time."""
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.workers))  # CPU: share the cores
-    device = torch.device(job.cfg.device)
+    device = job.cfg.device
     split, _ = bench_data(job.data_dir, job.cfg.images, device)
     warm = replace(job.cfg, epochs=1)
     tuner_epochs(split, job.cfg.packed_depth, warm, job.compiled)  # compile, caches, allocator
@@ -211,31 +219,44 @@ def packed_throughput(cfg: BenchConfig, data_dir: Path | None, compiled: bool, n
 # -- the whole benchmark ---------------------------------------------------------------------
 
 
-def run_bench(
-    cfg: BenchConfig, data_dir: Path | None, say: Callable[[str], None] = print
-) -> tuple[list[Row], list[Packed], str]:
-    device = torch.device(cfg.device)
+def run_bench(cfg: BenchConfig, data_dir: Path | None) -> tuple[list[Row], list[Packed], str]:
+    """Every row of the table, measured in this run on `cfg.device`."""
+    device = cfg.device
     split, source = bench_data(data_dir, cfg.images, device)
-    compiled_too = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+    compiled_too = wants_compile(cfg.compile, device)
     paths = [("eager", False)] + ([("compiled", True)] if compiled_too else [])
     rows: list[Row] = []
     for depth in cfg.depths:
-        say(f"{depth}-bn: reference (DataLoader + PIL, {cfg.loader_workers} workers, fp32, "
-            f"batch {REFERENCE_BATCH}) …")  # fmt: skip
+        log.info(
+            f"{depth}-bn: reference (DataLoader + PIL, {cfg.loader_workers} workers, fp32, "
+            f"batch {REFERENCE_BATCH}) …"
+        )
         measured = _measure(lambda d=depth: reference_epochs(split, d, cfg), device)
-        reference = _row(depth, f"DataLoader+PIL fp32 b{REFERENCE_BATCH}", measured,
-                         _epoch_images(len(split), REFERENCE_BATCH), None)  # fmt: skip
+        reference = _row(
+            depth,
+            f"DataLoader+PIL fp32 b{REFERENCE_BATCH}",
+            measured,
+            _epoch_images(len(split), REFERENCE_BATCH),
+            None,
+        )
         rows.append(reference)
         for name, compiled in paths:
-            say(f"{depth}-bn: tuner {name} (batch {cfg.batch_size}; bf16 on a GPU) …")
+            log.info(f"{depth}-bn: tuner {name} (batch {cfg.batch_size}; bf16 on a GPU) …")
             measured = _measure(lambda d=depth, c=compiled: tuner_epochs(split, d, cfg, c), device)
-            rows.append(_row(depth, f"tuner {name} b{cfg.batch_size}", measured,
-                             _epoch_images(len(split), cfg.batch_size), reference))  # fmt: skip
+            rows.append(
+                _row(
+                    depth,
+                    f"tuner {name} b{cfg.batch_size}",
+                    measured,
+                    _epoch_images(len(split), cfg.batch_size),
+                    reference,
+                )
+            )
     packed: list[Packed] = []
     if cfg.packed:
         single = None
         for n in cfg.packed:
-            say(f"{cfg.packed_depth}-bn: {n} packed worker(s) …")
+            log.info(f"{cfg.packed_depth}-bn: {n} packed worker(s) …")
             rate = packed_throughput(cfg, data_dir, compiled_too, n)
             single = single or (rate if n == 1 else None)
             packed.append(Packed(n, rate, rate / single if single else math.nan))
@@ -274,24 +295,3 @@ def _row(
         warmup_seconds=max(0.0, seconds[0] - epoch) if len(seconds) > 1 else None,
         peak_gib=None if math.isnan(peak) else peak,
     )
-
-
-def table(rows: list[Row], packed: list[Packed]) -> str:
-    lines = [
-        f"{'model':<9} {'path':<26} {'epoch s':>8} {'images/s':>10} {'× ref':>6} "
-        f"{'warm-up s':>9} {'peak GiB':>8}",
-    ]
-    for r in rows:
-        ratio = "" if r.ratio is None else f"{r.ratio:.2f}"
-        warmup = "" if r.warmup_seconds is None else f"{r.warmup_seconds:.1f}"
-        peak = "" if r.peak_gib is None else f"{r.peak_gib:.2f}"
-        lines.append(
-            f"{r.depth + '-bn':<9} {r.path:<26} {r.epoch_seconds:>8.3f} "
-            f"{r.images_per_second:>10,.0f} {ratio:>6} {warmup:>9} {peak:>8}"
-        )
-    if packed:
-        lines += ["", f"{'packed workers':<15} {'images/s (all)':>15} {'× one worker':>13}"]
-        lines += [
-            f"{p.workers:<15} {p.images_per_second:>15,.0f} {p.ratio:>13.2f}" for p in packed
-        ]
-    return "\n".join(lines)

@@ -74,10 +74,24 @@ def reason(exc: BaseException) -> str:
 
 
 def defer() -> None:
-    """From here until `resume()`, SIGTERM and Ctrl-C wait: a trial whose results are being
-    written is recorded whole, and the worker stops after it."""
+    """From here until `resume()`, SIGTERM and Ctrl-C wait (but inside `live()`): a trial is
+    set up and recorded whole, and the worker stops after it."""
     global _deferring
     _deferring = 1
+
+
+@contextlib.contextmanager
+def live() -> Iterator[None]:
+    """Inside `defer()`, the part where a signal acts at once (training): one that arrived
+    while deferred is raised on entry."""
+    global _deferring
+    saved, _deferring = _deferring, 0
+    try:
+        if not _shielded:
+            _raise_pending()
+        yield
+    finally:
+        _deferring = saved
 
 
 @contextlib.contextmanager
@@ -93,6 +107,11 @@ def shielded() -> Iterator[None]:
         _shielded -= 1
     if not (_shielded or _deferring):
         _raise_pending()
+
+
+def pending() -> bool:
+    """A signal is waiting (deferred) to be raised."""
+    return bool(_pending)
 
 
 def resume() -> None:

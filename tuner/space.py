@@ -9,23 +9,31 @@ from typing import Any
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 
-from tuner.spec import FloatRange, SpaceSpec
+from tuner.spec import Augment, Depth, FloatRange, Optimizer, SpaceSpec
 
 
 @dataclass(frozen=True)
 class TrialParams:
     """One point of the space, decoded: what a trial trains with."""
 
-    depth: str
+    depth: Depth
     batch_norm: bool
     dropout: float
-    optimizer: str
+    optimizer: Optimizer
     lr: float
     weight_decay: float
-    augment: str
+    augment: Augment
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def describe(self) -> str:
+        """One line: `vgg16-bn sgd lr=5.00e-02 wd=5.0e-04 dropout=0.10 aug=crop_flip`."""
+        bn = "bn" if self.batch_norm else "no-bn"
+        return (
+            f"{self.depth}-{bn} {self.optimizer} lr={self.lr:.2e} wd={self.weight_decay:.1e} "
+            f"dropout={self.dropout:.2f} aug={self.augment}"
+        )
 
 
 def lr_name(optimizer: str) -> str:

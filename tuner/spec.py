@@ -153,6 +153,10 @@ class StudySpec(_Frozen):
         """The resolved spec, defaults filled in, as plain data (logged with every run)."""
         return self.model_dump(mode="json")
 
+    def trial_settings(self) -> dict[str, Any]:
+        """What every trial runs with besides its drawn point (logged with each trial's run)."""
+        return self.model_dump(mode="json", include={"train", "data", "limits", "seed"})
+
 
 # YAML 1.1 reads these as something other than what was typed; they are errors, not guesses.
 _OCTAL_LOOKING = re.compile(r"^[-+]?0[0-9_]+$")

@@ -21,6 +21,7 @@ from tuner.errors import ConfigError
 HEARTBEAT_SECONDS = 10  # a running trial writes a heartbeat this often (limits.heartbeat)
 GRACE_SECONDS = 60  # a trial silent this long is marked failed (limits.grace)
 SQLITE_TIMEOUT_SECONDS = 60  # wait this long on a locked SQLite file before failing
+REMOTE_SCHEMES = {"http", "https", "databricks"}  # tracking URIs served by an MLflow server
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ def resolve(
     tracking = (
         tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or sqlite_url(folder / "mlflow.db")
     )
-    remote = tracking.split(":", 1)[0] in {"http", "https", "databricks"}
+    remote = tracking.split(":", 1)[0] in REMOTE_SCHEMES
     artifacts = None if remote else (folder / "artifacts").resolve().as_uri()
     return Stores(folder, optuna_url, tracking, artifacts)
 

@@ -15,15 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from tuner.data import Split, TrainVal, augment, normalize
+from tuner.spec import Augment, Optimizer, Schedule
 
 NAN_CHECK_EVERY = 10  # steps between divergence checks (each check syncs the GPU once)
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, or the CPU allocator failing (a RuntimeError there)."""
-    return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
-    )
 
 
 class Diverged(Exception):
@@ -38,14 +32,14 @@ class Diverged(Exception):
 class TrainConfig:
     epochs: int
     batch_size: int
-    optimizer: str  # sgd | nesterov | adam | adamw
+    optimizer: Optimizer
     lr: float  # peak learning rate
     weight_decay: float
     momentum: float  # SGD and Nesterov only
-    schedule: str  # constant | cosine | onecycle
+    schedule: Schedule
     warmup_fraction: float  # of all steps
     label_smoothing: float
-    augment: str  # none | flip | crop_flip | crop_flip_cutout
+    augment: Augment
     crop_padding: int  # pixels
     cutout_size: int  # pixels
     seed: int
@@ -159,6 +153,11 @@ def _forward_loss(
     return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
 
 
+def wants_compile(setting: str, device: torch.device) -> bool:
+    """`auto` compiles on the GPU only: on the CPU the compile takes longer than it saves."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
 _COMPILED: dict[str, Callable[..., torch.Tensor]] = {}
 COMPILE_BACKEND = "inductor"  # tests use "aot_eager": the same tracing, without code generation
 
@@ -249,8 +248,13 @@ def _train_epoch(
     batch = min(cfg.batch_size, len(split))
     order = torch.randperm(len(split), device=device, generator=generator)[: steps * batch]
     # the whole epoch's augmentation at once: a few batched ops, no per-batch work
-    images = augment(split.images[order], cfg.augment, padding=cfg.crop_padding,
-                     cutout=cfg.cutout_size, generator=generator)  # fmt: skip
+    images = augment(
+        split.images[order],
+        cfg.augment,
+        padding=cfg.crop_padding,
+        cutout=cfg.cutout_size,
+        generator=generator,
+    )
     labels = split.labels[order]
     micro = max(1, batch // cfg.accumulation)
     loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per step

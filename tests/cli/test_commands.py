@@ -3,42 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import mlflow
-import optuna
 import pytest
 import torch
+import yaml
 
 from tuner.cli import main
 
-from .conftest import write_study
-
-pytestmark = pytest.mark.slow
-
-
-def tuner(cwd: Path, data: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    hidden = ("MLFLOW_TRACKING_URI", "TUNER_STORAGE")
-    env = {k: v for k, v in os.environ.items() if k not in hidden}
-    env["TUNER_DATA_DIR"] = str(data)
-    return subprocess.run([sys.executable, "-m", "tuner", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-
-
-def runs(cwd: Path, experiment: str) -> list[mlflow.entities.Run]:
-    mlflow.set_tracking_uri(f"sqlite:///{cwd}/mlruns/mlflow.db")
-    return mlflow.search_runs(experiment_names=[experiment], output_format="list")
-
-
-def stored_study(cwd: Path, name: str = "tiny") -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=f"sqlite:///{cwd}/mlruns/optuna.db")
-
-
-def role(run: mlflow.entities.Run) -> str:
-    return run.data.tags.get("tuner.role", "")
+from ..conftest import TINY_STUDY, write_study
+from ..helpers import in_process, mlflow_runs, role, stored, tuner
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +35,18 @@ def study_dir(tmp_path_factory: pytest.TempPathFactory, fake_cifar: Path) -> Pat
     return cwd
 
 
+@pytest.mark.slow
 def test_run_prints_progress_per_trial_and_epoch(study_dir: Path) -> None:
     log = (study_dir / "run.log").read_text()
     assert "[trial 0] start: " in log and "[trial 0] epoch 1/2" in log
-    assert "ran " in log and "best so far: trial" in log
+    best = stored(study_dir, "tiny").best_trial
+    assert f"best so far: trial {best.number}, val_acc {best.value:.4f}" in log
+    assert re.search(r"^ran (\d+ \w+(, )?)+ in [\d.]+ s$", log, re.MULTILINE), log
 
 
+@pytest.mark.slow
 def test_optuna_holds_every_trial(study_dir: Path) -> None:
-    study = stored_study(study_dir)
+    study = stored(study_dir, "tiny")
     assert len(study.trials) == 4
     assert {t.state.name for t in study.trials} <= {"COMPLETE", "PRUNED", "FAIL"}
     assert any(t.state.name == "COMPLETE" for t in study.trials)
@@ -76,14 +58,15 @@ def test_optuna_holds_every_trial(study_dir: Path) -> None:
     assert len(json.loads(listed.stdout)) == 4
 
 
+@pytest.mark.slow
 def test_one_nested_mlflow_run_per_trial(study_dir: Path) -> None:
-    all_runs = runs(study_dir, "tiny")
+    all_runs = mlflow_runs(study_dir, "tiny")
     parents = [r for r in all_runs if role(r) == "study"]
     assert len(parents) == 1
     parent = parents[0]
     trials = [r for r in all_runs if role(r) == "trial"]
     assert len(trials) == 4
-    study = stored_study(study_dir)
+    study = stored(study_dir, "tiny")
     states = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed"}
     client = mlflow.MlflowClient()
     for run in trials:
@@ -110,9 +93,10 @@ def test_one_nested_mlflow_run_per_trial(study_dir: Path) -> None:
             assert run.data.tags["tuner.pruned_at_epoch"] == str(len(trial.intermediate_values))
 
 
+@pytest.mark.slow
 def test_parent_run_carries_the_best_value_and_plots(study_dir: Path) -> None:
-    parent = next(r for r in runs(study_dir, "tiny") if role(r) == "study")
-    study = stored_study(study_dir)
+    parent = next(r for r in mlflow_runs(study_dir, "tiny") if role(r) == "study")
+    study = stored(study_dir, "tiny")
     assert parent.data.metrics["best_val_acc"] == pytest.approx(study.best_value)
     assert parent.data.tags["best.trial"] == str(study.best_trial.number)
     plots = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "plots")}
@@ -120,22 +104,30 @@ def test_parent_run_carries_the_best_value_and_plots(study_dir: Path) -> None:
     assert parent.info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_status_shows_states_and_the_best_trial(study_dir: Path, fake_cifar: Path) -> None:
     out = tuner(study_dir, fake_cifar, "study", "status", "tiny")
     assert out.returncode == 0, out.stderr
-    assert "complete:" in out.stdout and "pruned:" in out.stdout and "failed:" in out.stdout
-    assert "best: trial" in out.stdout and "top " in out.stdout
+    shown = dict(re.findall(r"(\w+): (\d+)", out.stdout.splitlines()[1]))
+    trials = stored(study_dir, "tiny").trials
+    for state, word in (("COMPLETE", "complete"), ("PRUNED", "pruned"), ("FAIL", "failed")):
+        assert int(shown[word]) == sum(t.state.name == state for t in trials), out.stdout
+    best = stored(study_dir, "tiny").best_trial
+    assert f"best: trial {best.number}, val_acc {best.value:.4f}" in out.stdout
+    complete = sum(t.state.name == "COMPLETE" for t in trials)
+    assert f"\ntop {min(5, complete)}:\n" in out.stdout
 
 
+@pytest.mark.slow
 def test_ensemble_scores_the_top_trials_and_logs_a_run(study_dir: Path, fake_cifar: Path) -> None:
     out = tuner(study_dir, fake_cifar, "ensemble", "tiny", "--top", "3")
     assert out.returncode == 0, out.stdout + out.stderr
     for line in ("ensemble test accuracy", "ensemble test log-loss", "gain over best member"):
         assert line in out.stdout
-    study = stored_study(study_dir)
+    study = stored(study_dir, "tiny")
     complete = sorted((t for t in study.trials if t.state.name == "COMPLETE"),
                       key=lambda t: -t.value)[:3]  # fmt: skip
-    all_runs = runs(study_dir, "tiny")
+    all_runs = mlflow_runs(study_dir, "tiny")
     ensembles = [r for r in all_runs if role(r) == "ensemble"]
     assert len(ensembles) == 1
     run = ensembles[0]
@@ -149,12 +141,13 @@ def test_ensemble_scores_the_top_trials_and_logs_a_run(study_dir: Path, fake_cif
     assert "confusion_matrix.png" in files
 
 
+@pytest.mark.slow
 def test_running_again_continues_the_study(study_dir: Path, fake_cifar: Path) -> None:
     out = tuner(study_dir, fake_cifar, "study", "run", "tiny", "--trials", "1")
     assert out.returncode == 0, out.stderr
-    study = stored_study(study_dir)
+    study = stored(study_dir, "tiny")
     assert len(study.trials) == 5
-    assert len([r for r in runs(study_dir, "tiny") if role(r) == "trial"]) == 5
+    assert len([r for r in mlflow_runs(study_dir, "tiny") if role(r) == "trial"]) == 5
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
@@ -175,3 +168,99 @@ def test_ui_binds_loopback_unless_told_otherwise(
     out = capsys.readouterr().out
     assert f"http://{host}:5000" in out
     assert ("no authentication" in out) == (host != "127.0.0.1")
+
+
+def test_gpus_and_jobs_together_is_a_usage_error(
+    tmp_path: Path, fake_cifar: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    write_study(tmp_path)
+    code = in_process(tmp_path, fake_cifar, monkeypatch, "study", "run", "tiny", "--gpus", "0",
+                      "--jobs", "2")  # fmt: skip
+    assert code == 2 and "with --gpus use --jobs-per-gpu" in capsys.readouterr().err
+    assert not (tmp_path / "mlruns").exists(), "nothing written"
+
+
+def test_gpus_on_a_machine_without_them_is_a_config_error(
+    tmp_path: Path, fake_cifar: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    write_study(tmp_path)
+    code = in_process(tmp_path, fake_cifar, monkeypatch, "study", "run", "tiny", "--gpus", "all")
+    assert code == 2 and "--gpus all: torch sees 0 CUDA GPU(s)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ensemble_of_a_study_with_no_completed_trials_explains(
+    tmp_path: Path, fake_cifar: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    write_study(tmp_path)
+    assert in_process(tmp_path, fake_cifar, monkeypatch, "study", "create", "tiny") == 0
+    assert in_process(tmp_path, fake_cifar, monkeypatch, "ensemble", "tiny") == 1
+    err = capsys.readouterr().err
+    assert "no completed trials to ensemble; run `tuner study run tiny` first" in err
+
+
+@pytest.mark.slow
+def test_timeout_starts_no_trial_after_it(tmp_path: Path, fake_cifar: Path) -> None:
+    write_study(tmp_path, {"trials": 1000, "train": {**TINY_STUDY["train"], "epochs": 1}})
+    out = tuner(tmp_path, fake_cifar, "study", "run", "tiny", "--timeout", "4")
+    assert out.returncode == 0, out.stderr
+    assert "starting none after 4 s" in out.stdout
+    trials = stored(tmp_path, "tiny").trials
+    assert 0 < len(trials) < 1000, "stopped by the clock, not the budget"
+    first = min(t.datetime_start for t in trials)
+    assert all((t.datetime_start - first).total_seconds() <= 4 for t in trials), "none after"
+    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials), "a running one finishes"
+
+
+@pytest.mark.slow
+def test_a_changed_study_file_is_pointed_out(tmp_path: Path, fake_cifar: Path) -> None:
+    write_study(tmp_path, {"train": {**TINY_STUDY["train"], "epochs": 1}})
+    assert tuner(tmp_path, fake_cifar, "study", "create", "tiny").returncode == 0
+    unchanged = tuner(tmp_path, fake_cifar, "study", "run", "tiny", "--trials", "1")
+    assert unchanged.returncode == 0 and "study file changed" not in unchanged.stdout
+    write_study(tmp_path, {"train": {**TINY_STUDY["train"], "epochs": 1}, "seed": 7})
+    changed = tuner(tmp_path, fake_cifar, "study", "run", "tiny", "--trials", "1")
+    assert changed.returncode == 0, changed.stderr
+    assert "warning: the study file changed since the study was created" in changed.stdout
+
+
+BAD_FILES = {  # case: (text in the tiny study, replaced by, what the message must say)
+    "unknown key": ("  epochs: 2\n", "  epochs: 2\n  epoch: 3\n", "train.epoch: unknown key"),
+    "wrong type": ("  epochs: 2\n", "  epochs: two\n", "train.epochs: Input should be a valid"),
+    "1e-3 as text": ("    high: 0.5\n", "    high: 5e-1\n", "write 5.0e-1"),
+    "yes/no": ("  - vgg11\n", "  - no\n", "quote the word"),
+    "octal": ("seed: 0\n", "seed: 010\n", "octal"),
+    "python tag": ("seed: 0\n", "seed: !!python/object/apply:os.system ['touch owned']\n",
+                   "!!python tags are refused"),
+    "impossible range": ("    low: 0.0\n    high: 0.5\n", "    low: 0.4\n    high: 0.1\n",
+                         "space.dropout: low must not exceed high"),
+    "grace below heartbeat": ("trials: 4\n", "trials: 4\nlimits: {heartbeat: 30, grace: 10}\n",
+                              "limits: grace must exceed heartbeat"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_study_file_exits_2_before_anything_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    case: str,
+) -> None:  # fmt: skip
+    old, new, expected = BAD_FILES[case]
+    text = yaml.safe_dump(TINY_STUDY, sort_keys=False)
+    assert old in text
+    (tmp_path / "studies").mkdir()
+    (tmp_path / "studies" / "bad.yaml").write_text(text.replace(old, new, 1))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for command in (["study", "create", "bad"], ["study", "run", "bad"]):
+        with pytest.raises(SystemExit) as info:
+            main(command)
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert "studies/bad.yaml" in err and expected in err, err
+        assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "mlruns").exists(), "nothing written to the stores"
+    assert not (tmp_path / "owned").exists()

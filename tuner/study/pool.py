@@ -3,18 +3,32 @@ when one dies while work remains, and stopped together on Ctrl-C or SIGTERM."""
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import multiprocessing.connection
 import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import optuna
+
+from tuner.errors import TunerError
+from tuner.interrupts import EXIT_HUNG
+from tuner.study.recovery import recover_dead_worker
+from tuner.study.worker import WorkerPlan, main
+
+if TYPE_CHECKING:
+    from tuner.tracking import Tracker
+
+log = logging.getLogger(__name__)
 STOP_WAIT_SECONDS = 60  # after Ctrl-C or SIGTERM, workers get this long to record their trial
+STOPPED_WITH_THE_REST = (0, 130, 143)  # done, or stopped by Ctrl-C / SIGTERM
+REPLACEABLE = (-signal.SIGKILL, -signal.SIGTERM, EXIT_HUNG)  # killed, or hung: not its fault
 
 
-@dataclass
+@dataclass(frozen=True)
 class Exit:
     """How one worker process ended."""
 
@@ -34,7 +48,6 @@ class Pool:
 
     target: Callable[[Any], None]
     on_exit: Callable[[Exit], Any | None]  # a worker ended; return a plan to start a new one
-    say: Callable[[str], None] = print
     exits: list[Exit] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -64,7 +77,7 @@ class Pool:
         self.exits.append(ended)
         replacement = self.on_exit(ended)
         if restart and replacement is not None:
-            self.say(f"[{name}] replaced by a new worker process")
+            log.info(f"[{name}] replaced by a new worker process")
             self.start(name, replacement)
 
     def stop(self) -> None:
@@ -83,3 +96,45 @@ class Pool:
                 ready = multiprocessing.connection.wait(list(self._live), timeout=10)
             for sentinel in ready:
                 self._reap(sentinel, restart=False)
+
+
+@dataclass
+class Supervisor:
+    """Decides what happens when a worker ends: its lost trial is recovered, and a worker that
+    was killed or hung is replaced while budget remains (at most once per worker in all, so a
+    crash loop ends)."""
+
+    plans: dict[str, WorkerPlan]
+    study: optuna.Study
+    tracker: Tracker
+    restarts_left: int = 0
+
+    def on_exit(self, ended: Exit) -> WorkerPlan | None:
+        if ended.code in STOPPED_WITH_THE_REST:
+            return None
+        log.info(f"[{ended.name}] worker {ended.describe()}; the others go on")
+        plan = self.plans[ended.name]
+        recover_dead_worker(self.study, self.tracker, plan.runs, ended.pid, ended.describe())
+        # an error of its own (exit 1, 2) would only recur
+        if ended.code not in REPLACEABLE or self.restarts_left <= 0:
+            return None
+        if plan.budget.spent(self.study):
+            return None
+        self.restarts_left -= 1
+        return plan
+
+
+def run_pool(plans: list[WorkerPlan], study: optuna.Study, tracker: Tracker) -> list[Exit]:
+    """Run each plan in a worker process until every one has ended; how each ended."""
+    from tuner.data import ensure_cifar
+
+    ensure_cifar(plans[0].data_dir)  # download once here, not once per worker at the same time
+    by_name = {plan.name: plan for plan in plans}
+    supervisor = Supervisor(by_name, study, tracker, restarts_left=len(plans))
+    pool = Pool(main, supervisor.on_exit)
+    for plan in plans:
+        pool.start(plan.name, plan)
+    exits = pool.run()
+    if all(e.code != 0 for e in exits):
+        raise TunerError("every worker failed (reasons above); nothing more will run")
+    return exits

@@ -1,0 +1,131 @@
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from tuner.errors import TunerError
+from tuner.space import suggest
+from tuner.spec import parse
+from tuner.study.setup import create, make_pruner, make_sampler, open_study, spec_changed
+
+from ..conftest import TINY_STUDY
+
+
+def _first_point(n_existing: int, worker: int = 0) -> dict:
+    spec = parse(TINY_STUDY)
+    sampler = make_sampler(spec, n_existing, worker)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    trial = study.ask()
+    suggest(trial, spec.space)
+    return trial.params
+
+
+def test_sampler_is_seeded_and_a_restart_does_not_replay_startup_points() -> None:
+    assert _first_point(0) == _first_point(0), "same study, same first point"
+    assert _first_point(0) != _first_point(4), "a restart after 4 trials draws new points"
+
+
+def test_workers_started_together_draw_different_points() -> None:
+    """Seen: two workers of one run both trained the same first point."""
+    points = [_first_point(0, worker) for worker in range(3)]
+    assert points[0] != points[1] != points[2] != points[0]
+
+
+@pytest.mark.parametrize(
+    ("pruner", "expected"),
+    [
+        ({"type": "hyperband", "min_epochs": 1, "reduction_factor": 3},
+         optuna.pruners.HyperbandPruner),
+        ({"type": "median"}, optuna.pruners.MedianPruner),
+        ({"type": "none"}, optuna.pruners.NopPruner),
+    ],
+)  # fmt: skip
+def test_pruner_follows_the_study_file(pruner: dict, expected: type) -> None:
+    assert isinstance(make_pruner(parse({**TINY_STUDY, "pruner": pruner})), expected)
+
+
+def _hopeless_trials_completed(spec_pruner: optuna.pruners.BasePruner) -> tuple[int, set[int]]:
+    """60 trials over 9 epochs, each worse than every one before: how many of the last 30
+    ran to the end, and the epochs where trials were stopped."""
+    study = optuna.create_study(direction="maximize", pruner=spec_pruner, study_name="rungs")
+    completed, stopped_at = 0, set()
+    for number in range(60):
+        trial = study.ask()
+        for epoch in range(1, 10):
+            trial.report(1.0 / (1 + number) + 0.001 * epoch, epoch)
+            if trial.should_prune():
+                stopped_at.add(epoch)
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                break
+        else:
+            study.tell(trial, 1.0 / (1 + number) + 0.009)
+            completed += number >= 30
+    return completed, stopped_at
+
+
+def test_default_pruner_is_hyperband_over_the_study_epochs() -> None:
+    """Hyperband's brackets are sized by the epochs (1 to 9, reduction 3): every bracket has
+    a rung within them, so once the rungs have filled, a hopeless trial never completes. Sized
+    for 100 epochs, two brackets of five could stop nothing before epoch 27."""
+    raw = {k: v for k, v in TINY_STUDY.items() if k != "pruner"}
+    pruner = make_pruner(parse({**raw, "train": {**TINY_STUDY["train"], "epochs": 9}}))
+    assert isinstance(pruner, optuna.pruners.HyperbandPruner)
+    completed, stopped_at = _hopeless_trials_completed(pruner)
+    assert completed == 0 and stopped_at <= {1, 3, 9}, (completed, stopped_at)
+    oversized = optuna.pruners.HyperbandPruner(min_resource=1, max_resource=100,
+                                               reduction_factor=3)  # fmt: skip
+    assert _hopeless_trials_completed(oversized)[0] > 0, "the test tells the two apart"
+
+
+def test_random_sampler_is_selectable() -> None:
+    spec = parse({**TINY_STUDY, "sampler": {"type": "random", "seed": 3}})
+    assert isinstance(make_sampler(spec, 0), optuna.samplers.RandomSampler)
+
+
+def _diverged_picks(tell_the_sampler: bool) -> int:
+    """Of 50 TPE picks after 10 random ones, how many land where learning rates 'diverge'."""
+    spec = parse({**TINY_STUDY, "sampler": {"type": "tpe", "n_startup_trials": 10}})
+    study = optuna.create_study(direction="maximize", sampler=make_sampler(spec, 0))
+
+    def objective(trial: optuna.Trial) -> float:
+        lr = trial.suggest_float("lr", 1e-3, 1e3, log=True)
+        if lr > 1:
+            if tell_the_sampler:  # what a diverged trial's record is (records.RECORDS)
+                trial.set_constraint("diverged", 1.0)
+                raise optuna.TrialPruned()
+            raise FloatingPointError  # what a plain failed trial does
+        return 1 - abs(lr - 0.1)
+
+    study.optimize(objective, n_trials=60, catch=(FloatingPointError,))
+    return sum(t.params["lr"] > 1 for t in study.trials[10:])
+
+
+def test_tpe_steers_away_from_a_diverging_region() -> None:
+    """A diverged trial's record (PRUNED + violated constraint) against plain FAIL, which TPE
+    ignores, on a cheap objective where half the learning-rate range diverges."""
+    told, failed = _diverged_picks(True), _diverged_picks(False)
+    assert told <= 12, f"{told} of 50 picks diverged although the sampler was told"
+    assert failed >= 2 * told, (told, failed)
+
+
+def test_create_makes_the_study_once_and_hands_back_its_ids(stores) -> None:
+    spec = parse({**TINY_STUDY, "name": "created-once"})
+    first, again = create(spec, stores), create(spec, stores)
+    assert first.created and not again.created
+    assert again.runs == first.runs, "the same experiment and parent run"
+    parent = first.tracker.client.get_run(first.runs.parent_run_id)
+    assert parent.info.experiment_id == first.runs.experiment_id
+    assert parent.data.tags["tuner.role"] == "study"
+
+
+def test_open_study_needs_it_created(stores) -> None:
+    with pytest.raises(TunerError, match="no study 'nowhere'.*tuner study create"):
+        open_study(parse({**TINY_STUDY, "name": "nowhere"}), stores)
+
+
+def test_an_edited_study_file_is_noticed(stores) -> None:
+    spec = parse({**TINY_STUDY, "name": "edited"})
+    create(spec, stores)
+    assert not spec_changed(open_study(spec, stores), spec)
+    edited = parse({**TINY_STUDY, "name": "edited", "trials": 7})
+    assert spec_changed(open_study(edited, stores), edited)

@@ -1,0 +1,74 @@
+"""The text a person reads, from results built here."""
+
+from __future__ import annotations
+
+import optuna
+from optuna.trial import TrialState
+
+from tuner import report
+from tuner.bench import Packed, Row
+from tuner.ensemble import EnsembleReport, Member
+from tuner.records import Outcome
+from tuner.study.summary import Failure, RunSummary, Status
+
+
+def _trial(number: int, value: float) -> optuna.trial.FrozenTrial:
+    params = {"depth": "vgg16", "batch_norm": True, "dropout": 0.25, "optimizer": "sgd",
+              "lr_sgd": 0.05, "weight_decay": 5e-4, "augment": "crop_flip"}  # fmt: skip
+    trial = optuna.trial.create_trial(
+        params=params, distributions={k: optuna.distributions.CategoricalDistribution([v])
+                                      for k, v in params.items()},
+        value=value, state=TrialState.COMPLETE,
+    )  # fmt: skip
+    trial.number = number
+    return trial
+
+
+def test_a_run_summary_lists_failures_retries_and_the_best() -> None:
+    best = _trial(4, 0.8125)
+    summary = RunSummary(
+        ran={Outcome.PRUNED: 2, Outcome.COMPLETE: 3, Outcome.DIVERGED: 1}, seconds=12.34,
+        best=best,
+        failures=(Failure(2, Outcome.DIVERGED, "diverged"), Failure(5, Outcome.FAILED, "timeout")),
+        workers=("w0: finished", "w1: killed by SIGKILL"), retried={5: 6},
+    )  # fmt: skip
+    text = report.run_summary("vgg", summary)
+    assert "ran 3 complete, 1 diverged, 2 pruned in 12.3 s" in text
+    assert (
+        "  trial 2 diverged\n  trial 5 failed: timeout\n  trial 5 was retried as trial 6" in text
+    )
+    assert "workers: w0: finished; w1: killed by SIGKILL" in text
+    assert "best so far: trial 4, val_acc 0.8125" in text
+
+
+def test_status_prints_the_counts_it_was_given() -> None:
+    counts = {Outcome.COMPLETE: 3, Outcome.PRUNED: 7, Outcome.DIVERGED: 1, Outcome.FAILED: 2,
+              Outcome.RUNNING: 0, Outcome.WAITING: 0}  # fmt: skip
+    top = (_trial(0, 0.9), _trial(1, 0.5))
+    text = report.status("vgg", Status(counts, top, "p"), "sqlite:///x.db")
+    assert "complete: 3  pruned: 7  diverged: 1  failed: 2  running: 0  waiting: 0" in text
+    assert "best: trial 0, val_acc 0.9000" in text and "  lr            0.05" in text
+    assert "top 2:" in text and "     1    0.5000  vgg16  yes sgd" in text
+    empty = report.status("vgg", Status(counts, (), None), "sqlite:///x.db")
+    assert empty.endswith("no completed trials yet")
+
+
+def test_the_ensemble_report_shows_members_and_the_gain() -> None:
+    members = (Member(3, "run3", 0.61, 0.60), Member(1, "run1", 0.58, 0.62))
+    text = report.ensemble(EnsembleReport(5, members, 1000, 0.655, 1.2345, "ens"))
+    assert "ensemble of the top 2 on 1000 test images:" in text
+    assert "     3    0.6100    0.6000  run3" in text
+    assert "best member test accuracy 0.6200" in text
+    assert "gain over best member     +3.50 points" in text and "MLflow run ens" in text
+
+
+def test_the_bench_table_has_a_row_per_measurement() -> None:
+    rows = [Row("vgg16", "DataLoader+PIL fp32 b128", 7.378, 538.0, None, 1.2, None),
+            Row("vgg16", "tuner eager b512", 5.614, 638.4, 1.314, 0.3, 2.25)]  # fmt: skip
+    text = report.bench_table(rows, [Packed(1, 661.0, 1.0), Packed(2, 741.0, 1.121)])
+    lines = text.splitlines()
+    assert lines[1].split() == ["vgg16-bn", "DataLoader+PIL", "fp32", "b128", "7.378", "538",
+                                "1.2"]  # fmt: skip
+    assert lines[2].split() == ["vgg16-bn", "tuner", "eager", "b512", "5.614", "638", "1.31",
+                                "0.3", "2.25"]  # fmt: skip
+    assert lines[-1].split() == ["2", "741", "1.12"]

@@ -1,0 +1,163 @@
+"""The options several commands share, and parsing what the options say into typed values."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, get_args
+
+import click
+
+from tuner import devices
+from tuner.spec import Depth
+
+
+def store_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Where the study lives; every command takes the same three."""
+
+    @click.option(
+        "--mlruns",
+        type=click.Path(file_okay=False),
+        default=None,
+        help="Folder of the default stores [env TUNER_MLRUNS; default ./mlruns].",
+    )
+    @click.option(
+        "--storage",
+        default=None,
+        help="Optuna storage URL [env TUNER_STORAGE; default sqlite:///mlruns/optuna.db].",
+    )
+    @click.option(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI [env MLFLOW_TRACKING_URI; default sqlite:///mlruns/mlflow.db].",
+    )
+    @functools.wraps(command)
+    def wrapper(
+        *args: Any,
+        mlruns: str | None,
+        storage: str | None,
+        tracking_uri: str | None,
+        **kwargs: Any,
+    ) -> Any:
+        from tuner.stores import resolve
+
+        return command(*args, stores=resolve(mlruns, storage, tracking_uri), **kwargs)
+
+    return wrapper
+
+
+def data_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    @click.option(
+        "--data-dir",
+        type=click.Path(file_okay=False),
+        default=None,
+        help="CIFAR-10 folder (holding cifar-10-batches-py/) [env TUNER_DATA_DIR; "
+        "default ~/.cache/tuner/cifar10].",
+    )
+    @click.option(
+        "--device",
+        default="auto",
+        show_default=True,
+        help="auto (the GPU when there is one), cpu, cuda or cuda:N.",
+    )
+    @functools.wraps(command)
+    def wrapper(*args: Any, data_dir: str | None, device: str, **kwargs: Any) -> Any:
+        folder = Path(data_dir).expanduser() if data_dir else None
+        return command(*args, data_dir=folder, device=devices.pick(device), **kwargs)
+
+    return wrapper
+
+
+BENCH_OPTIONS = [
+    click.option(
+        "--depths",
+        default="vgg11,vgg13,vgg16,vgg19",
+        show_default=True,
+        help="VGG depths to measure (with batch norm).",
+    ),
+    click.option(
+        "--batch-size",
+        type=click.IntRange(min=1),
+        default=512,
+        show_default=True,
+        help="tuner's batch (the reference uses 128, as the usual recipe does).",
+    ),
+    click.option(
+        "--images",
+        type=click.IntRange(min=1),
+        default=50_000,
+        show_default=True,
+        help="Training images per epoch.",
+    ),
+    click.option(
+        "--width",
+        type=click.FloatRange(0, 4, min_open=True),
+        default=1.0,
+        show_default=True,
+        help="Channel multiplier (a tiny model for a CPU check).",
+    ),
+    click.option(
+        "--epochs",
+        type=click.IntRange(min=2),
+        default=3,
+        show_default=True,
+        help="Epochs per measurement; the first warms up (and compiles).",
+    ),
+    click.option(
+        "--loader-workers",
+        type=click.IntRange(min=0),
+        default=None,
+        help="DataLoader workers of the reference [default: min(16, CPUs)].",
+    ),
+    click.option(
+        "--packed",
+        default="1,2,3",
+        show_default=True,
+        help="Numbers of worker processes to pack onto the device ('' for none).",
+    ),
+    click.option("--packed-depth", default="vgg16", show_default=True),
+    click.option(
+        "--compile",
+        "compile_",
+        type=click.Choice(["auto", "on", "off"]),
+        default="auto",
+        show_default=True,
+        help="Measure the compiled path too (auto: on the GPU).",
+    ),
+    click.option(
+        "--data-dir",
+        type=click.Path(file_okay=False),
+        default=None,
+        help="CIFAR-10 folder; synthetic images of the same shape when absent.",
+    ),
+    click.option("--device", default="auto", show_default=True),
+]
+
+
+def bench_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """`tuner bench`'s options, in the order `--help` lists them."""
+    for option in reversed(BENCH_OPTIONS):
+        command = option(command)
+    return command
+
+
+def parse_depths(depths: str, packed_depth: str) -> tuple[tuple[Depth, ...], Depth]:
+    """`vgg11,vgg16` and the packed workers' depth, each one of the known VGG depths."""
+    known = get_args(Depth)
+    names = tuple(d.strip() for d in depths.split(",") if d.strip())
+    unknown = [d for d in (*names, packed_depth) if d not in known]
+    if unknown or not names:
+        raise click.BadParameter(f"known depths: {', '.join(known)}; got {unknown or depths!r}")
+    return names, packed_depth  # type: ignore[return-value]
+
+
+def parse_counts(packed: str) -> tuple[int, ...]:
+    """`1,2,3` → (1, 2, 3); '' → () (no packed measurement)."""
+    try:
+        counts = tuple(int(n) for n in packed.split(",") if n.strip())
+    except ValueError:
+        raise click.BadParameter(f"--packed takes counts such as 1,2,3, got {packed!r}") from None
+    if any(n < 1 for n in counts):
+        raise click.BadParameter(f"--packed takes counts of 1 or more, got {packed!r}")
+    return counts

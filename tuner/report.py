@@ -1,0 +1,137 @@
+"""Results into the text a person reads: the `cli` prints what these return, nothing more."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from tuner.records import RECORDS, Outcome
+
+if TYPE_CHECKING:
+    import torch
+
+    from tuner.bench import Packed, Row
+    from tuner.ensemble import EnsembleReport
+    from tuner.stores import Stores
+    from tuner.study.setup import Created
+    from tuner.study.summary import RunSummary, Status
+
+
+def created(name: str, result: Created, stores: Stores) -> str:
+    verb = "created" if result.created else "already exists:"
+    runs = result.runs
+    return "\n".join(
+        [
+            f"study {name!r} {verb}",
+            stores.describe(),
+            f"  MLflow experiment {runs.experiment_id}, parent run {runs.parent_run_id}",
+            f"next: tuner study run {name}",
+        ]
+    )
+
+
+def run_summary(name: str, summary: RunSummary) -> str:
+    ran = ", ".join(f"{n} {RECORDS[o].word}" for o, n in sorted(summary.ran.items()))
+    lines = [f"\nran {ran or 'no trials'} in {summary.seconds:.1f} s"]
+    for f in summary.failures:
+        lines.append(
+            f"  trial {f.number} diverged"
+            if f.outcome is Outcome.DIVERGED
+            else f"  trial {f.number} failed: {f.reason}"
+        )
+    lines += [
+        f"  trial {lost} was retried as trial {retry}"
+        for lost, retry in sorted(summary.retried.items())
+    ]
+    if summary.workers:
+        lines.append("workers: " + "; ".join(summary.workers))
+    if summary.best is not None:
+        lines.append(f"best so far: trial {summary.best.number}, val_acc {summary.best.value:.4f}")
+    lines.append(f"see: tuner study status {name}  |  tuner ui  |  tuner ensemble {name} --top 5")
+    return "\n".join(lines)
+
+
+def status(name: str, result: Status, where: str) -> str:
+    from tuner.space import decode
+
+    lines = [
+        f"study {name!r}  ({where})",
+        "  ".join(f"{RECORDS[o].word}: {n}" for o, n in result.counts.items()),
+    ]
+    if result.best is None:
+        return "\n".join([*lines, "no completed trials yet"])
+    lines.append(f"\nbest: trial {result.best.number}, val_acc {result.best.value:.4f}")
+    lines += [
+        f"  {key:<13} {value}" for key, value in decode(result.best.params).as_dict().items()
+    ]
+    lines.append(f"\ntop {len(result.top)}:")
+    lines.append(
+        f"{'trial':>6}  {'val_acc':>8}  {'depth':<6} {'bn':<3} {'optimizer':<9} "
+        f"{'lr':>9} {'wd':>8} {'dropout':>7}  augment"
+    )
+    for trial in result.top:
+        p = decode(trial.params)
+        bn = "yes" if p.batch_norm else "no"
+        lines.append(
+            f"{trial.number:>6}  {trial.value:>8.4f}  {p.depth:<6} {bn:<3} "
+            f"{p.optimizer:<9} {p.lr:>9.2e} {p.weight_decay:>8.1e} {p.dropout:>7.2f}  "
+            f"{p.augment}"
+        )
+    return "\n".join(lines)
+
+
+def ensemble(result: EnsembleReport) -> str:
+    from tuner.ensemble import member_table
+
+    return "\n".join(
+        [
+            f"\nensemble of the top {len(result.members)} on {result.test_images} test images:",
+            member_table(result.members),
+            f"\n{'ensemble test accuracy':<26}{result.accuracy:.4f}",
+            f"{'ensemble test log-loss':<26}{result.log_loss:.4f}",
+            f"{'best member test accuracy':<26}{result.best_member_accuracy:.4f}",
+            f"{'gain over best member':<26}{result.gain * 100:+.2f} points",
+            f"logged as MLflow run {result.run_id}",
+        ]
+    )
+
+
+def bench(
+    rows: list[Row],
+    packed: list[Packed],
+    device: torch.device,
+    source: str,
+    images: int,
+    width: float,
+) -> str:
+    from tuner.devices import describe
+
+    return "\n".join(
+        [
+            f"\n{describe(device)}; {images:,} images per epoch from {source}; width {width}",
+            bench_table(rows, packed),
+            "epoch s: median of the timed epochs (tuner's includes validating 256 images); "
+            "× ref: the reference's epoch time over this path's; warm-up s: first epoch minus a "
+            "timed one (compiling, caches)",
+        ]
+    )
+
+
+def bench_table(rows: list[Row], packed: list[Packed]) -> str:
+    lines = [
+        f"{'model':<9} {'path':<26} {'epoch s':>8} {'images/s':>10} {'× ref':>6} "
+        f"{'warm-up s':>9} {'peak GiB':>8}"
+    ]
+    for r in rows:
+        ratio = "" if r.ratio is None else f"{r.ratio:.2f}"
+        warmup = "" if r.warmup_seconds is None else f"{r.warmup_seconds:.1f}"
+        peak = "" if r.peak_gib is None else f"{r.peak_gib:.2f}"
+        lines.append(
+            f"{r.depth + '-bn':<9} {r.path:<26} {r.epoch_seconds:>8.3f} "
+            f"{r.images_per_second:>10,.0f} {ratio:>6} {warmup:>9} {peak:>8}"
+        )
+    if packed:
+        lines += ["", f"{'packed workers':<15} {'images/s (all)':>15} {'× one worker':>13}"]
+        lines += [
+            f"{p.workers:<15} {p.images_per_second:>15,.0f} {p.ratio:>13.2f}" for p in packed
+        ]
+    return "\n".join(lines)

@@ -1,0 +1,154 @@
+"""Sum a study up: trials by outcome, the best and the top trials, what one `study run` did,
+and the parent run's counts and plots."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from tuner.records import (
+    COUNTED,
+    PARENT_ATTR,
+    REASON_ATTR,
+    RUN_ID_ATTR,
+    SESSION_ATTR,
+    Outcome,
+    retry_origin,
+)
+from tuner.spec import StudySpec
+from tuner.stores import Stores
+from tuner.study.setup import open_study
+
+if TYPE_CHECKING:
+    from tuner.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+def counts(trials: Iterable[FrozenTrial]) -> dict[Outcome, int]:
+    """Trials by outcome, every counted outcome present (0 when none)."""
+    tally = Counter(Outcome.of(t) for t in trials)
+    return {outcome: tally.get(outcome, 0) for outcome in COUNTED}
+
+
+def ranked(
+    trials: Iterable[FrozenTrial], k: int | None = None, *, with_run: bool = False
+) -> list[FrozenTrial]:
+    """Completed trials, best first; a tie goes to the earlier trial. `with_run`: only those
+    whose MLflow run is known (a trial whose worker died before it had one is skipped)."""
+    complete = [
+        t
+        for t in trials
+        if t.state == TrialState.COMPLETE and (not with_run or RUN_ID_ATTR in t.user_attrs)
+    ]
+    return sorted(complete, key=lambda t: (-t.value, t.number))[:k]
+
+
+@dataclass(frozen=True)
+class Status:
+    counts: dict[Outcome, int]
+    top: tuple[FrozenTrial, ...]  # best first
+    parent_run_id: str | None
+
+    @property
+    def best(self) -> FrozenTrial | None:
+        return self.top[0] if self.top else None
+
+
+def study_status(spec: StudySpec, stores: Stores, top: int = 5) -> Status:
+    study = open_study(spec, stores)
+    trials = study.get_trials(deepcopy=False)
+    return Status(counts(trials), tuple(ranked(trials, top)), study.user_attrs.get(PARENT_ATTR))
+
+
+@dataclass(frozen=True)
+class Failure:
+    number: int
+    outcome: Outcome  # diverged or failed
+    reason: str
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What one `tuner study run` did."""
+
+    ran: dict[Outcome, int]  # this run's trials by outcome (only outcomes it had)
+    seconds: float
+    best: FrozenTrial | None  # of the whole study
+    failures: tuple[Failure, ...]
+    workers: tuple[str, ...] = ()  # how each worker process ended (several workers)
+    retried: dict[int, int] = field(default_factory=dict)  # lost trial → the trial retrying it
+
+    @property
+    def nothing_finished(self) -> bool:
+        """It ran trials, and every one failed or diverged."""
+        return bool(self.ran) and not {Outcome.COMPLETE, Outcome.PRUNED} & set(self.ran)
+
+
+def summarize(
+    study: optuna.Study, session: str, seconds: float, workers: Iterable[str] = ()
+) -> RunSummary:
+    trials = study.get_trials(deepcopy=False)
+    mine = [t for t in trials if t.user_attrs.get(SESSION_ATTR) == session]
+    retried = {}
+    for t in mine:
+        origin = retry_origin(t.user_attrs, t.system_attrs)
+        if origin is not None:
+            retried[origin] = t.number
+    failures = tuple(
+        Failure(t.number, Outcome.of(t), t.user_attrs.get(REASON_ATTR, "worker died"))
+        for t in mine
+        if Outcome.of(t) in (Outcome.FAILED, Outcome.DIVERGED)
+    )
+    best = ranked(trials, 1)
+    return RunSummary(
+        ran=dict(Counter(Outcome.of(t) for t in mine)),
+        seconds=seconds,
+        best=best[0] if best else None,
+        failures=failures,
+        workers=tuple(workers),
+        retried=retried,
+    )
+
+
+def update_parent(study: optuna.Study, tracker: Tracker, parent_run_id: str) -> None:
+    """Trial counts, the best value so far, and Optuna's history and importance plots."""
+    trials = study.get_trials(deepcopy=False)
+    best = ranked(trials, 1)
+    figures = plots(study)
+    try:
+        tracker.summarize_parent(parent_run_id, counts(trials), best[0] if best else None, figures)
+    finally:
+        import matplotlib.pyplot as plt
+
+        for figure in figures.values():
+            plt.close(figure)
+
+
+def plots(study: optuna.Study) -> dict[str, object]:
+    """Optuna's optimization history and (from two completed trials) parameter importances."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from optuna.visualization import matplotlib as ovm
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    figures: dict[str, object] = {}
+    if not complete:
+        return figures
+    figures["optimization_history"] = ovm.plot_optimization_history(study).figure
+    if len(complete) >= 2:
+        try:
+            with warnings.catch_warnings():  # PED-ANOVA warns on a handful of trials
+                warnings.simplefilter("ignore", UserWarning)
+                figures["param_importances"] = ovm.plot_param_importances(study).figure
+        except (ValueError, RuntimeError) as exc:  # too few distinct points to rank
+            log.debug("no importance plot yet: %s", exc)
+    return figures

@@ -1,0 +1,140 @@
+"""A worker: take trials from the run's budget until it is spent, one at a time. The loop asks
+Optuna for each trial and holds the signal discipline around it: SIGTERM and Ctrl-C wait while
+a trial is set up and while it is recorded, and act at once while it trains."""
+
+from __future__ import annotations
+
+import faulthandler
+import gc
+import logging
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import optuna
+from optuna.trial import TrialState
+
+from tuner import _optuna, console, interrupts
+from tuner.errors import TunerError
+from tuner.records import SESSION_ATTR, retried_numbers
+from tuner.spec import StudySpec
+from tuner.stores import Stores
+from tuner.study.setup import open_study
+
+if TYPE_CHECKING:
+    import torch
+
+    from tuner.objective import StudyContext
+    from tuner.tracking import StudyRuns
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One `tuner study run`'s trials and clock, shared by its workers."""
+
+    session: str  # the run's id, on each of its trials
+    trials: int  # trials this run may start; a trial lost and retried counts once
+    deadline: float | None  # time.time() after which no trial starts
+
+    def spent(self, study: optuna.Study) -> bool:
+        if self.deadline is not None and time.time() >= self.deadline:
+            return True
+        trials = study.get_trials(deepcopy=False)
+        retried = retried_numbers(trials)
+        mine = [
+            t
+            for t in trials
+            if t.user_attrs.get(SESSION_ATTR) == self.session
+            and t.state != TrialState.WAITING
+            and t.number not in retried
+        ]
+        return len(mine) >= self.trials
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """Everything a worker needs (picklable: it crosses a `spawn`)."""
+
+    name: str
+    spec: StudySpec
+    stores: Stores
+    runs: StudyRuns
+    data_dir: Path
+    device: torch.device
+    budget: Budget
+    claim: Any = None  # a multiprocessing lock: one worker at a time turns budget into a trial
+    threads: int | None = None  # CPU threads for torch; None: torch's default (all cores)
+    index: int = 0  # the worker's number in its run: seeds its own sampler
+
+
+def work(plan: WorkerPlan) -> None:
+    """The body of every worker: load the data once, then run trials until the budget is spent."""
+    import torch
+
+    from tuner.data import load_train_val
+    from tuner.objective import StudyContext
+    from tuner.tracking import Tracker
+
+    if plan.threads is not None:
+        torch.set_num_threads(plan.threads)
+    if plan.device.type == "cuda":
+        torch.cuda.set_device(plan.device)
+    tracker = Tracker(plan.stores)
+    study = open_study(plan.spec, plan.stores, plan.index)
+    log.info(f"loading CIFAR-10 from {plan.data_dir} onto {plan.device} …")
+    data = load_train_val(plan.data_dir, plan.spec.data, plan.spec.seed, plan.device)
+    log.info(
+        f"  {len(data.train)} training and {len(data.val)} validation images from {data.source}"
+    )
+    ctx = StudyContext(plan.spec, data, tracker, plan.runs)
+    # alone in its process, a worker has nobody to wait for: a lock of its own does
+    claim = plan.claim if plan.claim is not None else threading.Lock()
+    while run_one(study, ctx, plan.budget, claim):
+        if plan.device.type == "cpu":
+            gc.collect()  # as study.optimize(gc_after_trial=True): the CPU allocator keeps it
+
+
+def run_one(study: optuna.Study, ctx: StudyContext, budget: Budget, claim: Any) -> bool:
+    """Ask for a trial, train it, record it; False when the budget is spent."""
+    from tuner.objective import TrialRun
+
+    interrupts.defer()  # a signal waits while the trial is set up, and while it is recorded
+    try:
+        with claim:  # one worker at a time turns budget into a trial
+            if interrupts.pending() or budget.spent(study):
+                return False
+            _optuna.fail_stale(study)  # as study.optimize does before each trial
+            trial = _optuna.ask(study)
+            trial.set_user_attr(SESSION_ATTR, budget.session)
+        run = TrialRun(ctx, trial)
+        with _optuna.heartbeat(trial):
+            ending = run.attempt()  # signals act at once while it trains
+            run.finish(ending)
+    finally:
+        interrupts.resume()  # a signal that waited is raised here, between trials
+    if ending.stop is not None:  # the trial was stopped by Ctrl-C or SIGTERM: so is the worker
+        raise ending.stop
+    return True
+
+
+def main(plan: WorkerPlan) -> None:
+    """Entry point of a worker process: exit 0 when the budget is spent, 130/143 on a signal."""
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    console.show(prefix=f"[{plan.name}] ")
+    interrupts.install()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: where is it?
+    try:
+        work(plan)
+    except interrupts.Terminated:
+        sys.exit(143)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except TunerError as exc:
+        print(f"[{plan.name}] error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)

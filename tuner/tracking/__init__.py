@@ -1,0 +1,18 @@
+"""Every MLflow call of tuner: the runs (`runs`), the patient client (`client`), atomic and
+checksummed artifacts (`artifacts`), and what made each run (`provenance`)."""
+
+from tuner.tracking.artifacts import ARCHITECTURE, VAL_PREDICTIONS, WEIGHTS, sha256
+from tuner.tracking.client import check_reachable, check_tracking
+from tuner.tracking.runs import StudyRuns, Tracker, TrialOutputs
+
+__all__ = [
+    "ARCHITECTURE",
+    "VAL_PREDICTIONS",
+    "WEIGHTS",
+    "StudyRuns",
+    "Tracker",
+    "TrialOutputs",
+    "check_reachable",
+    "check_tracking",
+    "sha256",
+]

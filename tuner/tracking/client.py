@@ -1,0 +1,85 @@
+"""The MLflow client tuner writes through: it waits out a locked SQLite store, is never cut in
+half by a signal, and a tracking server that does not answer is an error at start."""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+from tuner import interrupts
+from tuner.errors import ConfigError
+from tuner.stores import Stores, prepare_tracking
+
+# mlflow configures its loggers from this variable (INFO by default) when imported: schema
+# migrations and progress bars are not news to a user; their own setting still wins.
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+from mlflow import MlflowClient  # noqa: E402
+
+LOCKED_RETRY_SECONDS = 120  # keep retrying a write to a locked SQLite store this long
+HEALTH_TIMEOUT_SECONDS = 5.0  # MLflow's own client retries for minutes before it gives up
+
+
+def _locked(exc: BaseException) -> bool:
+    return "database is locked" in str(exc)
+
+
+class PatientClient:
+    """An MlflowClient whose calls wait out a locked SQLite store (several workers write to
+    one file, and SQLite lets one writer in at a time; the driver gives up after 5 s), and
+    are not cut in half by Ctrl-C or SIGTERM."""
+
+    def __init__(self, tracking_uri: str) -> None:
+        self._client = MlflowClient(tracking_uri=tracking_uri)
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._client, name)
+        if not callable(method):
+            return method
+
+        @functools.wraps(method)
+        def patient(*args: Any, **kwargs: Any) -> Any:
+            deadline = time.monotonic() + LOCKED_RETRY_SECONDS
+            delay = 0.05  # seconds, doubled up to 2 s
+            while True:
+                try:
+                    with interrupts.shielded():  # never leave a SQLite write half done
+                        return method(*args, **kwargs)
+                except Exception as exc:
+                    if not _locked(exc) or time.monotonic() > deadline:
+                        raise
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+        return patient
+
+
+def check_reachable(uri: str, timeout: float = HEALTH_TIMEOUT_SECONDS) -> None:
+    """An http(s) tracking server answers `/health`, or a `ConfigError` says what to check."""
+    if urllib.parse.urlsplit(uri).scheme not in {"http", "https"}:
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            pass
+    except urllib.error.HTTPError as exc:
+        raise ConfigError(
+            f"the MLflow tracking server {uri} answered /health with HTTP {exc.code}; check "
+            "--tracking-uri or MLFLOW_TRACKING_URI"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot reach the MLflow tracking server {uri} ({exc}); check --tracking-uri or "
+            "MLFLOW_TRACKING_URI, and that the server is running"
+        ) from None
+
+
+def check_tracking(stores: Stores) -> None:
+    """The tracking store's folder can be made, or its server answers."""
+    prepare_tracking(stores)
+    check_reachable(stores.tracking_uri)

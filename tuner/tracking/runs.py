@@ -1,0 +1,285 @@
+"""A study's runs in MLflow: the parent run, one nested run per trial, the ensemble runs.
+
+Runs are written through the client with explicit ids, so nothing depends on a process-global
+"active run", and workers in many processes share one parent.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from mlflow.entities import Metric, Param, Run, RunTag
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from tuner.errors import ConfigError, TunerError
+from tuner.models import Architecture
+from tuner.records import (
+    BEST_TAG_PREFIX,
+    EPOCHS_TAG,
+    MEMBERS_TAG,
+    PRUNED_AT_TAG,
+    REASON_TAG,
+    RECORDS,
+    ROLE_TAG,
+    STATE_TAG,
+    STORAGE_TAG,
+    STUDY_TAG,
+    TRIAL_NUMBER_TAG,
+    WEIGHTS_SHA256_TAG,
+    Outcome,
+    Role,
+)
+from tuner.stores import Stores
+from tuner.tracking.artifacts import (
+    ARCHITECTURE,
+    VAL_PREDICTIONS,
+    WEIGHTS,
+    fetch_verified,
+    log_file,
+    sha256,
+)
+from tuner.tracking.client import PatientClient, check_tracking
+from tuner.tracking.provenance import provenance
+
+if TYPE_CHECKING:
+    from optuna.trial import FrozenTrial
+
+    from tuner.spec import StudySpec
+
+
+@dataclass(frozen=True)
+class StudyRuns:
+    """Where a study lives in MLflow; made once by `study create`, handed down to every trial."""
+
+    experiment_id: str
+    parent_run_id: str
+
+
+@dataclass(frozen=True)
+class TrialOutputs:
+    """What a completed trial leaves: its weights, how to rebuild the network, its predictions."""
+
+    state_dict: Mapping[str, torch.Tensor]
+    architecture: Architecture
+    val_probs: np.ndarray  # N×classes softmax on the validation split
+    val_labels: np.ndarray
+
+
+class Tracker:
+    """A study's view of the MLflow tracking store."""
+
+    def __init__(self, stores: Stores, *, checked: bool = False) -> None:
+        if not checked:  # by the caller, just before
+            check_tracking(stores)
+        self.stores = stores
+        self.client = PatientClient(stores.tracking_uri)
+
+    # -- experiment and parent run -------------------------------------------------------------
+
+    def experiment_id(self, name: str, *, create: bool) -> str:
+        try:
+            found = self.client.get_experiment_by_name(name)
+            if found is not None and found.lifecycle_stage == "deleted":
+                raise ConfigError(
+                    f"the MLflow experiment {name!r} was deleted; restore it with "
+                    f"`mlflow experiments restore --experiment-id {found.experiment_id}` "
+                    "or give the study another name"
+                )
+            if found is not None:
+                return found.experiment_id
+            if not create:
+                raise TunerError(f"no MLflow experiment {name!r} at {self.stores.tracking_uri}")
+            return self.client.create_experiment(name, artifact_location=self.stores.artifact_root)
+        except TunerError:
+            raise
+        except Exception as exc:
+            raise ConfigError(
+                f"cannot use the MLflow tracking store {self.stores.tracking_uri} ({exc}); "
+                "check --tracking-uri or MLFLOW_TRACKING_URI"
+            ) from None
+
+    def create_parent(self, experiment_id: str, spec: StudySpec, optuna_url: str) -> str:
+        """The study's run: the resolved study file, as parameters and as `spec.yaml`."""
+        tags = {ROLE_TAG: Role.STUDY, STORAGE_TAG: optuna_url, **provenance()}
+        run = self.client.create_run(experiment_id, tags=tags, run_name=spec.name)
+        run_id = run.info.run_id
+        resolved = spec.to_dict()
+        self.client.log_batch(
+            run_id, params=[Param(k, v) for k, v in flatten("", resolved).items()]
+        )
+        self.client.log_dict(run_id, resolved, "spec.yaml")
+        self.client.set_terminated(run_id, "FINISHED")
+        return run_id
+
+    def parent_running(self, run_id: str, running: bool) -> None:
+        """The parent shows RUNNING in the UI while a `tuner study run` works on it."""
+        if running:
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            self.client.set_terminated(run_id, "FINISHED")
+
+    def summarize_parent(
+        self,
+        run_id: str,
+        counts: Mapping[Outcome, int],
+        best: FrozenTrial | None,
+        figures: Mapping[str, Any],
+    ) -> None:
+        """Trial counts, the best value and its parameters, and Optuna's plots."""
+        finished = sum(counts.values())
+        metrics = [Metric(f"trials_{o}", n, now(), finished) for o, n in counts.items()]
+        tags = []
+        if best is not None:
+            metrics.append(Metric("best_val_acc", best.value, now(), finished))
+            tags = [RunTag(f"{BEST_TAG_PREFIX}trial", str(best.number))]
+            tags += [RunTag(f"{BEST_TAG_PREFIX}{k}", str(v)) for k, v in best.params.items()]
+        self.client.log_batch(run_id, metrics=metrics, tags=tags)
+        for name, figure in figures.items():
+            # Optuna's plots put long parameter names outside the axes: keep them in the picture
+            self.client.log_figure(
+                run_id, figure, f"plots/{name}.png", save_kwargs={"bbox_inches": "tight"}
+            )
+
+    # -- trial runs -----------------------------------------------------------------------------
+
+    def start_trial(
+        self,
+        runs: StudyRuns,
+        study_name: str,
+        number: int,
+        params: Mapping[str, Any],
+        settings: Mapping[str, Any],
+    ) -> str:
+        """A trial's run, nested under the parent: its parameters and the fixed settings."""
+        tags = {
+            MLFLOW_PARENT_RUN_ID: runs.parent_run_id,
+            ROLE_TAG: Role.TRIAL,
+            STUDY_TAG: study_name,
+            TRIAL_NUMBER_TAG: str(number),
+            **provenance(),
+        }
+        run = self.client.create_run(
+            runs.experiment_id, tags=tags, run_name=f"{study_name}-trial-{number:04d}"
+        )
+        run_id = run.info.run_id
+        logged = {**params, **flatten("", settings), "optuna_trial_number": number}
+        self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in logged.items()])
+        return run_id
+
+    def log_epoch(self, run_id: str, step: int, metrics: Mapping[str, float]) -> None:
+        stamp = now()
+        self.client.log_batch(
+            run_id, metrics=[Metric(k, v, stamp, step) for k, v in metrics.items()]
+        )
+
+    def save_trial_outputs(self, run_id: str, outputs: TrialOutputs) -> None:
+        """Weights as a plain `state_dict` (loads with weights_only=True), with its SHA-256
+        recorded on the run, the architecture, and the validation predictions."""
+        with tempfile.TemporaryDirectory() as tmp:
+            weights = Path(tmp) / Path(WEIGHTS).name
+            torch.save(dict(outputs.state_dict), weights)
+            self.client.set_tag(run_id, WEIGHTS_SHA256_TAG, sha256(weights))
+            log_file(self.client, run_id, weights, WEIGHTS)
+            predictions = Path(tmp) / Path(VAL_PREDICTIONS).name
+            np.savez_compressed(
+                predictions, probs=outputs.val_probs.astype(np.float32), labels=outputs.val_labels
+            )
+            log_file(self.client, run_id, predictions, VAL_PREDICTIONS)
+        self.client.log_dict(run_id, outputs.architecture.to_dict(), ARCHITECTURE)
+
+    def end_trial(
+        self,
+        run_id: str,
+        outcome: Outcome,
+        *,
+        value: float | None = None,
+        reason: str | None = None,
+        epochs: int | None = None,
+        details: str | None = None,
+    ) -> None:
+        """Close a trial's run with the status its outcome maps to (`records.RECORDS`)."""
+        tags = [RunTag(STATE_TAG, RECORDS[outcome].word)]
+        if reason:
+            tags.append(RunTag(REASON_TAG, reason))
+        if epochs is not None:
+            tags.append(
+                RunTag(PRUNED_AT_TAG if outcome is Outcome.PRUNED else EPOCHS_TAG, str(epochs))
+            )
+        metrics = [Metric("final_val_acc", value, now(), 0)] if value is not None else []
+        self.client.log_batch(run_id, metrics=metrics, tags=tags)
+        if details:
+            self.client.log_text(run_id, details, "error.txt")
+        self.client.set_terminated(run_id, RECORDS[outcome].mlflow)
+
+    def running_trial_runs(self, experiment_id: str) -> list[Run]:
+        """Trial runs still marked RUNNING (live, or orphaned by a worker that died)."""
+        return self.client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{ROLE_TAG}` = '{Role.TRIAL}' and attributes.status = 'RUNNING'",
+            max_results=10_000,
+        )
+
+    # -- ensembles ------------------------------------------------------------------------------
+
+    def fetch_trial_weights(
+        self, run_id: str, trial_number: int, into: Path
+    ) -> tuple[Architecture, Path]:
+        """A trial's architecture and its weights file, checked against the recorded SHA-256."""
+        folder = into / run_id
+        arch_file = Path(self.client.download_artifacts(run_id, ARCHITECTURE, str(folder)))
+        arch = Architecture.from_dict(json.loads(arch_file.read_text()))
+        expected = self.client.get_run(run_id).data.tags.get(WEIGHTS_SHA256_TAG)
+        what = f"the weights of trial {trial_number}"
+        return arch, fetch_verified(self.client, run_id, WEIGHTS, expected, what, folder)
+
+    def log_ensemble(
+        self,
+        runs: StudyRuns,
+        member_run_ids: list[str],
+        params: Mapping[str, Any],
+        metrics: Mapping[str, float],
+        member_table: str,
+        figure: Any,
+    ) -> str:
+        tags = {
+            MLFLOW_PARENT_RUN_ID: runs.parent_run_id,
+            ROLE_TAG: Role.ENSEMBLE,
+            MEMBERS_TAG: ",".join(member_run_ids),
+            **provenance(),
+        }
+        run = self.client.create_run(
+            runs.experiment_id, tags=tags, run_name=f"ensemble-top{len(member_run_ids)}"
+        )
+        run_id = run.info.run_id
+        self.client.log_batch(
+            run_id,
+            metrics=[Metric(k, float(v), now(), 0) for k, v in metrics.items()],
+            params=[Param(k, str(v)) for k, v in params.items()],
+        )
+        self.client.log_text(run_id, member_table, "members.txt")
+        self.client.log_figure(run_id, figure, "confusion_matrix.png")
+        self.client.set_terminated(run_id, "FINISHED")
+        return run_id
+
+
+def flatten(prefix: str, value: Any) -> dict[str, str]:
+    """Nested settings → dotted MLflow parameter names (`train.epochs`)."""
+    if isinstance(value, Mapping):
+        out: dict[str, str] = {}
+        for key, sub in value.items():
+            out.update(flatten(f"{prefix}.{key}" if prefix else str(key), sub))
+        return out
+    return {prefix: str(value)}
+
+
+def now() -> int:
+    """MLflow's timestamps: milliseconds since the epoch."""
+    return int(time.time() * 1000)
