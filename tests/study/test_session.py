@@ -43,3 +43,15 @@ def test_gpus_get_their_jobs_each(tmp_path) -> None:
     plans = _plans(RunRequest(devices=gpus, jobs_per_device=2, data_dir=tmp_path))
     assert [p.name for p in plans] == ["cuda:0#0", "cuda:0#1", "cuda:1#0", "cuda:1#1"]
     assert [p.device for p in plans] == [gpus[0], gpus[0], gpus[1], gpus[1]]
+
+
+@pytest.mark.parametrize(
+    ("devices", "jobs", "expected"),
+    [(("cpu",), 1, "cpu"), (("cpu",), 2, "cpu (2 workers)"),
+     (("cuda:0", "cuda:1"), 3, "cuda:0, cuda:1 (3 workers each)")],
+)  # fmt: skip
+def test_the_start_line_says_where_the_workers_run(devices, jobs: int, expected: str) -> None:
+    from tuner.study.session import _where
+
+    request = RunRequest(devices=tuple(torch.device(d) for d in devices), jobs_per_device=jobs)
+    assert _where(request) == expected

@@ -116,6 +116,7 @@ def worker_plans(
 
 def _where(request: RunRequest) -> str:
     where = ", ".join(str(d) for d in request.devices)
-    if request.jobs_per_device == 1 and len(request.devices) == 1:
+    jobs = request.jobs_per_device
+    if jobs == 1:
         return where
-    return f"{where} ({request.jobs_per_device} workers each)"
+    return f"{where} ({jobs} workers{' each' if len(request.devices) > 1 else ''})"
