@@ -82,6 +82,23 @@ def test_a_time_limit_cuts_a_blocking_call_short(handlers: None) -> None:
     assert not hung, "the watchdog stays quiet when the limit worked"
 
 
+def test_a_time_limit_never_cuts_an_import_in_half(
+    handlers: None, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seen: the limit landed in torch._dynamo's first import, and every later trial of the
+    worker failed on the half-initialised module."""
+    (tmp_path / "slow_to_import.py").write_text("import time\ntime.sleep(0.6)\nVALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "slow_to_import", raising=False)
+    imported = []
+    with pytest.raises(interrupts.TrialTimeout), interrupts.time_limit(0.2, lambda: None):
+        import slow_to_import  # the limit falls in here
+
+        imported.append(slow_to_import.VALUE)
+        time.sleep(30)  # and is raised here
+    assert imported == [1] and sys.modules["slow_to_import"].VALUE == 1
+
+
 def test_no_limit_is_no_limit(handlers: None) -> None:
     with interrupts.time_limit(None, lambda: None):
         pass

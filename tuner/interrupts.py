@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 
 EXIT_HUNG = 124  # a worker whose trial would not stop after its time limit (as `timeout`)
+IMPORT_RETRY_SECONDS = 0.05  # a time limit that falls inside an import waits this long, again
 
 
 class Terminated(KeyboardInterrupt):
@@ -56,7 +57,22 @@ def _on_sigint(signum: int, frame: FrameType | None) -> None:
     _raise(KeyboardInterrupt("interrupted (Ctrl-C)"))
 
 
+def _importing(frame: FrameType | None) -> bool:
+    """The main thread is inside Python's import machinery."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib._bootstrap"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _on_alarm(signum: int, frame: FrameType | None) -> None:
+    # An import cut in half leaves a half-initialised module behind, and every later trial of
+    # the worker fails on it (seen: the first trial's limit landing in torch._dynamo's first
+    # import): try again just after. An import that never ends is the watchdog's.
+    if _importing(frame):
+        signal.setitimer(signal.ITIMER_REAL, IMPORT_RETRY_SECONDS)
+        return
     _raise(TrialTimeout())
 
 
