@@ -63,6 +63,7 @@ class Ending:
     outcome: Outcome
     reason: str | None = None  # why it did not complete (Optuna attribute, MLflow tag)
     details: str | None = None  # the longer story (a traceback), kept as the run's error.txt
+    summary: str | None = None  # one line that says more than `reason` (MLflow tag, console)
     result: TrainResult | None = None  # COMPLETE: the trained network and its predictions
     retry: bool = False  # queue the same point again at half the batch (out of memory)
     stop: BaseException | None = None  # Ctrl-C or SIGTERM: raised again once recorded
@@ -73,7 +74,7 @@ def _pruned(run: TrialRun, exc: BaseException) -> Ending:
 
 
 def _diverged(run: TrialRun, exc: BaseException) -> Ending:
-    return Ending(Outcome.DIVERGED, DIVERGED, f"{DIVERGED}: {exc}")
+    return Ending(Outcome.DIVERGED, DIVERGED, summary=f"{DIVERGED}: {exc}")
 
 
 def _timed_out(run: TrialRun, exc: BaseException) -> Ending:
@@ -201,14 +202,14 @@ class TrialRun:
         if outcome is Outcome.DIVERGED:
             trial.set_constraint(DIVERGED, 1.0)  # violated: the sampler avoids this region
         if self.run_id is not None:
-            tag_reason = ending.details if outcome is Outcome.DIVERGED else ending.reason
+            tag = ending.summary or ending.reason
             self.ctx.tracker.end_trial(
                 self.run_id,
                 outcome,
                 value=value,
                 epochs=self.epochs,
-                reason=tag_reason and tag_reason[:REASON_CHARS],
-                details=None if outcome is Outcome.DIVERGED else ending.details,
+                reason=tag and tag[:REASON_CHARS],
+                details=ending.details,
             )
         retried = self._retry_smaller() if ending.retry else ""
         trial.study.tell(trial, value, state=RECORDS[outcome].optuna)
@@ -261,7 +262,7 @@ def _console(ending: Ending, value: float | None, epochs: int) -> str:
     if ending.outcome is Outcome.PRUNED:
         return f"{word} after epoch {epochs}"
     if ending.outcome is Outcome.DIVERGED:
-        return f"{ending.details}; the sampler is told to avoid this region"
+        return f"{ending.summary}; the sampler is told to avoid this region"
     return f"{word}: {ending.reason}"
 
 
