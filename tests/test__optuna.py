@@ -29,7 +29,7 @@ def test_ask_is_quiet_and_heartbeat_marks_the_trial_alive(tmp_path: Path) -> Non
         trial = _optuna.ask(study)
     with _optuna.heartbeat(trial):
         pass
-    assert _optuna.fail_stale(study) == [], "a fresh heartbeat is not stale"
+    assert _optuna.failed_stale(study) == [], "a fresh heartbeat is not stale"
     assert _optuna.frozen(trial).state == TrialState.RUNNING
 
 
@@ -40,7 +40,7 @@ def test_a_trial_whose_heartbeat_stopped_is_failed_and_queued_again(tmp_path: Pa
     with _optuna.heartbeat(trial):
         pass  # the worker dies: no more heartbeats
     stale: list[int] = []
-    wait_until(lambda: bool(stale.extend(_optuna.fail_stale(study)) or stale), "a stale trial")
+    wait_until(lambda: bool(stale.extend(_optuna.failed_stale(study)) or stale), "a stale trial")
     assert stale == [trial.number]
     trials = study.get_trials()
     assert trials[0].state == TrialState.FAIL

@@ -40,14 +40,19 @@ def heartbeat(trial: optuna.Trial) -> Iterator[None]:
         yield
 
 
-def fail_stale(study: optuna.Study) -> list[int]:
-    """Fail the trials whose heartbeat went stale and queue them again (the storage's callback);
-    their numbers. The function is public but experimental (it warns at every call), and says
-    nothing of what it failed: the trials running before are read again, one by one."""
-    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+def fail_stale(study: optuna.Study) -> None:
+    """Fail the trials whose heartbeat went stale and queue them again (the storage's callback),
+    as `study.optimize` does before each trial. Public but experimental: it warns every call."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+
+
+def failed_stale(study: optuna.Study) -> list[int]:
+    """`fail_stale`, and the numbers of the trials it failed (Optuna says nothing of them: the
+    trials running before are read again, one by one)."""
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    fail_stale(study)
     storage = study._storage
     return [t.number for t in running if storage.get_trial(t._trial_id).state == TrialState.FAIL]
 

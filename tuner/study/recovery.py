@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 def recover_stale(study: optuna.Study, tracker: Tracker, runs: StudyRuns) -> None:
     """Trials whose heartbeat stopped are failed and queued again (Optuna's callback), and
     MLflow runs left RUNNING by dead workers are closed as KILLED."""
-    for number in _optuna.fail_stale(study):
+    for number in _optuna.failed_stale(study):
         log.info(
             f"[trial {number}] its worker stopped sending heartbeats; failed and queued again"
         )
