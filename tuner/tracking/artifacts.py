@@ -58,15 +58,15 @@ def fetch_verified(
 ) -> Path:
     """Download an artifact and check it against the SHA-256 recorded when it was written;
     `what` names it in the error ("the weights of trial 3")."""
-    where = location(client, run_id, artifact_path)
     try:
         path = Path(client.download_artifacts(run_id, artifact_path, str(into)))
     except Exception as exc:
+        where = location(client, run_id, artifact_path)
         raise DataError(f"{where}: {what} cannot be read ({exc})") from None
     if expected is not None and sha256(path) != expected:
         raise DataError(
-            f"{where}: {what} (MLflow run {run_id}) do not match the checksum recorded when "
-            "they were written: the file was changed or damaged. Not loading it; restore the "
-            "file or ensemble fewer trials."
+            f"{location(client, run_id, artifact_path)}: {what} (MLflow run {run_id}) do not "
+            "match the checksum recorded when they were written: the file was changed or "
+            "damaged. Not loading it; restore the file or ensemble fewer trials."
         )
     return path
