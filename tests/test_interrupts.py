@@ -12,12 +12,7 @@ import pytest
 from tuner import interrupts
 
 
-@pytest.fixture
-def handlers(signal_handlers: None) -> None:
-    """tuner's handlers installed (see conftest)."""
-
-
-def test_sigterm_and_ctrl_c_raise_with_their_reason(handlers: None) -> None:
+def test_sigterm_and_ctrl_c_raise_with_their_reason(signal_handlers: None) -> None:
     with pytest.raises(interrupts.Terminated) as info:
         signal.raise_signal(signal.SIGTERM)
     assert interrupts.reason(info.value) == "terminated"
@@ -27,14 +22,14 @@ def test_sigterm_and_ctrl_c_raise_with_their_reason(handlers: None) -> None:
     assert interrupts.reason(info.value) == "interrupted"
 
 
-def test_after_a_stop_later_signals_do_not_break_the_clean_up(handlers: None) -> None:
+def test_after_a_stop_later_signals_do_not_break_the_clean_up(signal_handlers: None) -> None:
     with pytest.raises(interrupts.Terminated):
         signal.raise_signal(signal.SIGTERM)
     signal.raise_signal(signal.SIGINT)  # a second Ctrl-C while the trial is being recorded
     assert not interrupts.pending()
 
 
-def test_a_deferred_signal_waits_for_resume(handlers: None) -> None:
+def test_a_deferred_signal_waits_for_resume(signal_handlers: None) -> None:
     interrupts.defer()
     signal.raise_signal(signal.SIGTERM)
     assert interrupts.pending(), "recorded, not raised"
@@ -43,7 +38,7 @@ def test_a_deferred_signal_waits_for_resume(handlers: None) -> None:
 
 
 def test_inside_live_a_signal_acts_at_once_and_one_that_waited_is_raised_on_entry(
-    handlers: None,
+    signal_handlers: None,
 ) -> None:
     interrupts.defer()
     signal.raise_signal(signal.SIGINT)  # while the trial was being set up
@@ -57,7 +52,7 @@ def test_inside_live_a_signal_acts_at_once_and_one_that_waited_is_raised_on_entr
     interrupts.resume()
 
 
-def test_live_restores_deferral_for_the_recording(handlers: None) -> None:
+def test_live_restores_deferral_for_the_recording(signal_handlers: None) -> None:
     interrupts.defer()
     with interrupts.live():
         pass
@@ -67,7 +62,7 @@ def test_live_restores_deferral_for_the_recording(handlers: None) -> None:
         interrupts.resume()
 
 
-def test_a_shielded_write_finishes_before_the_signal(handlers: None) -> None:
+def test_a_shielded_write_finishes_before_the_signal(signal_handlers: None) -> None:
     steps = []
     with pytest.raises(interrupts.Terminated), interrupts.shielded():
         signal.raise_signal(signal.SIGTERM)
@@ -75,7 +70,7 @@ def test_a_shielded_write_finishes_before_the_signal(handlers: None) -> None:
     assert steps == ["the write finished"]
 
 
-def test_a_time_limit_cuts_a_blocking_call_short(handlers: None) -> None:
+def test_a_time_limit_cuts_a_blocking_call_short(signal_handlers: None) -> None:
     hung = []
     with pytest.raises(interrupts.TrialTimeout), interrupts.time_limit(0.2, hung.append):
         time.sleep(30)
@@ -83,7 +78,7 @@ def test_a_time_limit_cuts_a_blocking_call_short(handlers: None) -> None:
 
 
 def test_a_time_limit_never_cuts_an_import_in_half(
-    handlers: None, tmp_path, monkeypatch: pytest.MonkeyPatch
+    signal_handlers: None, tmp_path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Seen: the limit landed in torch._dynamo's first import, and every later trial of the
     worker failed on the half-initialised module."""
@@ -99,7 +94,7 @@ def test_a_time_limit_never_cuts_an_import_in_half(
     assert imported == [1] and sys.modules["slow_to_import"].VALUE == 1
 
 
-def test_no_limit_is_no_limit(handlers: None) -> None:
+def test_no_limit_is_no_limit(signal_handlers: None) -> None:
     with interrupts.time_limit(None, lambda: None):
         pass
 
