@@ -19,6 +19,7 @@ from tuner.records import (
     REASON_ATTR,
     RUN_ID_ATTR,
     SESSION_ATTR,
+    WORKER_DIED,
     Outcome,
     retry_origin,
 )
@@ -102,14 +103,15 @@ def summarize(
         origin = retry_origin(t.user_attrs, t.system_attrs)
         if origin is not None:
             retried[origin] = t.number
+    outcomes = {t.number: Outcome.of(t) for t in mine}
     failures = tuple(
-        Failure(t.number, Outcome.of(t), t.user_attrs.get(REASON_ATTR, "worker died"))
+        Failure(t.number, outcomes[t.number], t.user_attrs.get(REASON_ATTR, WORKER_DIED))
         for t in mine
-        if Outcome.of(t) in (Outcome.FAILED, Outcome.DIVERGED)
+        if outcomes[t.number] in (Outcome.FAILED, Outcome.DIVERGED)
     )
     best = ranked(trials, 1)
     return RunSummary(
-        ran=dict(Counter(Outcome.of(t) for t in mine)),
+        ran=dict(Counter(outcomes.values())),
         seconds=seconds,
         best=best[0] if best else None,
         failures=failures,
