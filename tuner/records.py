@@ -108,6 +108,9 @@ TRIAL_NUMBER_TAG = "optuna.trial_number"
 STUDY_TAG = "optuna.study"
 STORAGE_TAG = "optuna.storage"
 BEST_TAG_PREFIX = "best."  # the parent's best trial and its parameters
+VERSION_TAG = "tuner.version"  # provenance, on every run
+TORCH_VERSION_TAG = "torch.version"
+GIT_COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own tag: the UI links it
 
 
 class Role(enum.StrEnum):

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tuner.records import GIT_COMMIT_TAG
 from tuner.tracking import provenance as module
 
 
@@ -35,7 +36,7 @@ def test_the_git_commit_is_the_checkout_that_ran(
     git("add", ".")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "a study")
     monkeypatch.chdir(tmp_path)
-    assert module.provenance()[module.GIT_COMMIT_TAG] == git("rev-parse", "HEAD")
+    assert module.provenance()[GIT_COMMIT_TAG] == git("rev-parse", "HEAD")
 
 
 def test_outside_a_checkout_no_commit_is_claimed(
@@ -43,4 +44,4 @@ def test_outside_a_checkout_no_commit_is_claimed(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
-    assert module.GIT_COMMIT_TAG not in module.provenance()
+    assert GIT_COMMIT_TAG not in module.provenance()

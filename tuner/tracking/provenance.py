@@ -6,8 +6,7 @@ import functools
 import subprocess
 
 from tuner import __version__
-
-GIT_COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own tag: the UI links it
+from tuner.records import GIT_COMMIT_TAG, TORCH_VERSION_TAG, VERSION_TAG
 
 
 def git_commit() -> str | None:
@@ -26,7 +25,7 @@ def provenance() -> dict[str, str]:
     """Tags for every run (computed once per process)."""
     import torch
 
-    tags = {"tuner.version": __version__, "torch.version": torch.__version__}
+    tags = {VERSION_TAG: __version__, TORCH_VERSION_TAG: torch.__version__}
     commit = git_commit()
     if commit:
         tags[GIT_COMMIT_TAG] = commit
