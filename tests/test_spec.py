@@ -135,3 +135,38 @@ def test_resolved_spec_has_defaults_filled_in() -> None:
     resolved = spec.parse(TINY_STUDY).to_dict()
     assert resolved["train"]["schedule"] == "onecycle"
     assert resolved["pruner"]["type"] == "median"
+
+
+STRANGE = {
+    "deeply nested": ("seed: " + "[" * 5000 + "]" * 5000, "nested more than 32 levels"),
+    "deeply nested mapping": ("seed: " + "{a: " * 400 + "1" + "}" * 400, "nested more than"),
+    "alias bomb": (
+        "x: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\n"
+        + "".join(f"x{i}: &a{i} [{', '.join(['*a' if i == 0 else f'*a{i - 1}'] * 9)}]\n"
+                  for i in range(30)),  # fmt: skip
+        "more than 200 aliases",
+    ),
+    "very long name": ("name: " + "n" * 5000, "at most 64 characters"),
+    "binary file": ("\x00\x01\x02" * 100, "not valid YAML"),
+}
+
+
+@pytest.mark.parametrize("case", STRANGE, ids=list(STRANGE))
+def test_strange_input_is_refused_with_one_line(tmp_path: Path, case: str) -> None:
+    text, phrase = STRANGE[case]
+    path = tmp_path / "strange.yaml"
+    base = {k: v for k, v in TINY_STUDY.items() if k != "name"}
+    path.write_text(yaml.safe_dump({"name": "s", **base}) + text + "\n")
+    with pytest.raises(SpecError) as info:
+        spec.load(str(path))
+    message = str(info.value)
+    assert str(path) in message and phrase in message
+    assert len(message) < 400, "one line, not the input echoed back"
+
+
+def test_a_huge_file_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "huge.yaml"
+    with path.open("w") as f:
+        f.write("# " + "x" * (2 << 20) + "\n")
+    with pytest.raises(SpecError, match=r"huge.yaml: 2,097,155 bytes is not a study file"):
+        spec.load(str(path))

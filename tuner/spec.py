@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, mode
 
 from tuner.errors import SpecError
 
+NAME_CHARS = 64  # longest study name
+
 Depth = Literal["vgg11", "vgg13", "vgg16", "vgg19"]
 Optimizer = Literal["sgd", "nesterov", "adam", "adamw"]
 Augment = Literal["none", "flip", "crop_flip", "crop_flip_cutout"]
@@ -139,7 +141,10 @@ PrunerSpec = Annotated[
 class StudySpec(_Frozen):
     """A whole study: what is searched, how each trial trains, how the search runs."""
 
-    name: Annotated[str, Strict(), Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    # a study name becomes an MLflow experiment and run names: short, and safe in a URL
+    name: Annotated[
+        str, Strict(), Field(max_length=NAME_CHARS, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    ]
     seed: Int = 0
     trials: PosInt = 20  # trials per `tuner study run` unless --trials says otherwise
     space: SpaceSpec
@@ -157,6 +162,12 @@ class StudySpec(_Frozen):
         """What every trial runs with besides its drawn point (logged with each trial's run)."""
         return self.model_dump(mode="json", include={"train", "data", "limits", "seed"})
 
+
+# Study files are a few hundred lines: anything far bigger or deeper is a mistake or an attack,
+# and is refused before it can exhaust memory or Python's recursion limit.
+MAX_FILE_BYTES = 1 << 20
+MAX_DEPTH = 32  # nesting levels of mappings and lists
+MAX_ALIASES = 200  # uses of YAML anchors (`*name`): a few are handy, thousands are a bomb
 
 # YAML 1.1 reads these as something other than what was typed; they are errors, not guesses.
 _OCTAL_LOOKING = re.compile(r"^[-+]?0[0-9_]+$")
@@ -176,6 +187,25 @@ class _StrictLoader(yaml.SafeLoader):
                 node.start_mark,
             )
         return super().construct_yaml_int(node)
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node:
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _TooBig(f"nested more than {MAX_DEPTH} levels deep", self.peek_event())
+            if self.check_event(yaml.AliasEvent):
+                self._aliases = getattr(self, "_aliases", 0) + 1
+                if self._aliases > MAX_ALIASES:
+                    raise _TooBig(f"more than {MAX_ALIASES} aliases (*name)", self.peek_event())
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+class _TooBig(yaml.YAMLError):
+    def __init__(self, problem: str, event: yaml.Event) -> None:
+        super().__init__(problem)
+        self.problem, self.problem_mark = problem, event.start_mark
 
 
 _StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
@@ -198,11 +228,19 @@ def resolve_path(name_or_path: str, studies_dir: Path = Path("studies")) -> Path
 def load(name_or_path: str, studies_dir: Path = Path("studies")) -> StudySpec:
     """Read and validate a study file; each problem is a `SpecError` naming file and key."""
     path = resolve_path(name_or_path, studies_dir)
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise SpecError(
+            f"{path}: {size:,} bytes is not a study file (at most {MAX_FILE_BYTES:,}); "
+            "check the path"
+        )
     try:
         with path.open() as stream:  # a stream, so YAML's marks name the file
             raw = yaml.load(stream, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         raise SpecError(_yaml_error(path, exc)) from None
+    except RecursionError:  # a backstop: MAX_DEPTH stops the composer long before
+        raise SpecError(f"{path}: not valid YAML: nested too deeply") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: the file must hold a mapping of keys, got {type(raw).__name__}")
     return parse(raw, source=str(path))
@@ -244,8 +282,16 @@ def _describe(err: Any, source: str) -> str:
     else:
         message = err["msg"].removeprefix("Value error, ")
         if not isinstance(value, dict | list):
-            message += f", got {value!r}"
+            message += f", got {_short(value)}"
     return f"{source}: {key}: {message}{_hint(kind, value)}"
+
+
+def _short(value: Any, chars: int = 60) -> str:
+    """A value for a message: its repr, cut in the middle when long."""
+    text = repr(value)
+    if len(text) <= chars:
+        return text
+    return f"{text[: chars // 2]}…{text[-chars // 4 :]} ({len(str(value)):,} characters)"
 
 
 def _hint(kind: str, value: Any) -> str:
