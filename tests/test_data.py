@@ -160,3 +160,86 @@ def test_a_whole_epoch_is_augmented_in_chunks(monkeypatch: pytest.MonkeyPatch) -
     out = data.augment(x, "crop_flip_cutout", padding=4, cutout=8,
                        generator=torch.Generator().manual_seed(0))  # fmt: skip
     assert out.shape == x.shape and not torch.equal(out, x)
+
+
+def _bad_folder(tmp_path: Path, damage: str) -> Path:
+    """The fake release, then one batch file damaged as `damage` says."""
+    from .conftest import write_batch, write_fake_cifar
+
+    root = write_fake_cifar(tmp_path / "bad")
+    folder = root / data.FOLDER
+    rng = np.random.default_rng(1)
+    labels = np.arange(150) % 10
+    images = rng.integers(0, 256, size=(150, 3, 32, 32)).astype(np.uint8)
+    target = folder / "data_batch_2"
+    if damage == "float pixels in [0, 1]":
+        write_batch(target, images.astype(np.float32) / 255, labels)
+    elif damage == "float labels":
+        write_batch(target, images, labels.astype(np.float64) + 0.5)
+    elif damage == "label 10":
+        write_batch(target, images, np.where(labels == 3, 10, labels))
+    elif damage == "empty batch":
+        with target.open("wb") as f:
+            pickle.dump({b"data": np.zeros((0, 3072), np.uint8), b"labels": []}, f)
+    elif damage == "fewer labels than images":
+        write_batch(target, images, labels[:-1])
+    elif damage == "wrong image size":
+        batch = {b"data": rng.integers(0, 256, size=(150, 3 * 28 * 28)).astype(np.uint8),
+                 b"labels": labels.tolist()}  # fmt: skip
+        with target.open("wb") as f:
+            pickle.dump(batch, f)
+    elif damage == "a class with one image":
+        for name in ("data_batch_1", "data_batch_2"):
+            kept = np.where(labels == 7, 8, labels)
+            write_batch(folder / name, images, kept)
+        write_batch(target, images[:1], np.array([7]))
+    return root
+
+
+BAD_DATA = {  # damage → the check the one-line message names
+    "float pixels in [0, 1]": ("data_batch_2", "pixels are float32 in [0, 1], expected uint8"),
+    "float labels": ("data_batch_2", "labels are float64, expected integers 0..9"),
+    "label 10": ("data_batch_2", "label 10 (image 3) is outside 0..9; 15 such labels"),
+    "empty batch": ("data_batch_2", "holds no images"),
+    "fewer labels than images": ("data_batch_2", "150 images but 149 labels"),
+    "wrong image size": ("data_batch_2", "data has shape (150, 2352), expected N×3072"),
+    "a class with one image": ("cifar-10-batches-py", "hold 1 image(s) of class 7"),
+}
+
+
+@pytest.mark.parametrize("damage", BAD_DATA, ids=list(BAD_DATA))
+def test_bad_data_is_one_line_naming_the_file_and_the_check(tmp_path: Path, damage: str) -> None:
+    root = _bad_folder(tmp_path, damage)
+    name, check = BAD_DATA[damage]
+    with pytest.raises(DataError) as info:
+        data.load_train_val(root, DataSpec(val_size=50), 0, torch.device("cpu"))
+    message = str(info.value)
+    assert "\n" not in message
+    assert name in message and check in message
+
+
+def test_only_the_release_file_names_are_read(tmp_path: Path, fake_cifar: Path) -> None:
+    """A stray copy of a batch would put copies of training images into validation."""
+    import shutil
+
+    folder = tmp_path / data.FOLDER
+    shutil.copytree(fake_cifar / data.FOLDER, folder)
+    shutil.copy(folder / "data_batch_1", folder / "data_batch_1.bak")
+    shutil.copy(folder / "data_batch_2", folder / "data_batch_2~")
+    images, _ = data.read_split(folder, "train")
+    assert len(images) == 300
+    tv = data.load_train_val(tmp_path, DataSpec(val_size=60), 0, torch.device("cpu"))
+    train = {bytes(x) for x in tv.train.images.numpy()}
+    assert not any(bytes(x) in train for x in tv.val.images.numpy()), "validation leaked"
+
+
+@pytest.mark.parametrize(("key", "size"), [("val_size", 5), ("test_size", 3)])
+def test_a_split_too_small_for_every_class_names_the_key(
+    fake_cifar: Path, key: str, size: int
+) -> None:
+    spec = DataSpec(**{key: size})
+    with pytest.raises(ConfigError, match=f"data.{key}={size} cannot hold one image of each"):
+        if key == "test_size":
+            data.load_test(fake_cifar, spec, 0, torch.device("cpu"))
+        else:
+            data.load_train_val(fake_cifar, spec, 0, torch.device("cpu"))

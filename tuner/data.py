@@ -86,31 +86,99 @@ class _ArraysOnly(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))  # the release's names, no others
+TEST_FILE = "test_batch"
+PIXELS = 3 * 32 * 32  # values per image in a batch's `data` rows (red, green, blue planes)
+
+
 def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One batch file, checked: uint8 pixels N×3072, integer labels in 0..9, as many as images.
+    Each failure is one `DataError` naming the file and the check."""
     try:
         with path.open("rb") as f:
             batch = _ArraysOnly(f, encoding="bytes").load()
-        data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        labels = np.asarray(batch[b"labels"], dtype=np.int64)
     except Exception as exc:
         raise DataError(f"{path}: not a readable CIFAR-10 batch ({exc})") from None
-    if len(data) != len(labels) or labels.min() < 0 or labels.max() >= CLASSES:
-        raise DataError(f"{path}: {len(data)} images but {len(labels)} labels in 0..9")
-    return data, labels
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        raise DataError(f"{path}: not a CIFAR-10 batch (no 'data' and 'labels' entries)")
+    images, labels = _check_pixels(path, batch[b"data"]), _check_labels(path, batch[b"labels"])
+    if len(images) != len(labels):
+        raise DataError(f"{path}: {len(images)} images but {len(labels)} labels")
+    return images, labels
+
+
+def _check_pixels(path: Path, raw: object) -> np.ndarray:
+    data = np.asarray(raw)
+    if data.ndim != 2 or data.shape[1] != PIXELS:
+        raise DataError(
+            f"{path}: data has shape {data.shape}, expected N×{PIXELS} (3×32×32 per image)"
+        )
+    if len(data) == 0:
+        raise DataError(f"{path}: holds no images")
+    if data.dtype.kind == "f":
+        low, high = float(data.min()), float(data.max())
+        raise DataError(
+            f"{path}: pixels are {data.dtype} in [{low:g}, {high:g}], expected uint8 in 0..255 "
+            "(images scaled to [0, 1] would train as black: save them as uint8)"
+        )
+    if data.dtype.kind not in "iu":
+        raise DataError(f"{path}: pixels are {data.dtype}, expected uint8 in 0..255")
+    if data.dtype != np.uint8 and (data.min() < 0 or data.max() > 255):
+        raise DataError(
+            f"{path}: pixel values run from {data.min()} to {data.max()}, expected 0..255"
+        )
+    return data.astype(np.uint8, copy=False).reshape(-1, 3, 32, 32)
+
+
+def _check_labels(path: Path, raw: object) -> np.ndarray:
+    labels = np.asarray(raw)
+    if labels.ndim != 1:
+        raise DataError(f"{path}: labels have shape {labels.shape}, expected one per image")
+    if labels.dtype.kind not in "iu":
+        raise DataError(f"{path}: labels are {labels.dtype}, expected integers 0..{CLASSES - 1}")
+    outside = np.flatnonzero((labels < 0) | (labels >= CLASSES))
+    if len(outside):
+        first = outside[0]
+        raise DataError(
+            f"{path}: label {labels[first]} (image {first}) is outside 0..{CLASSES - 1}; "
+            f"{len(outside)} such labels in all"
+        )
+    return labels.astype(np.int64, copy=False)
 
 
 def read_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """All `data_batch_*` files (train) or `test_batch` (test): uint8 N×3×32×32 and int64 N."""
+    """`data_batch_1..5` (train) or `test_batch` (test): uint8 N×3×32×32 and int64 N. Only
+    those names are read: a stray `data_batch_1.bak` would leak copies into the split."""
     if split == "train":
-        paths = sorted(folder.glob("data_batch_*"))
+        paths = [folder / name for name in TRAIN_FILES if (folder / name).is_file()]
     elif split == "test":
-        paths = [folder / "test_batch"]
+        paths = [folder / TEST_FILE] if (folder / TEST_FILE).is_file() else []
     else:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if not paths or not all(p.is_file() for p in paths):
+    if not paths:
         raise DataError(f"{folder}: no {split} batches found (expected data_batch_N, test_batch)")
     parts = [_read_batch(p) for p in paths]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def check_classes(
+    folder: Path, split: str, labels: np.ndarray, carve: int | None, key: str
+) -> None:
+    """Every class has images enough for a stratified split that carves `carve` images out
+    (the study file's `key`)."""
+    counts = np.bincount(labels, minlength=CLASSES)
+    where = f"{folder}: the {split} batches"
+    if counts.min() < 2:
+        cls = int(counts.argmin())
+        raise DataError(
+            f"{where} hold {counts[cls]} image(s) of class {cls}; a stratified split needs at "
+            f"least 2 of each of the {CLASSES} classes (counts: {counts.tolist()})"
+        )
+    if carve is not None and carve < min(len(labels), CLASSES):
+        raise ConfigError(
+            f"{key}={carve} cannot hold one image of each of the {CLASSES} classes; "
+            f"raise {key} in the study file"
+        )
 
 
 def split_indices(
@@ -172,6 +240,8 @@ def _to_split(images: np.ndarray, labels: np.ndarray, device: torch.device) -> S
 def load_train_val(root: Path, spec: DataSpec, seed: int, device: torch.device) -> TrainVal:
     folder = ensure_cifar(root)
     images, labels = read_split(folder, "train")
+    check_classes(folder, "train", labels, spec.val_size, "data.val_size")
+    check_classes(folder, "train", labels, spec.train_size, "data.train_size")
     train, val = split_indices(labels, spec.val_size, spec.train_size, seed)
     return TrainVal(
         train=_to_split(images[train], labels[train], device),
@@ -183,6 +253,7 @@ def load_train_val(root: Path, spec: DataSpec, seed: int, device: torch.device) 
 def load_test(root: Path, spec: DataSpec, seed: int, device: torch.device) -> Split:
     folder = ensure_cifar(root)
     images, labels = read_split(folder, "test")
+    check_classes(folder, "test", labels, spec.test_size, "data.test_size")
     keep = subsample(labels, spec.test_size, seed)
     return _to_split(images[keep], labels[keep], device)
 
