@@ -23,3 +23,22 @@ def test_a_tracking_server_is_its_own_ui(
     console.show()
     assert ui.serve(resolve(tracking_uri="http://127.0.0.1:5000"), "127.0.0.1", 5000) == 0
     assert "a server already: open http://127.0.0.1:5000" in capsys.readouterr().out
+
+
+def test_a_taken_port_exits_2_naming_the_port(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    from tuner.cli import main
+
+    monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("started a UI"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as info:
+            main(["ui", "--port", str(port), "--mlruns", str(tmp_path)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: port {port} on 127.0.0.1 is taken") and "--port" in err

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import sys
 
+from tuner.errors import ConfigError
 from tuner.stores import REMOTE_SCHEMES, Stores, prepare_tracking
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,27 @@ def serve(stores: Stores, host: str, port: int) -> int:
             f"warning: binding {host}: the MLflow UI has no authentication; anyone who can "
             "reach this port can read and change your runs"
         )
+    check_port_free(host, port)
     prepare_tracking(stores)
     log.info(f"MLflow UI for {stores.tracking_uri}\n  open http://{host}:{port}  (Ctrl-C to stop)")
     return subprocess.call(command(stores, host, port), env=os.environ.copy())
+
+
+def check_port_free(host: str, port: int) -> None:
+    """The UI's port can be bound, or a `ConfigError` names it (the server would log the
+    failure and exit 0, after the URL was printed)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ConfigError(f"cannot bind the UI to {host} ({exc}); check --host") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        # as the server will: a port in TIME_WAIT is free; one that is listened on is not
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ConfigError(
+                f"port {port} on {host} is taken ({exc.strerror}); stop what uses it or "
+                "choose another with --port"
+            ) from None
