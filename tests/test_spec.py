@@ -142,8 +142,10 @@ STRANGE = {
     "deeply nested mapping": ("seed: " + "{a: " * 400 + "1" + "}" * 400, "nested more than"),
     "alias bomb": (
         "x: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\n"
-        + "".join(f"x{i}: &a{i} [{', '.join(['*a' if i == 0 else f'*a{i - 1}'] * 9)}]\n"
-                  for i in range(30)),  # fmt: skip
+        + "".join(
+            f"x{i}: &a{i} [{', '.join(['*a' if i == 0 else f'*a{i - 1}'] * 9)}]\n"
+            for i in range(30)
+        ),  # fmt: skip
         "more than 200 aliases",
     ),
     "very long name": ("name: " + "n" * 5000, "at most 64 characters"),
