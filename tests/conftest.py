@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pickle
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,19 +83,25 @@ def write_study(folder: Path, overrides: dict | None = None, name: str = "tiny")
     return path
 
 
+@pytest.fixture(autouse=True)
+def _pytest_signal_handlers() -> Iterator[None]:
+    """`tuner.cli.main` installs tuner's handlers: each test leaves pytest's in place."""
+    from .helpers import pristine_signals
+
+    with pristine_signals():
+        yield
+
+
 @pytest.fixture
 def signal_handlers() -> Iterator[None]:
     """tuner's signal handlers for one test; pytest's own and a clean state after it."""
     from tuner import interrupts
 
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM)}
-    interrupts.install()
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
-    interrupts._pending.clear()
-    interrupts._deferring = interrupts._shielded = 0
-    interrupts._stopping = False
+    from .helpers import pristine_signals
+
+    with pristine_signals():
+        interrupts.install()
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -3,12 +3,14 @@ it prints, and read the stores it wrote. Waits are on conditions, with generous 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mlflow
@@ -43,13 +45,31 @@ def tuner(cwd: Path, data: Path, *args: str) -> subprocess.CompletedProcess[str]
     )  # fmt: skip
 
 
+@contextlib.contextmanager
+def pristine_signals() -> Iterator[None]:
+    """pytest's own signal handlers and a clean `interrupts` state after the block (`tuner`
+    installs its handlers for every command)."""
+    from tuner import interrupts
+
+    kinds = (signal.SIGTERM, signal.SIGINT, signal.SIGALRM, signal.SIGHUP)
+    saved = {s: signal.getsignal(s) for s in kinds}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        interrupts._pending.clear()
+        interrupts._deferring = interrupts._shielded = 0
+        interrupts._stopping = False
+
+
 def in_process(cwd: Path, data: Path, monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
     """`tuner ARGS` in this process (no interpreter start-up): its exit code."""
     monkeypatch.chdir(cwd)
     for key in HIDDEN:
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("TUNER_DATA_DIR", str(data))
-    with pytest.raises(SystemExit) as info:
+    with pristine_signals(), pytest.raises(SystemExit) as info:
         main(list(args))
     return info.value.code
 

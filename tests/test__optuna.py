@@ -27,9 +27,9 @@ def test_ask_is_quiet_and_heartbeat_marks_the_trial_alive(tmp_path: Path) -> Non
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         trial = _optuna.ask(study)
-    with _optuna.heartbeat(trial):
+    with _optuna.heartbeat(trial, "[trial 0]"):
         pass
-    assert _optuna.failed_stale(study) == [], "a fresh heartbeat is not stale"
+    assert _stale(study) == [], "a fresh heartbeat is not stale"
     assert _optuna.frozen(trial).state == TrialState.RUNNING
 
 
@@ -37,14 +37,53 @@ def test_a_trial_whose_heartbeat_stopped_is_failed_and_queued_again(tmp_path: Pa
     study = _study(tmp_path, grace=1)
     trial = _optuna.ask(study)
     trial.suggest_float("x", 0, 1)
-    with _optuna.heartbeat(trial):
+    with _optuna.heartbeat(trial, "[trial 0]"):
         pass  # the worker dies: no more heartbeats
     stale: list[int] = []
-    wait_until(lambda: bool(stale.extend(_optuna.failed_stale(study)) or stale), "a stale trial")
+    wait_until(lambda: bool(stale.extend(_stale(study)) or stale), "a stale trial")
     assert stale == [trial.number]
     trials = study.get_trials()
     assert trials[0].state == TrialState.FAIL
+    assert trials[0].user_attrs["fail_reason"] == "no heartbeat"
     assert trials[1].state == TrialState.WAITING and trials[1].params == trials[0].params
+
+
+def test_a_stale_trial_that_is_alive_is_spared(tmp_path: Path) -> None:
+    study = _study(tmp_path, grace=1)
+    trial = _optuna.ask(study)
+    with _optuna.heartbeat(trial, "[trial 0]"):
+        pass
+    wait_until(lambda: bool(_stale(study, spare=True) == [] and _stale_ids(study)), "stale")
+    assert _optuna.frozen(trial).state == TrialState.RUNNING, "its worker lives: spared"
+
+
+def test_a_heartbeat_survives_a_store_that_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    study = _study(tmp_path)
+    trial = _optuna.ask(study)
+    beats: list[int] = []
+    real = trial.storage.record_heartbeat
+
+    def flaky(trial_id: int) -> None:
+        beats.append(trial_id)
+        if len(beats) == 1:
+            raise optuna.exceptions.StorageInternalError("database is locked")
+        real(trial_id)
+
+    monkeypatch.setattr(trial.storage, "record_heartbeat", flaky)
+    with caplog.at_level("INFO"), _optuna.heartbeat(trial, "[trial 0]"):
+        wait_until(lambda: len(beats) >= 2, "a second beat after the failed one", timeout=30)
+    assert "[trial 0] its heartbeat could not be recorded" in caplog.text
+    assert "recorded again" in caplog.text
+
+
+def _stale(study: optuna.Study, spare: bool = False) -> list[int]:
+    return _optuna.failed_stale(study, "fail_reason", "no heartbeat", lambda t: spare)
+
+
+def _stale_ids(study: optuna.Study) -> list[int]:
+    return study._storage._get_stale_trial_ids(study._study_id)
 
 
 def test_fail_from_outside_records_the_reason_once(tmp_path: Path) -> None:

@@ -10,12 +10,15 @@ fails the trials of workers that died. Each private name used is here, with why.
 from __future__ import annotations
 
 import contextlib
+import logging
+import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import optuna
-from optuna.storages._heartbeat import get_heartbeat_thread  # private: see the docstring
 from optuna.trial import FrozenTrial, TrialState
+
+log = logging.getLogger(__name__)
 
 
 def ask(study: optuna.Study) -> optuna.Trial:
@@ -33,28 +36,67 @@ def frozen(trial: optuna.Trial) -> FrozenTrial:
 
 
 @contextlib.contextmanager
-def heartbeat(trial: optuna.Trial) -> Iterator[None]:
+def heartbeat(trial: optuna.Trial, tag: str) -> Iterator[None]:
     """Record the trial's heartbeat every `heartbeat_interval` seconds while the block runs, as
-    `study.optimize` does: a worker that dies stops it, and the trial is failed after `grace`."""
-    with get_heartbeat_thread(trial._trial_id, trial.storage):
+    `study.optimize` does: a worker that dies stops it, and the trial is failed after `grace`.
+    Unlike Optuna's thread, a store that fails a beat (locked, unreachable) does not end it:
+    one line says so, and it beats again."""
+    storage = trial.storage
+    interval = storage.get_heartbeat_interval()
+    if interval is None:
         yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        failing = False
+        while True:
+            try:
+                storage.record_heartbeat(trial._trial_id)
+            except Exception as exc:
+                if not failing:
+                    log.info(f"{tag} its heartbeat could not be recorded ({type(exc).__name__}); "
+                             f"trying again every {interval} s")  # fmt: skip
+                failing = True
+            else:
+                if failing:
+                    log.info(f"{tag} its heartbeat is recorded again")
+                failing = False
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, name="tuner-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=interval + 1)
 
 
-def fail_stale(study: optuna.Study) -> None:
-    """Fail the trials whose heartbeat went stale and queue them again (the storage's callback),
-    as `study.optimize` does before each trial. Public but experimental: it warns every call."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
-
-
-def failed_stale(study: optuna.Study) -> list[int]:
-    """`fail_stale`, and the numbers of the trials it failed (Optuna says nothing of them: the
-    trials running before are read again, one by one)."""
-    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    fail_stale(study)
+def failed_stale(
+    study: optuna.Study, key: str, reason: str, alive: Callable[[FrozenTrial], bool]
+) -> list[int]:
+    """Fail the RUNNING trials whose heartbeat went stale, with user attribute `key` = `reason`,
+    and queue each again (the storage's callback), as `study.optimize` does before each trial;
+    the numbers of those failed. A trial that `alive` says is still running is spared: its
+    heartbeat is only late (a loaded machine, a store that was locked). Optuna's own
+    `fail_stale_trials` cannot spare one; the stale ids come from the storage's private
+    `_get_stale_trial_ids`."""
     storage = study._storage
-    return [t.number for t in running if storage.get_trial(t._trial_id).state == TrialState.FAIL]
+    if storage.get_heartbeat_interval() is None:
+        return []
+    callback = storage.get_heartbeat_stale_trial_callback()
+    failed = []
+    for trial_id in storage._get_stale_trial_ids(study._study_id):
+        trial = storage.get_trial(trial_id)
+        if trial.state != TrialState.RUNNING or alive(trial):
+            continue
+        if fail_from_outside(study, trial, key, reason):
+            failed.append(trial.number)
+            if callback is not None:
+                callback(study, storage.get_trial(trial_id))
+    return failed
 
 
 def fail_from_outside(study: optuna.Study, trial: FrozenTrial, key: str, reason: str) -> bool:

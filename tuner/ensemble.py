@@ -3,9 +3,10 @@ their averaged softmax on the CIFAR-10 test split."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,15 +14,17 @@ import torch
 from optuna.trial import FrozenTrial
 from sklearn.metrics import ConfusionMatrixDisplay, log_loss
 
+from tuner import interrupts
 from tuner.data import CLASSES, Split, load_test, resolve_data_dir
 from tuner.errors import DataError, TunerError
 from tuner.models import VGG, load_state
-from tuner.records import RUN_ID_ATTR
+from tuner.records import RUN_ID_ATTR, Outcome
 from tuner.spec import StudySpec
 from tuner.stores import Stores
+from tuner.study.recovery import reconcile_runs
 from tuner.study.setup import open_study, study_runs
 from tuner.study.summary import ranked
-from tuner.tracking import StudyRuns, Tracker
+from tuner.tracking import Tracker
 from tuner.train import predict
 
 log = logging.getLogger(__name__)
@@ -87,16 +90,26 @@ def evaluate_top(
     if len(chosen) < k:
         log.info(f"warning: only {len(chosen)} completed trials; ensembling those")
     test = load_test(resolve_data_dir(data_dir), spec.data, spec.seed, device)
+    tracker, runs = Tracker(stores), study_runs(study)
+    tracker.check_study_runs(runs, spec.name)
+    reconcile_runs(study, tracker, runs)  # what an ensemble or worker that died left RUNNING
+    run_id = tracker.start_ensemble(runs, k)
     log.info(f"scoring {len(chosen)} members on {len(test)} test images on {device} …")
-    tracker = Tracker(stores)
-    members, probs = score_members(tracker, chosen, test, spec.train.batch_size * 2)
-    labels = test.labels.cpu().numpy()
-    mean = np.mean(probs, axis=0)
-    accuracy = float((mean.argmax(1) == labels).mean())
-    loss = float(log_loss(labels, np.clip(mean, 1e-12, 1), labels=list(range(CLASSES))))
-    report = EnsembleReport(k, tuple(members), len(test), accuracy, loss)
-    run_id = log_ensemble(tracker, study_runs(study), report, labels, mean.argmax(1))
-    return replace(report, run_id=run_id)
+    try:
+        members, probs = score_members(tracker, chosen, test, spec.train.batch_size * 2)
+        labels = test.labels.cpu().numpy()
+        mean = np.mean(probs, axis=0)
+        accuracy = float((mean.argmax(1) == labels).mean())
+        loss = float(log_loss(labels, np.clip(mean, 1e-12, 1), labels=list(range(CLASSES))))
+        report = EnsembleReport(k, tuple(members), len(test), accuracy, loss, run_id)
+        log_ensemble(tracker, report, labels, mean.argmax(1))
+    except BaseException as exc:
+        stopped = isinstance(exc, KeyboardInterrupt)
+        why = interrupts.reason(exc) if stopped else f"error: {type(exc).__name__}: {exc}"
+        with contextlib.suppress(Exception):  # the error that ended it is the one to report
+            tracker.end_run(run_id, Outcome.KILLED if stopped else Outcome.FAILED, why[:500])
+        raise
+    return report
 
 
 def score_members(
@@ -118,20 +131,17 @@ def score_members(
 
 
 def log_ensemble(
-    tracker: Tracker,
-    runs: StudyRuns,
-    report: EnsembleReport,
-    labels: np.ndarray,
-    predicted: np.ndarray,
-) -> str:
-    """The ensemble as an MLflow run under the study's parent, with its confusion matrix."""
+    tracker: Tracker, report: EnsembleReport, labels: np.ndarray, predicted: np.ndarray
+) -> None:
+    """The ensemble's results on its MLflow run (under the study's parent), with its
+    confusion matrix; the run ends FINISHED."""
     import matplotlib.pyplot as plt
 
     members = report.members
     figure = confusion_figure(labels, predicted, len(members), report.accuracy)
     try:
-        return tracker.log_ensemble(
-            runs,
+        tracker.finish_ensemble(
+            report.run_id,
             [m.run_id for m in members],
             params={
                 "top_k": report.top_k,

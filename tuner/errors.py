@@ -23,3 +23,10 @@ class DataError(TunerError):
     """CIFAR-10 is missing or unreadable where we looked."""
 
     exit_code = 1
+
+
+class StoreError(TunerError):
+    """A store cannot be used: locked, full, read-only, missing, or its server unreachable. The
+    message names the store, the cause and what to do."""
+
+    exit_code = 1

@@ -17,6 +17,14 @@ IMPORT_RETRY_SECONDS = 0.05  # a time limit that falls inside an import waits th
 class Terminated(KeyboardInterrupt):
     """SIGTERM (preemption, `kill`, a supervisor shutting down): handled as Ctrl-C is."""
 
+    exit_code = 143
+
+
+class HungUp(Terminated):
+    """SIGHUP (the terminal or SSH session closed): handled as SIGTERM is."""
+
+    exit_code = 129
+
 
 class TrialTimeout(BaseException):
     """A trial ran past `limits.trial_timeout`. A BaseException, so that no library's
@@ -53,6 +61,10 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     _raise(Terminated("terminated by SIGTERM"))
 
 
+def _on_sighup(signum: int, frame: FrameType | None) -> None:
+    _raise(HungUp("terminated by SIGHUP (the terminal closed)"))
+
+
 def _on_sigint(signum: int, frame: FrameType | None) -> None:
     _raise(KeyboardInterrupt("interrupted (Ctrl-C)"))
 
@@ -77,9 +89,10 @@ def _on_alarm(signum: int, frame: FrameType | None) -> None:
 
 
 def install() -> None:
-    """SIGTERM, SIGINT and SIGALRM raise in the main thread (later, inside `shielded()` or
-    between `defer()` and `resume()`)."""
+    """SIGTERM, SIGHUP, SIGINT and SIGALRM raise in the main thread (later, inside
+    `shielded()` or between `defer()` and `resume()`)."""
     signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGHUP, _on_sighup)
     signal.signal(signal.SIGINT, _on_sigint)
     signal.signal(signal.SIGALRM, _on_alarm)
 
@@ -87,6 +100,33 @@ def install() -> None:
 def reason(exc: BaseException) -> str:
     """The fail reason recorded for a trial stopped by `exc`."""
     return "terminated" if isinstance(exc, Terminated) else "interrupted"
+
+
+def exit_code(exc: BaseException) -> int:
+    """The exit status of a process stopped by `exc`: 143 SIGTERM, 129 SIGHUP, 130 Ctrl-C."""
+    return getattr(exc, "exit_code", 130)
+
+
+def exit_with_parent(parent: int) -> None:
+    """Ask the kernel to send this process SIGTERM when its parent (pid `parent`) dies
+    (Linux), so a worker never outlives its supervisor; elsewhere, a thread watches."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        if libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl")
+    except (OSError, AttributeError):
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:  # it died before the kernel was asked
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _watch_parent(parent: int, every: float = 1.0) -> None:
+    while os.getppid() == parent:
+        threading.Event().wait(every)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def defer() -> None:

@@ -8,14 +8,17 @@ from __future__ import annotations
 import logging
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import optuna
 import torch
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import TrialState
 
 from tuner import _optuna, interrupts
 from tuner.data import TrainVal
 from tuner.devices import is_out_of_memory, release_memory
+from tuner.errors import StoreError
 from tuner.interrupts import TrialTimeout
 from tuner.models import VGG, Architecture
 from tuner.records import (
@@ -28,18 +31,18 @@ from tuner.records import (
     RETRY_OF_ATTR,
     RUN_ID_ATTR,
     TIMEOUT,
-    WORKER_ATTR,
     Outcome,
     retry_origin,
-    worker_id,
 )
 from tuner.space import TrialParams, suggest
 from tuner.spec import StudySpec
+from tuner.stores import store_cause, store_error
 from tuner.tracking import StudyRuns, Tracker, TrialOutputs
 from tuner.train import Diverged, EpochStats, TrainConfig, TrainResult, train, wants_compile
 
 log = logging.getLogger(__name__)
 REASON_CHARS = 500  # a fail reason longer than this is cut (the whole text is in error.txt)
+TAKEN = "failed by another process while it ran (its heartbeat was late); this attempt is dropped"
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class StudyContext:
     data: TrainVal
     tracker: Tracker
     runs: StudyRuns
+    sampler_seed: int = 0  # of the worker's sampler, recorded on each of its trials
 
     @property
     def device(self) -> torch.device:
@@ -66,7 +70,9 @@ class Ending:
     summary: str | None = None  # one line that says more than `reason` (MLflow tag, console)
     result: TrainResult | None = None  # COMPLETE: the trained network and its predictions
     retry: bool = False  # queue the same point again at half the batch (out of memory)
-    stop: BaseException | None = None  # Ctrl-C or SIGTERM: raised again once recorded
+    requeue: bool = False  # queue the same point again as it was (lost to a store error)
+    taken: bool = False  # another process failed the trial meanwhile: nothing to tell Optuna
+    stop: BaseException | None = None  # Ctrl-C, SIGTERM, a store error: raised once recorded
 
 
 def _pruned(run: TrialRun, exc: BaseException) -> Ending:
@@ -92,6 +98,23 @@ def _out_of_memory(run: TrialRun, exc: BaseException) -> Ending:
     )
 
 
+def _taken(run: TrialRun, exc: BaseException) -> Ending:
+    return Ending(Outcome.KILLED, TAKEN, taken=True)
+
+
+def _is_store_error(exc: BaseException) -> bool:
+    return store_cause(exc) is not None
+
+
+def _store_failed(run: TrialRun, exc: BaseException) -> Ending:
+    """A store could not be used: the trial is failed with the cause and queued again (not its
+    fault: it does not count against the budget), and the worker stops with one line."""
+    error = store_error(exc, run.ctx.tracker.stores)
+    assert error is not None
+    details = "".join(traceback.format_exception(exc))
+    return Ending(Outcome.FAILED, f"store error: {error}", details, requeue=True, stop=error)
+
+
 def _error(run: TrialRun, exc: BaseException) -> Ending:
     reason = f"error: {type(exc).__name__}: {exc}"
     return Ending(Outcome.FAILED, reason, "".join(traceback.format_exception(exc)))
@@ -106,6 +129,8 @@ ENDINGS: tuple[
     (TrialTimeout, _timed_out),
     (KeyboardInterrupt, _stopped),  # SIGTERM's Terminated too
     (is_out_of_memory, _out_of_memory),  # CUDA's OutOfMemoryError; the CPU's RuntimeError
+    (UpdateFinishedTrialError, _taken),  # `report` on a trial another process failed
+    (_is_store_error, _store_failed),  # locked, full, read-only, unreachable
     (Exception, _error),
 )
 
@@ -152,7 +177,6 @@ class TrialRun:
             micro = spec.train.batch_size // self.accumulation
             note += f" at batch {micro} × {self.accumulation} steps"
         log.info(f"{self.tag} start: {params.describe()}{note}")
-        trial.set_user_attr(WORKER_ATTR, worker_id())
         drawn = {**params.as_dict(), ACCUMULATION_ATTR: self.accumulation}
         self.run_id = self.ctx.tracker.start_trial(
             self.ctx.runs, spec.name, trial.number, drawn, spec.trial_settings()
@@ -189,31 +213,73 @@ class TrialRun:
             if self.trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {stats.epoch}")
 
-    def finish(self, ending: Ending) -> None:
-        """Write how the trial ended: MLflow's run, then Optuna's trial, then the console."""
-        trial, outcome, value = self.trial, ending.outcome, None
+    def finish(self, ending: Ending) -> Ending:
+        """Write how the trial ended: MLflow's run, then Optuna's trial, then the console. The
+        ending written (a completed trial whose weights could not be saved is a store error)."""
+        value = None
         if ending.result is not None:
-            value = ending.result.history[-1].val_acc
-            self._save(ending.result)
+            try:
+                self._save(ending.result)
+                value = ending.result.history[-1].val_acc
+            except Exception as exc:
+                if not _is_store_error(exc):
+                    raise
+                ending = _store_failed(self, exc)
+        try:
+            if ending.taken or _optuna.frozen(self.trial).state != TrialState.RUNNING:
+                ending = replace(ending, outcome=Outcome.KILLED, reason=TAKEN, taken=True)
+                self._end_run(ending, None)
+                log.info(f"{self.tag} {TAKEN}")
+                return ending
+            self._record(ending, value)
+        except UpdateFinishedTrialError:  # failed from outside between the check and the write
+            log.info(f"{self.tag} {TAKEN}")
+            return replace(ending, taken=True)
+        except Exception as exc:
+            error = store_error(exc, self.ctx.tracker.stores)
+            if error is None:
+                raise
+            raise StoreError(
+                f"{error} (trial {self.trial.number} could not be recorded: the next `tuner "
+                "study run` fails it and queues it again once its heartbeat is stale)"
+            ) from None
+        return ending
+
+    def _record(self, ending: Ending, value: float | None) -> None:
+        trial, outcome = self.trial, ending.outcome
         if ending.reason:
             trial.set_user_attr(REASON_ATTR, ending.reason[:REASON_CHARS])
         if outcome is Outcome.PRUNED:
             trial.set_user_attr(PRUNED_AT_ATTR, self.epochs)
         if outcome is Outcome.DIVERGED:
             trial.set_constraint(DIVERGED, 1.0)  # violated: the sampler avoids this region
-        if self.run_id is not None:
-            tag = ending.summary or ending.reason
-            self.ctx.tracker.end_trial(
-                self.run_id,
-                outcome,
-                value=value,
-                epochs=self.epochs,
-                reason=tag and tag[:REASON_CHARS],
-                details=ending.details,
-            )
+        self._end_run(ending, value)
         retried = self._retry_smaller() if ending.retry else ""
+        retried += self._requeue() if ending.requeue else ""
         trial.study.tell(trial, value, state=RECORDS[outcome].optuna)
         log.info(f"{self.tag} {_console(ending, value, self.epochs)}{retried}")
+
+    def _end_run(self, ending: Ending, value: float | None) -> None:
+        if self.run_id is None:
+            return
+        tag = ending.summary or ending.reason
+        self.ctx.tracker.end_trial(
+            self.run_id,
+            ending.outcome,
+            value=value,
+            epochs=self.epochs,
+            reason=tag and tag[:REASON_CHARS],
+            details=ending.details,
+        )
+
+    def _requeue(self) -> str:
+        """Queue the same parameters once more, as they were (the trial was lost to a store)."""
+        self.trial.study.enqueue_trial(
+            self.trial.params,
+            user_attrs={ACCUMULATION_ATTR: self.accumulation, RETRY_OF_ATTR: self.trial.number},
+            skip_if_exists=False,
+        )
+        return "; queued again (not counted against the budget)"
 
     def _save(self, result: TrainResult) -> None:
         labels = self.ctx.data.val.labels.cpu().numpy()

@@ -86,6 +86,8 @@ SESSION_ATTR = "session"  # which `tuner study run` ran the trial (its budget co
 ACCUMULATION_ATTR = "grad_accumulation"  # on the retry of a trial that ran out of memory
 RETRY_OF_ATTR = "retry_of"  # on that retry: the trial it repeats
 PRUNED_AT_ATTR = "pruned_at_epoch"
+SETTINGS_ATTR = "settings_sha256"  # the fixed settings the trial trained with (see SETTINGS_KEYS)
+SAMPLER_SEED_ATTR = "sampler_seed"  # the seed of the sampler that drew the trial's point
 # system attributes Optuna's heartbeat retry sets (RetryHeartbeatStaleTrialCallback)
 HEARTBEAT_RETRY_OF = "failed_trial"
 HEARTBEAT_RETRY_HISTORY = "retry_history"
@@ -94,6 +96,8 @@ HEARTBEAT_RETRY_HISTORY = "retry_history"
 PARENT_ATTR = "mlflow_parent_run_id"
 EXPERIMENT_ATTR = "mlflow_experiment_id"
 SPEC_ATTR = "spec_sha256"
+SPEC_JSON_ATTR = "spec"  # the resolved study file the study was created with: its contract
+SETTINGS_PREFIX = "settings:"  # + a SETTINGS_ATTR value: the fixed settings it stands for
 OBJECTIVE_ATTR = "objective"
 
 # -- MLflow tags --------------------------------------------------------------------------------
@@ -111,6 +115,7 @@ BEST_TAG_PREFIX = "best."  # the parent's best trial and its parameters
 VERSION_TAG = "tuner.version"  # provenance, on every run
 TORCH_VERSION_TAG = "torch.version"
 GIT_COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own tag: the UI links it
+PROCESS_TAG = "tuner.process"  # host:pid that writes a run outside trials (an ensemble)
 
 
 class Role(enum.StrEnum):
@@ -122,6 +127,21 @@ class Role(enum.StrEnum):
 def worker_id(pid: int | None = None) -> str:
     """The WORKER_ATTR value of process `pid` (this process when None) on this host."""
     return f"{socket.gethostname()}:{pid if pid is not None else os.getpid()}"
+
+
+def worker_alive(worker: str) -> bool | None:
+    """Whether the process of a `worker_id` is alive; None when it runs on another host (only
+    its heartbeat can tell)."""
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 def retry_origin(user_attrs: Mapping[str, Any], system_attrs: Mapping[str, Any]) -> int | None:

@@ -7,7 +7,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    Strict,
+    ValidationError,
+    model_validator,
+)
 
 from tuner.errors import SpecError
 
@@ -153,6 +161,12 @@ class StudySpec(_Frozen):
     sampler: SamplerSpec = TPESamplerSpec(type="tpe")
     pruner: PrunerSpec = HyperbandPrunerSpec(type="hyperband")
     limits: LimitsSpec = LimitsSpec()
+    _source: str = PrivateAttr(default="")  # the file it was read from, for messages
+
+    @property
+    def source(self) -> str:
+        """The study file, for messages ("studies/NAME.yaml" when it was not read from one)."""
+        return self._source or f"studies/{self.name}.yaml"
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved spec, defaults filled in, as plain data (logged with every run)."""
@@ -258,13 +272,16 @@ def _yaml_error(path: Path, exc: yaml.YAMLError) -> str:
 
 def parse(raw: dict[str, Any], source: str = "<spec>") -> StudySpec:
     try:
-        return StudySpec.model_validate(raw)
+        spec = StudySpec.model_validate(raw)
     except ValidationError as exc:
         errors = exc.errors()
         # a list whose items failed is also reported "too short": keep the cause only
         failed = {tuple(e["loc"][:-1]) for e in errors if e["type"] != "too_short"}
         errors = [e for e in errors if not (e["type"] == "too_short" and e["loc"] in failed)]
         raise SpecError("\n".join(_describe(err, source) for err in errors)) from None
+    if source != "<spec>":
+        spec._source = source
+    return spec
 
 
 def _describe(err: Any, source: str) -> str:

@@ -7,20 +7,29 @@ environment (`TUNER_STORAGE`, MLflow's own `MLFLOW_TRACKING_URI`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import functools
+import logging
 import os
-from collections.abc import Iterator
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 import sqlalchemy
 
-from tuner.errors import ConfigError
+from tuner.errors import ConfigError, StoreError
+
+log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 10  # a running trial writes a heartbeat this often (limits.heartbeat)
 GRACE_SECONDS = 60  # a trial silent this long is marked failed (limits.grace)
-SQLITE_TIMEOUT_SECONDS = 60  # wait this long on a locked SQLite file before failing
+SQLITE_TIMEOUT_SECONDS = 10  # the driver's own wait on a locked SQLite file, each attempt
+STORE_WAIT_SECONDS = 120  # keep retrying a locked store this long in all (TUNER_STORE_WAIT)
 REMOTE_SCHEMES = {"http", "https", "databricks"}  # tracking URIs served by an MLflow server
 
 
@@ -94,18 +103,188 @@ def creation_lock(stores: Stores) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL; None for other databases and in-memory SQLite."""
+    parsed = sqlalchemy.engine.make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
+def build_aside(url: str, build: Callable[[str], None]) -> None:
+    """A SQLite store that does not exist yet is built under a temporary name, then renamed
+    into place: an interrupt while its schema is made (seconds, for MLflow's migrations)
+    leaves no half-made store behind that every later command would fail on. Call under
+    `creation_lock`; `build(url)` makes the schema at the URL it is given."""
+    path = sqlite_file(url)
+    if path is None or path.exists():
+        return
+    for stale in path.parent.glob(f".{path.name}.building-*"):  # a build that was killed
+        stale.unlink(missing_ok=True)
+    aside = path.with_name(f".{path.name}.building-{os.getpid()}")
+    try:
+        build(sqlite_url(aside))
+        use_wal(sqlite_url(aside))
+        os.replace(aside, path)
+    except BaseException:
+        for leftover in path.parent.glob(f"{aside.name}*"):  # with its -wal and -shm
+            leftover.unlink(missing_ok=True)
+        raise
+    log.debug(f"built {path}")
+
+
+def build_optuna_schema(url: str) -> None:
+    optuna.storages.RDBStorage(url).engine.dispose()
+
+
 def use_wal(url: str) -> None:
     """Put a SQLite store in write-ahead-log mode (it stays so): readers no longer block the
     writer, which several workers sharing one file otherwise wait on for seconds at a time."""
     import sqlite3
 
-    parsed = sqlalchemy.engine.make_url(url)
-    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+    path = sqlite_file(url)
+    if path is None:
         return
-    with contextlib.closing(
-        sqlite3.connect(parsed.database, timeout=SQLITE_TIMEOUT_SECONDS)
-    ) as db:
+    with contextlib.closing(sqlite3.connect(path, timeout=SQLITE_TIMEOUT_SECONDS)) as db:
         db.execute("PRAGMA journal_mode=WAL")
+
+
+def store_wait() -> float:
+    """Seconds to wait out a locked store before the work that needs it fails."""
+    raw = os.environ.get("TUNER_STORE_WAIT")
+    try:
+        return float(raw) if raw else STORE_WAIT_SECONDS
+    except ValueError:
+        raise ConfigError(f"TUNER_STORE_WAIT={raw!r} is not a number of seconds") from None
+
+
+# -- store errors: what went wrong, in one line, and what to do -----------------------------------
+# (a phrase in the error, the cause, the fix); the first that matches anywhere in the chain wins
+_CAUSES = (
+    ("database is locked", "it is locked by another process",
+     "find what holds it (`fuser FILE`), or wait longer with TUNER_STORE_WAIT=SECONDS"),
+    ("database or disk is full", "no space left on the device",
+     "free space there"),
+    ("readonly database", "it is read-only",
+     "make the file and its folder writable"),
+    ("unable to open database file",
+     "its file cannot be opened (deleted, moved, or no permission)",
+     "restore it, or point tuner at it (--mlruns, --storage, --tracking-uri)"),
+    ("disk i/o error", "a disk I/O error", "check the disk"),
+    ("connection refused", "the server refuses connections",
+     "check that the server is running and reachable"),
+    ("max retries exceeded", "the server does not answer",
+     "check that the server is running and reachable"),
+    ("could not connect to server", "the server does not answer",
+     "check that the server is running and reachable"),
+)  # fmt: skip
+_ERRNO_CAUSES = {
+    errno.ENOSPC: ("no space left on the device", "free space there"),
+    errno.EDQUOT: ("the disk quota is exceeded", "free space there"),
+    errno.EROFS: ("the file system is read-only", "make it writable"),
+    errno.EACCES: ("permission denied", "make the folder writable"),
+}
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+
+
+def store_cause(exc: BaseException) -> tuple[str, str, str | None] | None:
+    """(cause, fix, file) when `exc` means a store cannot be used, else None."""
+    for link in _chain(exc):
+        if isinstance(link, OSError) and link.errno in _ERRNO_CAUSES:
+            cause, fix = _ERRNO_CAUSES[link.errno]
+            return cause, fix, link.filename
+        text = str(link).lower()
+        for phrase, cause, fix in _CAUSES:
+            if phrase in text:
+                return cause, fix, None
+    return None
+
+
+def _raised_in(exc: BaseException, package: str) -> bool:
+    return any(
+        f"/{package}/" in frame.filename
+        for link in _chain(exc)
+        for frame in traceback.extract_tb(link.__traceback__)
+    )
+
+
+def store_error(exc: BaseException, stores: Stores) -> StoreError | None:
+    """The one-line `StoreError` for an exception that means a store cannot be used: which
+    store (from where it was raised), the cause, and what to do. None for other errors."""
+    found = store_cause(exc)
+    if found is None:
+        return None
+    cause, fix, filename = found
+    if _raised_in(exc, "optuna"):
+        where = f"the Optuna storage {stores.optuna_url}"
+    elif filename is not None:
+        where = f"{filename}"
+    else:
+        where = f"the MLflow store {stores.tracking_uri}"
+    return StoreError(f"{where}: {cause}; {fix}, then run the command again")
+
+
+def _locked(exc: BaseException) -> bool:
+    return any("database is locked" in str(link) for link in _chain(exc))
+
+
+class _Waiting(threading.local):
+    since: float | None = None
+
+
+_waiting = _Waiting()
+
+
+def patiently(call: Callable[[], object], what: str) -> object:
+    """`call()`, retried while the store is locked by another process (SQLite lets one writer
+    in at a time), for `store_wait()` seconds in all; one line says it waits."""
+    deadline = time.monotonic() + store_wait()
+    delay = 0.05  # seconds, doubled up to 2 s
+    while True:
+        try:
+            result = call()
+        except Exception as exc:
+            if not _locked(exc) or time.monotonic() > deadline:
+                _waiting.since = None
+                raise
+            if _waiting.since is None:
+                _waiting.since = time.monotonic()
+                log.info(f"waiting for {what}: locked by another process (at most "
+                         f"{store_wait():.0f} s, TUNER_STORE_WAIT)")  # fmt: skip
+        else:
+            _waiting.since = None
+            return result
+        time.sleep(delay)
+        delay = min(delay * 2, 2.0)
+
+
+class PatientStorage(optuna.storages.RDBStorage):
+    """Optuna's RDB storage, whose calls wait out a locked SQLite file (`patiently`) instead
+    of failing the trial after the driver's timeout."""
+
+
+def _patient(name: str) -> Callable[..., object]:
+    method = getattr(optuna.storages.RDBStorage, name)
+
+    @functools.wraps(method)
+    def wrapper(self: PatientStorage, *args: object, **kwargs: object) -> object:
+        return patiently(lambda: method(self, *args, **kwargs), f"the Optuna storage {self.url}")
+
+    return wrapper
+
+
+for _name in (*optuna.storages.BaseStorage.__abstractmethods__, "record_heartbeat",
+              "_get_stale_trial_ids", "get_trial_user_attrs", "get_trial_system_attrs",
+              "get_best_trial", "get_n_trials"):  # fmt: skip
+    if hasattr(optuna.storages.RDBStorage, _name):
+        setattr(PatientStorage, _name, _patient(_name))
 
 
 def optuna_storage(
@@ -117,7 +296,7 @@ def optuna_storage(
     if stores.optuna_url.startswith("sqlite"):
         engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_SECONDS}}
     try:
-        return optuna.storages.RDBStorage(
+        return PatientStorage(
             stores.optuna_url,
             engine_kwargs=engine_kwargs,
             heartbeat_interval=heartbeat,

@@ -158,7 +158,12 @@ def test_ui_binds_loopback_unless_told_otherwise(
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     started = []
     monkeypatch.setattr(subprocess, "call", lambda command, env: started.append(command) or 0)
-    args = ["ui"] if host == "127.0.0.1" else ["ui", "--host", host]
+    import socket
+
+    with socket.socket() as probe:  # a port free now (5000 may be taken on a CI machine)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = ["ui", "--port", str(port)] + ([] if host == "127.0.0.1" else ["--host", host])
     with pytest.raises(SystemExit) as info:
         main(args)
     assert info.value.code == 0
@@ -166,7 +171,7 @@ def test_ui_binds_loopback_unless_told_otherwise(
     assert command[command.index("--host") + 1] == host
     assert command[command.index("--backend-store-uri") + 1].endswith("mlruns/mlflow.db")
     out = capsys.readouterr().out
-    assert f"http://{host}:5000" in out
+    assert f"http://{host}:{port}" in out
     assert ("no authentication" in out) == (host != "127.0.0.1")
 
 

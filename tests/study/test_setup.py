@@ -6,28 +6,35 @@ import pytest
 from tuner.errors import TunerError
 from tuner.space import suggest
 from tuner.spec import parse
-from tuner.study.setup import create, make_pruner, make_sampler, open_study, spec_changed
+from tuner.study.setup import (
+    create,
+    make_pruner,
+    make_sampler,
+    open_study,
+    sampler_seed,
+    spec_changed,
+)
 
 from ..conftest import TINY_STUDY
 
 
-def _first_point(n_existing: int, worker: int = 0) -> dict:
+def _first_point(session: str, worker: int = 0) -> dict:
     spec = parse(TINY_STUDY)
-    sampler = make_sampler(spec, n_existing, worker)
+    sampler = make_sampler(spec, sampler_seed(spec, session, worker))
     study = optuna.create_study(direction="maximize", sampler=sampler)
     trial = study.ask()
     suggest(trial, spec.space)
     return trial.params
 
 
-def test_sampler_is_seeded_and_a_restart_does_not_replay_startup_points() -> None:
-    assert _first_point(0) == _first_point(0), "same study, same first point"
-    assert _first_point(0) != _first_point(4), "a restart after 4 trials draws new points"
+def test_sampler_is_seeded_and_a_new_run_does_not_replay_startup_points() -> None:
+    assert _first_point("a1b2") == _first_point("a1b2"), "same run, same first point"
+    assert _first_point("a1b2") != _first_point("c3d4"), "another run draws new points"
 
 
 def test_workers_started_together_draw_different_points() -> None:
     """Seen: two workers of one run both trained the same first point."""
-    points = [_first_point(0, worker) for worker in range(3)]
+    points = [_first_point("a1b2", worker) for worker in range(3)]
     assert points[0] != points[1] != points[2] != points[0]
 
 

@@ -1,6 +1,7 @@
 """`tuner`: parse, call one function, print its report, return an exit code.
 
-Exit codes: 0 success, 2 bad usage or bad config, 1 failure, 130 interrupted, 143 terminated.
+Exit codes: 0 success, 2 bad usage or bad config, 1 failure, 130 interrupted (Ctrl-C),
+143 terminated (SIGTERM), 129 hung up (SIGHUP).
 Progress goes through `logging` (see `console`); results through `report`.
 """
 
@@ -38,15 +39,25 @@ def study() -> None:
     """Create, run and inspect a study defined in studies/NAME.yaml."""
 
 
+ALLOW_CHANGED = click.option(
+    "--allow-changed-settings",
+    is_flag=True,
+    help="Go on although the file's train, data or seed settings changed since the study "
+    "was created (each trial records the settings it used). The search space cannot change.",
+)
+
+
 @study.command("create")
 @click.argument("name")
+@ALLOW_CHANGED
 @store_options
-def create(name: str, stores: Any) -> None:
+def create(name: str, allow_changed_settings: bool, stores: Any) -> None:
     """Validate studies/NAME.yaml and create its Optuna study and MLflow parent run."""
     from tuner.study.setup import create as create_study
 
     spec = spec_module.load(name)
-    click.echo(report.created(spec.name, create_study(spec, stores), stores))
+    made = create_study(spec, stores, allow_changed_settings=allow_changed_settings)
+    click.echo(report.created(spec.name, made, stores))
 
 
 @study.command("run")
@@ -81,6 +92,7 @@ def create(name: str, stores: Any) -> None:
     show_default=True,
     help="Worker processes per GPU given in --gpus (small models leave a GPU idle alone).",
 )
+@ALLOW_CHANGED
 @store_options
 @data_options
 def run(
@@ -90,6 +102,7 @@ def run(
     jobs: int | None,
     gpus: str | None,
     jobs_per_gpu: int,
+    allow_changed_settings: bool,
     stores: Any,
     data_dir: Path,
     device: Any,
@@ -106,6 +119,7 @@ def run(
         trials=trials,
         timeout=timeout,
         data_dir=data_dir,
+        allow_changed_settings=allow_changed_settings,
     )
     summary = run_study(spec, stores, request)
     click.echo(report.run_summary(name, summary))
@@ -197,25 +211,49 @@ def ui(host: str, port: int, stores: Any) -> None:
     sys.exit(serve(stores, host, port))
 
 
+# What a Ctrl-C, SIGTERM or SIGHUP left behind, by command; each "again" is true (the set-up
+# of a study is made whole by the next command that needs it).
+STOPPED = {
+    "study run": "a trial that was running is recorded as failed ({reason}) and its MLflow run "
+    "as KILLED; run the same command again to continue the study",
+    "ensemble": "no ensemble was recorded (a run it had started is closed as KILLED); run the "
+    "same command again",
+}
+STOPPED_DEFAULT = "nothing was left half-made; run the same command again"
+
+
+def _stopped(argv: list[str], why: BaseException | None) -> tuple[str, int]:
+    """The line printed when a command is stopped by a signal, and its exit code."""
+    from tuner.interrupts import HungUp, Terminated, exit_code, reason
+
+    words = " ".join(a for a in argv[:2] if not a.startswith("-"))
+    after = next((v for k, v in STOPPED.items() if words.startswith(k)), STOPPED_DEFAULT)
+    why = why if isinstance(why, KeyboardInterrupt) else KeyboardInterrupt()
+    if isinstance(why, HungUp):
+        what = "terminated (SIGHUP)"
+    elif isinstance(why, Terminated):
+        what = "terminated (SIGTERM)"
+    else:
+        what = "interrupted"
+    return f"\n{what}: {after.format(reason=reason(why))}", exit_code(why)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user-facing errors become one line and an exit code."""
+    from tuner import interrupts
+
+    argv = sys.argv[1:] if argv is None else argv
     # progress must show as it happens also when piped to a file or `tee`
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     console.show()
+    interrupts.install()  # SIGTERM and SIGHUP end a command as Ctrl-C does: cleaned up
     try:
         cli.main(args=argv, prog_name="tuner", standalone_mode=False)
     except (click.exceptions.Abort, KeyboardInterrupt) as exc:  # click makes Ctrl-C an Abort
-        from tuner.interrupts import Terminated
-
         why = exc if isinstance(exc, KeyboardInterrupt) else exc.__cause__
-        terminated = isinstance(why, Terminated)
-        click.echo(
-            f"\n{'terminated (SIGTERM)' if terminated else 'interrupted'}: a trial that was "
-            f"running is recorded as failed ({'terminated' if terminated else 'interrupted'}) "
-            "and its MLflow run as KILLED; run the same command again to continue the study",
-            err=True,
-        )
-        sys.exit(143 if terminated else 130)
+        line, code = _stopped(argv, why)
+        click.echo(line, err=True)
+        sys.exit(code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

@@ -40,9 +40,16 @@ def store_options(command: Callable[..., Any]) -> Callable[..., Any]:
         tracking_uri: str | None,
         **kwargs: Any,
     ) -> Any:
-        from tuner.stores import resolve
+        from tuner.stores import resolve, store_error
 
-        return command(*args, stores=resolve(mlruns, storage, tracking_uri), **kwargs)
+        stores = resolve(mlruns, storage, tracking_uri)
+        try:
+            return command(*args, stores=stores, **kwargs)
+        except Exception as exc:  # locked, full, read-only, missing, unreachable: one line
+            error = store_error(exc, stores)
+            if error is None:
+                raise
+            raise error from exc
 
     return wrapper
 

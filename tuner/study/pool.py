@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 STOP_WAIT_SECONDS = 60  # after Ctrl-C or SIGTERM, workers get this long to record their trial
-STOPPED_WITH_THE_REST = (0, 130, 143)  # done, or stopped by Ctrl-C / SIGTERM
+STOPPED_WITH_THE_REST = (0, 129, 130, 143)  # done, or stopped by SIGHUP / Ctrl-C / SIGTERM
 REPLACEABLE = (-signal.SIGKILL, -signal.SIGTERM, EXIT_HUNG)  # killed, or hung: not its fault
 
 

@@ -1,5 +1,6 @@
-"""What dead workers leave behind: trials still RUNNING (failed and queued again once) and MLflow
-runs still RUNNING (closed as KILLED, since MLflow has no heartbeat)."""
+"""What dead processes leave behind: trials still RUNNING (failed and queued again once), and
+MLflow runs still RUNNING (closed as KILLED, since MLflow has no heartbeat): trial runs whose
+trial ended, ensemble runs whose process is gone, and a parent run with no live trial."""
 
 from __future__ import annotations
 
@@ -7,15 +8,18 @@ import logging
 from typing import TYPE_CHECKING
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from tuner import _optuna
 from tuner.records import (
+    PROCESS_TAG,
     REASON_ATTR,
     TRIAL_NUMBER_TAG,
     WORKER_ATTR,
     WORKER_DIED,
     Outcome,
+    Role,
+    worker_alive,
     worker_id,
 )
 
@@ -25,14 +29,29 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+STALE = f"{WORKER_DIED} (no heartbeat within the grace period)"
+
+
+def fail_stale(study: optuna.Study) -> list[int]:
+    """Fail and queue again the trials whose heartbeat stopped, except those whose worker runs
+    on this host and is alive: a live trial is never failed (its heartbeat can be late on a
+    loaded machine). The numbers of those failed."""
+    return _optuna.failed_stale(study, REASON_ATTR, STALE, _alive_here)
+
+
+def _alive_here(trial: FrozenTrial) -> bool:
+    return worker_alive(str(trial.user_attrs.get(WORKER_ATTR, ""))) is True
+
+
 def recover_stale(study: optuna.Study, tracker: Tracker, runs: StudyRuns) -> None:
     """Trials whose heartbeat stopped are failed and queued again (Optuna's callback), and
     MLflow runs left RUNNING by dead workers are closed as KILLED."""
-    for number in _optuna.failed_stale(study):
+    for number in fail_stale(study):
         log.info(
             f"[trial {number}] its worker stopped sending heartbeats; failed and queued again"
         )
     reconcile_runs(study, tracker, runs)
+    close_idle_parent(study, tracker, runs)
 
 
 def recover_dead_worker(
@@ -51,8 +70,28 @@ def recover_dead_worker(
 
 
 def reconcile_runs(study: optuna.Study, tracker: Tracker, runs: StudyRuns) -> None:
-    """An MLflow trial run still RUNNING whose Optuna trial has ended belonged to a worker that
-    died: close it as KILLED, with the reason."""
+    """MLflow runs left RUNNING by processes that died are closed as KILLED, with the reason:
+    trial runs whose Optuna trial has ended, and ensemble runs whose process is gone."""
+    _reconcile_trial_runs(study, tracker, runs)
+    for run in tracker.running_runs(runs.experiment_id, Role.ENSEMBLE):
+        process = run.data.tags.get(PROCESS_TAG, "")
+        if worker_alive(process) is False:  # on another host: its own host closes it
+            tracker.end_run(run.info.run_id, Outcome.KILLED, f"its process {process} died")
+            log.info(f"ensemble run {run.info.run_id} was left RUNNING by a process that died: "
+                     "closed as KILLED")  # fmt: skip
+
+
+def close_idle_parent(study: optuna.Study, tracker: Tracker, runs: StudyRuns) -> None:
+    """A parent run left RUNNING by a `study run` that died, with no trial running now, is
+    closed (FINISHED: the study itself is fine)."""
+    if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        return
+    if tracker.parent_is_running(runs.parent_run_id):
+        tracker.parent_running(runs.parent_run_id, False)
+        log.info(f"parent run {runs.parent_run_id} was left RUNNING with no trial running: closed")
+
+
+def _reconcile_trial_runs(study: optuna.Study, tracker: Tracker, runs: StudyRuns) -> None:
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     alive = (TrialState.RUNNING, TrialState.WAITING)
     for run in tracker.running_trial_runs(runs.experiment_id):

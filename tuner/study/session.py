@@ -15,17 +15,18 @@ from optuna.trial import TrialState
 
 from tuner import interrupts
 from tuner.spec import StudySpec
-from tuner.stores import Stores
+from tuner.stores import Stores, store_error
 from tuner.study.pool import run_pool
 from tuner.study.recovery import recover_stale
-from tuner.study.setup import create, open_study, spec_changed
+from tuner.study.setup import create, open_study
 from tuner.study.summary import RunSummary, summarize, update_parent
 from tuner.study.worker import Budget, WorkerPlan, work
 
 if TYPE_CHECKING:
+    import optuna
     import torch
 
-    from tuner.tracking import StudyRuns
+    from tuner.tracking import StudyRuns, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -39,21 +40,17 @@ class RunRequest:
     trials: int | None = None  # None: the study file's `trials`
     timeout: float | None = None  # seconds after which no trial starts
     data_dir: Path | None = None  # None: --data-dir's default (TUNER_DATA_DIR, the cache)
+    allow_changed_settings: bool = False  # run on although train/data/seed were edited
 
 
 def run_study(spec: StudySpec, stores: Stores, request: RunRequest) -> RunSummary:
     """Run a study's trials in this process (one job) or in worker processes (several)."""
     interrupts.install()
-    created = create(spec, stores)
+    created = create(spec, stores, allow_changed_settings=request.allow_changed_settings)
     tracker, runs = created.tracker, created.runs
     if created.created:
         log.info(f"created study {spec.name!r}")
     study = open_study(spec, stores)
-    if spec_changed(study, spec):
-        log.info(
-            "warning: the study file changed since the study was created; "
-            "earlier trials were run with the old settings"
-        )
     recover_stale(study, tracker, runs)
     plans = worker_plans(spec, stores, runs, request)
     log.info(
@@ -70,12 +67,25 @@ def run_study(spec: StudySpec, stores: Stores, request: RunRequest) -> RunSummar
         else:
             exits = [f"{e.name}: {e.describe()}" for e in run_pool(plans, study, tracker)]
     finally:
+        _wind_up(study, tracker, runs, stores)
+    return summarize(study, plans[0].budget.session, time.perf_counter() - started, exits)
+
+
+def _wind_up(study: optuna.Study, tracker: Tracker, runs: StudyRuns, stores: Stores) -> None:
+    """Recover what dead workers left, sum the study up on its parent run, and close it unless
+    another `study run` still works on it. A store that fails here is one line: the error
+    that ended the run (if any) is the one raised."""
+    try:
         recover_stale(study, tracker, runs)
         update_parent(study, tracker, runs.parent_run_id)
         # another `study run` may still be working on the same study: the last one closes it
         others = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         tracker.parent_running(runs.parent_run_id, bool(others))
-    return summarize(study, plans[0].budget.session, time.perf_counter() - started, exits)
+    except Exception as exc:
+        error = store_error(exc, stores)
+        if error is None:
+            raise
+        log.info(f"the study could not be summed up: {error}")
 
 
 def worker_plans(

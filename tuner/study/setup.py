@@ -1,20 +1,36 @@
 """Set up a study: its Optuna storage, sampler and pruner; create it (with its MLflow experiment
-and parent run) once, and open it again."""
+and parent run) once, check on every later start that the stores and the study file still
+belong to it, and open it again."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import optuna
 
-from tuner.errors import TunerError
-from tuner.records import EXPERIMENT_ATTR, OBJECTIVE_ATTR, PARENT_ATTR, SPEC_ATTR
-from tuner.spec import StudySpec
-from tuner.stores import Stores, creation_lock, optuna_storage, use_wal
+from tuner.errors import SpecError, TunerError
+from tuner.records import (
+    EXPERIMENT_ATTR,
+    OBJECTIVE_ATTR,
+    PARENT_ATTR,
+    SETTINGS_PREFIX,
+    SPEC_ATTR,
+    SPEC_JSON_ATTR,
+)
+from tuner.spec import StudySpec, parse
+from tuner.stores import (
+    Stores,
+    build_aside,
+    build_optuna_schema,
+    creation_lock,
+    optuna_storage,
+    use_wal,
+)
 
 if TYPE_CHECKING:
     from tuner.tracking import StudyRuns, Tracker
@@ -22,9 +38,17 @@ if TYPE_CHECKING:
 # torch, scikit-learn and mlflow are imported by the functions that train or log, not here:
 # `tuner study status` needs only Optuna and answers in a second instead of five.
 
+log = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 SAMPLER_SEED_STRIDE = 1_000_003  # between workers' seeds: far apart, whatever the study's size
+
+# What a study file may change once the study exists. The search space: never (Optuna cannot
+# mix two spaces in one study). The fixed settings of every trial: only when asked, and then
+# each trial records the settings it trained with. The rest steers the search, not what a
+# trial trains (trials per run, sampler, pruner, limits): free.
+SPACE_KEYS = ("space",)
+SETTINGS_KEYS = ("seed", "train", "data")
 
 
 @dataclass(frozen=True)
@@ -40,12 +64,29 @@ def spec_digest(spec: StudySpec) -> str:
     return hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode()).hexdigest()
 
 
-def make_sampler(spec: StudySpec, n_existing: int, worker: int = 0) -> optuna.samplers.BaseSampler:
-    # Offset the seed by the trials already stored: a restarted study must not replay the
-    # random start-up points it drew the first time; and by the worker's index: workers that
-    # start together must not all draw the same points.
+def settings_digest(spec: StudySpec) -> str:
+    """What a trial records as the fixed settings it trained with (`records.SETTINGS_ATTR`)."""
+    return _digest(_settings(spec.to_dict()))
+
+
+def _settings(resolved: dict[str, Any]) -> dict[str, Any]:
+    return {k: resolved.get(k) for k in SETTINGS_KEYS}
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def sampler_seed(spec: StudySpec, session: str = "", worker: int = 0) -> int:
+    """The seed of one worker's sampler. It includes the run's session id, unique to each
+    `study run`: two runs started together (or a run restarted) must not draw the same points;
+    and the worker's index: nor must the workers of one run."""
     base = spec.sampler.seed if spec.sampler.seed is not None else spec.seed
-    seed = base + n_existing + SAMPLER_SEED_STRIDE * worker
+    unique = int(hashlib.sha256(session.encode()).hexdigest()[:12], 16) if session else 0
+    return (base + unique + SAMPLER_SEED_STRIDE * worker) % 2**32
+
+
+def make_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
     if spec.sampler.type == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(
@@ -75,36 +116,69 @@ def storage_for(spec: StudySpec, stores: Stores) -> optuna.storages.RDBStorage:
     return optuna_storage(stores, spec.limits.heartbeat, spec.limits.grace)
 
 
-def create(spec: StudySpec, stores: Stores) -> Created:
+def create(spec: StudySpec, stores: Stores, *, allow_changed_settings: bool = False) -> Created:
     """Create the schemas, the Optuna study, the MLflow experiment and the study's parent run,
-    once, whichever of several workers started together gets there first."""
-    from tuner.tracking import Tracker, check_tracking
+    once, whichever of several workers started together gets there first. A study that exists
+    is checked: its MLflow runs must be there, and the study file must keep its contract."""
+    from tuner.tracking import Tracker, build_tracking_schema, check_tracking
 
     with creation_lock(stores):
         check_tracking(stores)  # both locations checked before either store is written
+        build_aside(stores.optuna_url, build_optuna_schema)
+        build_aside(stores.tracking_uri, build_tracking_schema)
         storage = storage_for(spec, stores)
-        tracker = Tracker(stores, checked=True)  # MLflow migrates a fresh database here
-        created, runs = _create(spec, stores, storage, tracker)
+        tracker = Tracker(stores, checked=True)
+        study = _stored(spec, storage)
+        if study is not None and PARENT_ATTR in study.user_attrs:
+            runs = study_runs(study)
+            tracker.check_study_runs(runs, spec.name)
+            check_contract(study, spec, allow_changed_settings)
+            created = False
+        else:  # new, or its set-up was interrupted: (re)made whole
+            runs, created = _make(spec, stores, storage, tracker, study), True
         for url in (stores.optuna_url, stores.tracking_uri):
             use_wal(url)
     return Created(created, runs, tracker)
 
 
-def _create(
-    spec: StudySpec, stores: Stores, storage: optuna.storages.RDBStorage, tracker: Tracker
-) -> tuple[bool, StudyRuns]:
+def _stored(spec: StudySpec, storage: optuna.storages.RDBStorage) -> optuna.Study | None:
+    try:
+        storage.get_study_id_from_name(spec.name)
+    except KeyError:
+        return None
+    return optuna.load_study(study_name=spec.name, storage=storage)
+
+
+def _make(
+    spec: StudySpec,
+    stores: Stores,
+    storage: optuna.storages.RDBStorage,
+    tracker: Tracker,
+    study: optuna.Study | None,
+) -> StudyRuns:
+    from tuner.tracking import StudyRuns
+
     experiment_id = tracker.experiment_id(spec.name, create=True)
-    study = optuna.create_study(
-        study_name=spec.name, storage=storage, direction="maximize", load_if_exists=True
-    )
-    if PARENT_ATTR in study.user_attrs:
-        return False, study_runs(study)
+    # a parent left by an interrupted set-up goes; another study's parent is refused
+    tracker.remove_unfinished_parents(experiment_id, spec.name, stores.optuna_url)
+    if study is None:
+        study = optuna.create_study(
+            study_name=spec.name, storage=storage, direction="maximize", load_if_exists=True
+        )
     parent = tracker.create_parent(experiment_id, spec, stores.optuna_url)
+    resolved = spec.to_dict()
+    attrs = {
+        EXPERIMENT_ATTR: experiment_id,
+        SPEC_ATTR: spec_digest(spec),
+        SPEC_JSON_ATTR: resolved,
+        OBJECTIVE_ATTR: "validation accuracy after the last epoch",
+        SETTINGS_PREFIX + settings_digest(spec): _settings(resolved),
+    }
+    for key, value in attrs.items():
+        study.set_user_attr(key, value)
+    # last: its presence says the set-up is whole; a kill before it is repaired next start
     study.set_user_attr(PARENT_ATTR, parent)
-    study.set_user_attr(EXPERIMENT_ATTR, experiment_id)
-    study.set_user_attr(SPEC_ATTR, spec_digest(spec))
-    study.set_user_attr(OBJECTIVE_ATTR, "validation accuracy after the last epoch")
-    return True, study_runs(study)
+    return StudyRuns(experiment_id=experiment_id, parent_run_id=parent)
 
 
 def study_runs(study: optuna.Study) -> StudyRuns:
@@ -112,6 +186,11 @@ def study_runs(study: optuna.Study) -> StudyRuns:
     from tuner.tracking import StudyRuns
 
     attrs = study.user_attrs
+    if PARENT_ATTR not in attrs or EXPERIMENT_ATTR not in attrs:
+        raise TunerError(
+            f"study {study.study_name!r} was not fully created (its set-up was interrupted); "
+            f"run `tuner study create {study.study_name}` to finish it"
+        )
     return StudyRuns(experiment_id=attrs[EXPERIMENT_ATTR], parent_run_id=attrs[PARENT_ATTR])
 
 
@@ -120,11 +199,75 @@ def spec_changed(study: optuna.Study, spec: StudySpec) -> bool:
     return study.user_attrs.get(SPEC_ATTR) != spec_digest(spec)
 
 
-def open_study(spec: StudySpec, stores: Stores, worker: int = 0) -> optuna.Study:
-    """The stored study, with a sampler seeded for this worker and the file's pruner."""
+def check_contract(study: optuna.Study, spec: StudySpec, allow_changed_settings: bool) -> None:
+    """The study file against the one the study was created with: a new search space is
+    refused; new fixed settings too, unless allowed; the rest is noted."""
+    stored = study.user_attrs.get(SPEC_JSON_ATTR)
+    if stored is None:  # created before tuner kept the file itself: only its digest is known
+        if spec_changed(study, spec):
+            log.info(f"warning: {spec.source} changed since the study was created")
+        return
+    changes = diff(_resolved(stored), spec.to_dict())
+    space = [line for key, line in changes if key.split(".")[0] in SPACE_KEYS]
+    settings = [line for key, line in changes if key.split(".")[0] in SETTINGS_KEYS]
+    steering = [line for _, line in changes if line not in space and line not in settings]
+    created = f"the one study {spec.name!r} was created with"
+    if space:
+        raise SpecError(
+            f"{spec.source}: the search space differs from {created}:\n"
+            + "\n".join(space)
+            + "\nA study searches one space: undo the edit, or give the study a new `name:` "
+            "to search the new space in a study of its own."
+        )
+    if settings and not allow_changed_settings:
+        raise SpecError(
+            f"{spec.source}: the fixed settings differ from {created}:\n"
+            + "\n".join(settings)
+            + "\nTrials trained with other settings do not compare: undo the edit, give the "
+            "study a new `name:`, or pass --allow-changed-settings to go on with them (each "
+            "trial records the settings it trained with)."
+        )
+    if settings:
+        log.info(
+            f"warning: {spec.source}: trials from now on train with changed settings "
+            f"({SETTINGS_PREFIX}{settings_digest(spec)}):\n" + "\n".join(settings)
+        )
+        study.set_user_attr(SETTINGS_PREFIX + settings_digest(spec), _settings(spec.to_dict()))
+    if steering:
+        log.info(f"{spec.source} changed since the study was created:\n" + "\n".join(steering))
+
+
+def _resolved(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored study file with today's defaults filled in: a default added to tuner since is
+    no change of the user's."""
+    try:
+        return parse(stored).to_dict()
+    except SpecError:
+        return stored
+
+
+def diff(old: Any, new: Any, key: str = "") -> list[tuple[str, str]]:
+    """Each changed setting: its dotted key, and a line `  train.epochs: 2 → 3`."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        found: list[tuple[str, str]] = []
+        for k in sorted(set(old) | set(new), key=str):
+            sub = f"{key}.{k}" if key else str(k)
+            if k not in old:
+                found.append((sub, f"  {sub}: (absent) → {new[k]!r}"))
+            elif k not in new:
+                found.append((sub, f"  {sub}: {old[k]!r} → (absent)"))
+            else:
+                found += diff(old[k], new[k], sub)
+        return found
+    return [] if old == new else [(key, f"  {key}: {old!r} → {new!r}")]
+
+
+def open_study(spec: StudySpec, stores: Stores, seed: int | None = None) -> optuna.Study:
+    """The stored study, with a sampler seeded by `seed` (see `sampler_seed`) and the file's
+    pruner."""
     storage = storage_for(spec, stores)
     try:
-        n_existing = storage.get_n_trials(storage.get_study_id_from_name(spec.name))
+        storage.get_study_id_from_name(spec.name)
     except KeyError:
         raise TunerError(
             f"no study {spec.name!r} in {stores.optuna_url}; run `tuner study create` first"
@@ -132,6 +275,6 @@ def open_study(spec: StudySpec, stores: Stores, worker: int = 0) -> optuna.Study
     return optuna.load_study(
         study_name=spec.name,
         storage=storage,
-        sampler=make_sampler(spec, n_existing, worker),
+        sampler=make_sampler(spec, sampler_seed(spec) if seed is None else seed),
         pruner=make_pruner(spec),
     )

@@ -20,10 +20,18 @@ from optuna.trial import TrialState
 
 from tuner import _optuna, console, interrupts
 from tuner.errors import TunerError
-from tuner.records import SESSION_ATTR, retried_numbers
+from tuner.records import (
+    SAMPLER_SEED_ATTR,
+    SESSION_ATTR,
+    SETTINGS_ATTR,
+    WORKER_ATTR,
+    retried_numbers,
+    worker_id,
+)
 from tuner.spec import StudySpec
 from tuner.stores import Stores
-from tuner.study.setup import open_study
+from tuner.study.recovery import fail_stale
+from tuner.study.setup import open_study, sampler_seed, settings_digest
 
 if TYPE_CHECKING:
     import torch
@@ -72,6 +80,11 @@ class WorkerPlan:
     threads: int | None = None  # CPU threads for torch; None: torch's default (all cores)
     index: int = 0  # the worker's number in its run: seeds its own sampler
 
+    @property
+    def seed(self) -> int:
+        """Its sampler's seed: unique to the run and the worker (recorded on each trial)."""
+        return sampler_seed(self.spec, self.budget.session, self.index)
+
 
 def work(plan: WorkerPlan) -> None:
     """The body of every worker: load the data once, then run trials until the budget is spent."""
@@ -86,13 +99,13 @@ def work(plan: WorkerPlan) -> None:
     if plan.device.type == "cuda":
         torch.cuda.set_device(plan.device)
     tracker = Tracker(plan.stores)
-    study = open_study(plan.spec, plan.stores, plan.index)
+    study = open_study(plan.spec, plan.stores, plan.seed)
     log.info(f"loading CIFAR-10 from {plan.data_dir} onto {plan.device} …")
     data = load_train_val(plan.data_dir, plan.spec.data, plan.spec.seed, plan.device)
     log.info(
         f"  {len(data.train)} training and {len(data.val)} validation images from {data.source}"
     )
-    ctx = StudyContext(plan.spec, data, tracker, plan.runs)
+    ctx = StudyContext(plan.spec, data, tracker, plan.runs, plan.seed)
     # alone in its process, a worker has nobody to wait for: a lock of its own does
     claim = plan.claim if plan.claim is not None else threading.Lock()
     while run_one(study, ctx, plan.budget, claim):
@@ -109,32 +122,40 @@ def run_one(study: optuna.Study, ctx: StudyContext, budget: Budget, claim: Any) 
         with claim:  # one worker at a time turns budget into a trial
             if interrupts.pending() or budget.spent(study):
                 return False
-            _optuna.fail_stale(study)  # as study.optimize does before each trial
+            fail_stale(study)  # as study.optimize does before each trial
             trial = _optuna.ask(study)
+            trial.set_user_attr(WORKER_ATTR, worker_id())  # first: it says the trial is live
             trial.set_user_attr(SESSION_ATTR, budget.session)
+            trial.set_user_attr(SAMPLER_SEED_ATTR, ctx.sampler_seed)
+            trial.set_user_attr(SETTINGS_ATTR, settings_digest(ctx.spec))
         run = TrialRun(ctx, trial)
-        with _optuna.heartbeat(trial):
+        with _optuna.heartbeat(trial, run.tag):
             ending = run.attempt()  # signals act at once while it trains
-            run.finish(ending)
+            ending = run.finish(ending)
     finally:
         interrupts.resume()  # a signal that waited is raised here, between trials
-    if ending.stop is not None:  # the trial was stopped by Ctrl-C or SIGTERM: so is the worker
+    if ending.stop is not None:  # Ctrl-C, SIGTERM, a store error: the worker stops too
         raise ending.stop
     return True
 
 
 def main(plan: WorkerPlan) -> None:
     """Entry point of a worker process: exit 0 when the budget is spent, 130/143 on a signal."""
+    import multiprocessing
+
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     console.show(prefix=f"[{plan.name}] ")
     interrupts.install()
+    supervisor = multiprocessing.parent_process()
+    if supervisor is not None and supervisor.pid is not None:
+        # a worker whose supervisor died (SIGKILL, a crash) ends its trial and exits: it must
+        # not go on spending the budget beside the next `study run`
+        interrupts.exit_with_parent(supervisor.pid)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: where is it?
     try:
         work(plan)
-    except interrupts.Terminated:
-        sys.exit(143)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    except KeyboardInterrupt as exc:  # SIGTERM, SIGHUP too
+        sys.exit(interrupts.exit_code(exc))
     except TunerError as exc:
         print(f"[{plan.name}] error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)

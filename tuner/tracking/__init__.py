@@ -2,16 +2,18 @@
 checksummed artifacts (`artifacts`), and what made each run (`provenance`)."""
 
 from tuner.tracking.artifacts import ARCHITECTURE, VAL_PREDICTIONS, WEIGHTS, sha256
-from tuner.tracking.client import check_reachable, check_tracking
-from tuner.tracking.runs import StudyRuns, Tracker, TrialOutputs
+from tuner.tracking.client import build_tracking_schema, check_reachable, check_tracking
+from tuner.tracking.runs import StoresDisagree, StudyRuns, Tracker, TrialOutputs
 
 __all__ = [
     "ARCHITECTURE",
     "VAL_PREDICTIONS",
     "WEIGHTS",
+    "StoresDisagree",
     "StudyRuns",
     "Tracker",
     "TrialOutputs",
+    "build_tracking_schema",
     "check_reachable",
     "check_tracking",
     "sha256",

@@ -37,10 +37,14 @@ def log_file(client: PatientClient, run_id: str, local: Path, artifact_path: str
     target = Path(urllib.request.url2pathname(parsed.path)) / artifact_path
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    shutil.copyfile(local, partial)
-    with partial.open("rb") as f:
-        os.fsync(f.fileno())
-    os.replace(partial, target)
+    try:
+        shutil.copyfile(local, partial)
+        with partial.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(partial, target)
+    except BaseException:  # a full disk, a signal: no partial file stays behind
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def location(client: PatientClient, run_id: str, artifact_path: str) -> str:

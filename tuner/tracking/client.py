@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -13,7 +12,7 @@ from typing import Any
 
 from tuner import interrupts
 from tuner.errors import ConfigError
-from tuner.stores import Stores, prepare_tracking
+from tuner.stores import Stores, patiently, prepare_tracking
 
 # mlflow configures its loggers from this variable (INFO by default) when imported: schema
 # migrations and progress bars are not news to a user; their own setting still wins.
@@ -22,40 +21,30 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 from mlflow import MlflowClient  # noqa: E402
 
-LOCKED_RETRY_SECONDS = 120  # keep retrying a write to a locked SQLite store this long
 HEALTH_TIMEOUT_SECONDS = 5.0  # MLflow's own client retries for minutes before it gives up
-
-
-def _locked(exc: BaseException) -> bool:
-    return "database is locked" in str(exc)
 
 
 class PatientClient:
     """An MlflowClient whose calls wait out a locked SQLite store (several workers write to
-    one file, and SQLite lets one writer in at a time; the driver gives up after 5 s), and
-    are not cut in half by Ctrl-C or SIGTERM."""
+    one file, and SQLite lets one writer in at a time; the driver gives up after 5 s; see
+    `stores.patiently`), and are not cut in half by Ctrl-C or SIGTERM."""
 
     def __init__(self, tracking_uri: str) -> None:
         self._client = MlflowClient(tracking_uri=tracking_uri)
+        self._what = f"the MLflow store {tracking_uri}"
 
     def __getattr__(self, name: str) -> Any:
         method = getattr(self._client, name)
         if not callable(method):
             return method
 
+        def shielded(*args: Any, **kwargs: Any) -> Any:
+            with interrupts.shielded():  # never leave a SQLite write half done
+                return method(*args, **kwargs)
+
         @functools.wraps(method)
         def patient(*args: Any, **kwargs: Any) -> Any:
-            deadline = time.monotonic() + LOCKED_RETRY_SECONDS
-            delay = 0.05  # seconds, doubled up to 2 s
-            while True:
-                try:
-                    with interrupts.shielded():  # never leave a SQLite write half done
-                        return method(*args, **kwargs)
-                except Exception as exc:
-                    if not _locked(exc) or time.monotonic() > deadline:
-                        raise
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
+            return patiently(lambda: shielded(*args, **kwargs), self._what)
 
         return patient
 
@@ -77,6 +66,23 @@ def check_reachable(uri: str, timeout: float = HEALTH_TIMEOUT_SECONDS) -> None:
             f"cannot reach the MLflow tracking server {uri} ({exc}); check --tracking-uri or "
             "MLFLOW_TRACKING_URI, and that the server is running"
         ) from None
+
+
+def build_tracking_schema(url: str) -> None:
+    """MLflow's tables and migrations, on a SQLite file no client has opened. MLflow runs them
+    on first use, in place; `stores.build_aside` wants them on a file of its choosing."""
+    import warnings
+
+    import sqlalchemy
+    from mlflow.store.db.utils import _initialize_tables  # private: the migrations alone
+
+    engine = sqlalchemy.create_engine(url)
+    try:
+        with warnings.catch_warnings():  # old migrations use what SQLAlchemy 2.1 deprecates
+            warnings.simplefilter("ignore", sqlalchemy.exc.SADeprecationWarning)
+            _initialize_tables(engine)
+    finally:
+        engine.dispose()
 
 
 def check_tracking(stores: Stores) -> None:

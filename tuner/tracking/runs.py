@@ -7,6 +7,7 @@ Runs are written through the client with explicit ids, so nothing depends on a p
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import time
 from collections.abc import Mapping
@@ -25,6 +26,7 @@ from tuner.records import (
     BEST_TAG_PREFIX,
     EPOCHS_TAG,
     MEMBERS_TAG,
+    PROCESS_TAG,
     PRUNED_AT_TAG,
     REASON_TAG,
     RECORDS,
@@ -36,6 +38,7 @@ from tuner.records import (
     WEIGHTS_SHA256_TAG,
     Outcome,
     Role,
+    worker_id,
 )
 from tuner.stores import Stores
 from tuner.tracking.artifacts import (
@@ -53,6 +56,13 @@ if TYPE_CHECKING:
     from optuna.trial import FrozenTrial
 
     from tuner.spec import StudySpec
+
+log = logging.getLogger(__name__)
+
+
+class StoresDisagree(ConfigError):
+    """The Optuna storage and the MLflow store describe different studies: refused, not
+    merged (exit 2)."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +128,81 @@ class Tracker:
         self.client.log_dict(run_id, resolved, "spec.yaml")
         self.client.set_terminated(run_id, "FINISHED")
         return run_id
+
+    def check_study_runs(self, runs: StudyRuns, name: str) -> None:
+        """The experiment and parent run that the Optuna study names are in this tracking
+        store; else the stores no longer belong together, and nothing is merged into them."""
+        where = self.stores.tracking_uri
+        fix = (
+            f"Point --tracking-uri (MLFLOW_TRACKING_URI) at the store study {name!r} was "
+            f"created with, or start afresh: remove the study from {self.stores.optuna_url} "
+            f"(`optuna delete-study --study-name {name} --storage URL`) and run "
+            f"`tuner study create {name}`."
+        )
+        experiment = self._get(self.client.get_experiment, runs.experiment_id)
+        if (
+            experiment is None
+            or experiment.lifecycle_stage == "deleted"
+            or (experiment.name != name)
+        ):
+            found = (
+                "no such experiment"
+                if experiment is None
+                else f"experiment {experiment.name!r} ({experiment.lifecycle_stage})"
+            )
+            raise StoresDisagree(
+                f"the Optuna study {name!r} belongs to MLflow experiment {runs.experiment_id}, "
+                f"but {where} has {found} under that id. {fix}"
+            )
+        parent = self._get(self.client.get_run, runs.parent_run_id)
+        if parent is None or parent.info.lifecycle_stage == "deleted":
+            restore = (
+                f" If it was only deleted, `mlflow runs restore --run-id {runs.parent_run_id}` "
+                "brings it back."
+                if parent is not None
+                else ""
+            )
+            raise StoresDisagree(
+                f"the parent run {runs.parent_run_id} of study {name!r} is "
+                f"{'deleted' if parent is not None else 'gone'} from {where}.{restore} {fix}"
+            )
+
+    def _get(self, method: Any, key: str) -> Any:
+        """`get_experiment` or `get_run`; None where the store has no such thing."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return method(key)
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise
+
+    def remove_unfinished_parents(self, experiment_id: str, name: str, optuna_url: str) -> None:
+        """Before a study's parent run is made: one left by a set-up that was killed (no trial
+        under it, the same Optuna storage) is deleted; a parent of another study is refused."""
+        for parent in self.client.search_runs(
+            [experiment_id], filter_string=f"tags.`{ROLE_TAG}` = '{Role.STUDY}'"
+        ):
+            run_id = parent.info.run_id
+            children = self.client.search_runs(
+                [experiment_id],
+                filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run_id}'",
+                max_results=1,
+            )
+            storage = parent.data.tags.get(STORAGE_TAG)
+            if children or storage != optuna_url:
+                raise StoresDisagree(
+                    f"the MLflow experiment {name!r} ({experiment_id}) in "
+                    f"{self.stores.tracking_uri} already holds study {name!r} (parent run "
+                    f"{run_id}, with trial runs, made with Optuna storage {storage}), but "
+                    f"{optuna_url} has no such study: was the Optuna storage deleted or moved? "
+                    "Point --storage (TUNER_STORAGE) at the one it was made with, or start "
+                    f"afresh under another `name:`, or delete the experiment (`mlflow "
+                    f"experiments delete --experiment-id {experiment_id}`)."
+                )
+            self.client.delete_run(run_id)
+            log.info(f"removed parent run {run_id}, left by a `study create` that was cut short")
 
     def parent_running(self, run_id: str, running: bool) -> None:
         """The parent shows RUNNING in the UI while a `tuner study run` works on it."""
@@ -221,11 +306,10 @@ class Tracker:
 
     def running_trial_runs(self, experiment_id: str) -> list[Run]:
         """Trial runs still marked RUNNING (live, or orphaned by a worker that died)."""
-        return self.client.search_runs(
-            [experiment_id],
-            filter_string=f"tags.`{ROLE_TAG}` = '{Role.TRIAL}' and attributes.status = 'RUNNING'",
-            max_results=10_000,
-        )
+        return self.running_runs(experiment_id, Role.TRIAL)
+
+    def parent_is_running(self, run_id: str) -> bool:
+        return self.client.get_run(run_id).info.status == "RUNNING"
 
     # -- ensembles ------------------------------------------------------------------------------
 
@@ -240,34 +324,51 @@ class Tracker:
         what = f"the weights of trial {trial_number}"
         return arch, fetch_verified(self.client, run_id, WEIGHTS, expected, what, folder)
 
-    def log_ensemble(
+    def start_ensemble(self, runs: StudyRuns, top_k: int) -> str:
+        """An ensemble's run, RUNNING while it is scored; tagged with this process, so that a
+        run left RUNNING by a process that died is closed (`recovery.reconcile_runs`)."""
+        tags = {
+            MLFLOW_PARENT_RUN_ID: runs.parent_run_id,
+            ROLE_TAG: Role.ENSEMBLE,
+            PROCESS_TAG: worker_id(),
+            **provenance(),
+        }
+        run = self.client.create_run(
+            runs.experiment_id, tags=tags, run_name=f"ensemble-top{top_k}"
+        )
+        return run.info.run_id
+
+    def finish_ensemble(
         self,
-        runs: StudyRuns,
+        run_id: str,
         member_run_ids: list[str],
         params: Mapping[str, Any],
         metrics: Mapping[str, float],
         member_table: str,
         figure: Any,
-    ) -> str:
-        tags = {
-            MLFLOW_PARENT_RUN_ID: runs.parent_run_id,
-            ROLE_TAG: Role.ENSEMBLE,
-            MEMBERS_TAG: ",".join(member_run_ids),
-            **provenance(),
-        }
-        run = self.client.create_run(
-            runs.experiment_id, tags=tags, run_name=f"ensemble-top{len(member_run_ids)}"
-        )
-        run_id = run.info.run_id
+    ) -> None:
         self.client.log_batch(
             run_id,
             metrics=[Metric(k, float(v), now(), 0) for k, v in metrics.items()],
             params=[Param(k, str(v)) for k, v in params.items()],
+            tags=[RunTag(MEMBERS_TAG, ",".join(member_run_ids))],
         )
         self.client.log_text(run_id, member_table, "members.txt")
         self.client.log_figure(run_id, figure, "confusion_matrix.png")
         self.client.set_terminated(run_id, "FINISHED")
-        return run_id
+
+    def end_run(self, run_id: str, outcome: Outcome, reason: str) -> None:
+        """Close a run outside trials (an ensemble) that did not finish its work."""
+        self.client.set_tag(run_id, REASON_TAG, reason)
+        self.client.set_terminated(run_id, RECORDS[outcome].mlflow)
+
+    def running_runs(self, experiment_id: str, role: Role) -> list[Run]:
+        """Runs of a role still marked RUNNING (live, or left so by a process that died)."""
+        return self.client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{ROLE_TAG}` = '{role}' and attributes.status = 'RUNNING'",
+            max_results=10_000,
+        )
 
 
 def flatten(prefix: str, value: Any) -> dict[str, str]:
