@@ -28,13 +28,39 @@ def environment(data: Path) -> dict[str, str]:
     return env
 
 
-def start(cwd: Path, data: Path, *args: str, python: list[str] | None = None) -> subprocess.Popen:
-    """`tuner ARGS` as a process in `cwd`, its output piped."""
+def start(
+    cwd: Path, data: Path, *args: str, python: list[str] | None = None, group: bool = False
+) -> subprocess.Popen:
+    """`tuner ARGS` as a process in `cwd`, its output piped; `group`: in a process group of
+    its own (as a terminal starts it), for signals to the whole group."""
     command = [*(python or [sys.executable, "-m", "tuner"]), *args]
     return subprocess.Popen(
         command, cwd=cwd, env=environment(data), text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=group,
     )  # fmt: skip
+
+
+def workers_of(pid: int) -> list[int]:
+    """The worker processes (multiprocessing spawn children) of process `pid`."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and b"spawn_main" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def running(pid: int) -> bool:
+    """Process `pid` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 def tuner(cwd: Path, data: Path, *args: str) -> subprocess.CompletedProcess[str]:

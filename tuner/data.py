@@ -117,9 +117,12 @@ def _check_pixels(path: Path, raw: object) -> np.ndarray:
         raise DataError(f"{path}: holds no images")
     if data.dtype.kind == "f":
         low, high = float(data.min()), float(data.max())
+        scaled = 0 <= low and high <= 1
+        found = "in [0, 1]" if scaled else f"from {low:g} to {high:g}"
+        hint = " (images scaled to [0, 1] would train as black: save them as uint8)"
         raise DataError(
-            f"{path}: pixels are {data.dtype} in [{low:g}, {high:g}], expected uint8 in 0..255 "
-            "(images scaled to [0, 1] would train as black: save them as uint8)"
+            f"{path}: pixels are {data.dtype} {found}, expected uint8 in 0..255"
+            + (hint if scaled else "")
         )
     if data.dtype.kind not in "iu":
         raise DataError(f"{path}: pixels are {data.dtype}, expected uint8 in 0..255")

@@ -111,6 +111,7 @@ def _store_failed(run: TrialRun, exc: BaseException) -> Ending:
     fault: it does not count against the budget), and the worker stops with one line."""
     error = store_error(exc, run.ctx.tracker.stores)
     assert error is not None
+    log.info(f"{run.tag} lost to a store error: {error}")
     details = "".join(traceback.format_exception(exc))
     return Ending(Outcome.FAILED, f"store error: {error}", details, requeue=True, stop=error)
 

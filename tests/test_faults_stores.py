@@ -1,0 +1,149 @@
+"""Store faults, injected for real: the Optuna database locked by another process mid-trial,
+and the disk under `mlruns/` full while the weights are written (a small tmpfs)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import TINY_STUDY
+from .helpers import mlflow_runs, start, stored, trial_runs, tuner, wait_for_line
+from .test_faults import study_file
+
+pytestmark = pytest.mark.slow
+
+
+@contextlib.contextmanager
+def locked(db: Path) -> Iterator[None]:
+    """Another process's write lock on a SQLite file (readers still read: WAL)."""
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        yield
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+
+
+def _no_leftovers(cwd: Path, name: str) -> None:
+    assert not [t.number for t in stored(cwd, name).trials if t.state.name == "RUNNING"]
+    assert not [r for r in mlflow_runs(cwd, name) if r.info.status == "RUNNING"]
+    assert not list((cwd / "mlruns").rglob("*.partial-*"))
+
+
+# -- 4. the Optuna database locked by another process mid-trial -----------------------------------
+
+
+def test_a_lock_longer_than_the_driver_waits_is_waited_out(
+    tmp_path: Path, fake_cifar: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver gives up after 10 s; tuner waits TUNER_STORE_WAIT (120 s) in all."""
+    study_file(tmp_path, "patient", trials=1, train={**TINY_STUDY["train"], "epochs": 4})
+    assert tuner(tmp_path, fake_cifar, "study", "create", "patient").returncode == 0
+    run = start(tmp_path, fake_cifar, "study", "run", "patient")
+    wait_for_line(run, r"\[trial 0\] epoch 1/")
+    with locked(tmp_path / "mlruns" / "optuna.db"):
+        wait_for_line(run, "waiting for the Optuna storage .*locked by another process")
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 0, out + err
+    assert [t.state.name for t in stored(tmp_path, "patient").trials] == ["COMPLETE"]
+    _no_leftovers(tmp_path, "patient")
+
+
+def test_trials_lost_to_a_locked_store_are_failed_queued_and_not_counted(
+    tmp_path: Path, fake_cifar: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TUNER_STORE_WAIT", "3")  # give up sooner than a user would
+    study_file(tmp_path, "locked", train={**TINY_STUDY["train"], "epochs": 30})
+    assert tuner(tmp_path, fake_cifar, "study", "create", "locked").returncode == 0
+    run = start(tmp_path, fake_cifar, "study", "run", "locked", "--jobs", "2", "--trials", "2")
+    wait_for_line(run, r"\[w\d\] \[trial \d\] epoch 2/")
+    with locked(tmp_path / "mlruns" / "optuna.db"):
+        wait_for_line(run, r"\[trial \d\] lost to a store error")
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 1, out + err
+    assert "Traceback" not in err
+    assert "locked by another process; find what holds it" in err
+
+    trials = stored(tmp_path, "locked").trials
+    lost = [t for t in trials if t.state.name == "FAIL"]
+    assert lost, "a trial was lost to the lock"
+    for trial in lost:
+        reason = trial.user_attrs["fail_reason"]
+        assert reason.startswith("store error: the Optuna storage sqlite:///"), reason
+        assert "it is locked by another process" in reason
+        retry = next(t for t in trials if t.user_attrs.get("retry_of") == trial.number)
+        assert retry.params == trial.params
+        assert trial_runs(tmp_path, "locked")[trial.number].info.status == "FAILED"
+
+    # the lock is gone: the retries run first, and the budget counts only what finished
+    again = tuner(tmp_path, fake_cifar, "study", "run", "locked", "--trials", "2")
+    assert again.returncode == 0, again.stderr
+    trials = stored(tmp_path, "locked").trials
+    retried = {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs}
+    assert retried == {t.number for t in lost}
+    finished = [
+        t for t in trials if t.user_attrs.get("session") == trials[-1].user_attrs["session"]
+    ]
+    assert [t.state.name for t in finished] == ["COMPLETE", "COMPLETE"]
+    _no_leftovers(tmp_path, "locked")
+
+
+# -- 5. the disk under mlruns/ full while the weights are written --------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """`tmp_path/mlruns` on a 6 MB tmpfs (mounting needs root, as CI and this machine have)."""
+    mlruns = tmp_path / "mlruns"
+    mlruns.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mlruns)],
+                             capture_output=True, text=True)  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield mlruns
+    finally:
+        subprocess.run(["umount", "-l", str(mlruns)], check=False)
+
+
+def _fill(folder: Path, leave: int) -> Path:
+    """A file that leaves `leave` bytes free on the file system of `folder`."""
+    filler = folder / "filler"
+    free = shutil.disk_usage(folder).free
+    with filler.open("wb") as f:
+        f.write(b"\0" * max(0, free - leave))
+    return filler
+
+
+def test_a_full_disk_fails_the_trial_with_its_cause_and_retries_it(
+    tmp_path: Path, fake_cifar: Path, small_disk: Path
+) -> None:
+    study_file(tmp_path, "full", train={**TINY_STUDY["train"], "epochs": 1})
+    assert tuner(tmp_path, fake_cifar, "study", "create", "full").returncode == 0
+    filler = _fill(small_disk, leave=96 * 1024)  # room for metrics, not for the weights
+    out = tuner(tmp_path, fake_cifar, "study", "run", "full", "--trials", "1")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
+    [line] = out.stderr.strip().splitlines()
+    assert "state_dict.pt" in line and "no space left on the device; free space there" in line
+
+    [trial, retry] = stored(tmp_path, "full").trials
+    assert trial.state.name == "FAIL" and retry.state.name == "WAITING"
+    assert "no space left on the device" in trial.user_attrs["fail_reason"]
+    assert retry.user_attrs["retry_of"] == 0 and retry.params == trial.params
+    assert trial_runs(tmp_path, "full")[0].info.status == "FAILED"
+    _no_leftovers(tmp_path, "full")
+
+    os.unlink(filler)
+    again = tuner(tmp_path, fake_cifar, "study", "run", "full", "--trials", "1")
+    assert again.returncode == 0, again.stderr
+    assert [t.state.name for t in stored(tmp_path, "full").trials] == ["FAIL", "COMPLETE"]
+    _no_leftovers(tmp_path, "full")
