@@ -68,7 +68,9 @@ def test_trials_lost_to_a_locked_store_are_failed_queued_and_not_counted(
     with locked(tmp_path / "mlruns" / "optuna.db"):
         wait_for_line(run, r"\[trial \d\] lost to a store error")
     out, err = run.communicate(timeout=300)
-    assert run.returncode == 1, out + err
+    # the worker that lost its trial stops with one line; one that waited long enough goes
+    # on (and may run the retry): the run ends 0 or 1
+    assert run.returncode in (0, 1), out + err
     assert "Traceback" not in err
     assert "locked by another process; find what holds it" in err
 
@@ -80,7 +82,7 @@ def test_trials_lost_to_a_locked_store_are_failed_queued_and_not_counted(
         assert reason.startswith("store error: the Optuna storage sqlite:///"), reason
         assert "it is locked by another process" in reason
         retry = next(t for t in trials if t.user_attrs.get("retry_of") == trial.number)
-        assert retry.params == trial.params
+        assert (retry.params or retry.system_attrs["fixed_params"]) == trial.params
         assert trial_runs(tmp_path, "locked")[trial.number].info.status == "FAILED"
 
     # the lock is gone: the retries run first, and the budget counts only what finished
@@ -101,17 +103,18 @@ def test_trials_lost_to_a_locked_store_are_failed_queued_and_not_counted(
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """`tmp_path/mlruns` on a 6 MB tmpfs (mounting needs root, as CI and this machine have)."""
-    mlruns = tmp_path / "mlruns"
-    mlruns.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mlruns)],
+    """`tmp_path/mlruns/artifacts` (the artifact store) on a 2 MB tmpfs of its own (mounting
+    needs root, as CI and this machine have)."""
+    artifacts = tmp_path / "mlruns" / "artifacts"
+    artifacts.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(artifacts)],
                              capture_output=True, text=True)  # fmt: skip
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     try:
-        yield mlruns
+        yield artifacts
     finally:
-        subprocess.run(["umount", "-l", str(mlruns)], check=False)
+        subprocess.run(["umount", "-l", str(artifacts)], check=False)
 
 
 def _fill(folder: Path, leave: int) -> Path:
@@ -128,17 +131,18 @@ def test_a_full_disk_fails_the_trial_with_its_cause_and_retries_it(
 ) -> None:
     study_file(tmp_path, "full", train={**TINY_STUDY["train"], "epochs": 1})
     assert tuner(tmp_path, fake_cifar, "study", "create", "full").returncode == 0
-    filler = _fill(small_disk, leave=96 * 1024)  # room for metrics, not for the weights
+    filler = _fill(small_disk, leave=0)  # no room for the weights
     out = tuner(tmp_path, fake_cifar, "study", "run", "full", "--trials", "1")
     assert out.returncode == 1, out.stdout + out.stderr
-    assert "Traceback" not in out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
     [line] = out.stderr.strip().splitlines()
     assert "state_dict.pt" in line and "no space left on the device; free space there" in line
 
     [trial, retry] = stored(tmp_path, "full").trials
     assert trial.state.name == "FAIL" and retry.state.name == "WAITING"
     assert "no space left on the device" in trial.user_attrs["fail_reason"]
-    assert retry.user_attrs["retry_of"] == 0 and retry.params == trial.params
+    assert retry.user_attrs["retry_of"] == 0
+    assert retry.system_attrs["fixed_params"] == trial.params  # (enqueued, not yet drawn)
     assert trial_runs(tmp_path, "full")[0].info.status == "FAILED"
     _no_leftovers(tmp_path, "full")
 

@@ -111,11 +111,13 @@ def sqlite_file(url: str) -> Path | None:
     return Path(parsed.database)
 
 
-def build_aside(url: str, build: Callable[[str], None]) -> None:
+def build_aside(url: str, build: Callable[[str], None], what: str) -> None:
     """A SQLite store that does not exist yet is built under a temporary name, then renamed
     into place: an interrupt while its schema is made (seconds, for MLflow's migrations)
     leaves no half-made store behind that every later command would fail on. Call under
-    `creation_lock`; `build(url)` makes the schema at the URL it is given."""
+    `creation_lock`; `build(url)` makes the schema at the URL it is given; `what` names the
+    store in errors."""
+    _prepare_sqlite(url, what)
     path = sqlite_file(url)
     if path is None or path.exists():
         return

@@ -40,11 +40,14 @@ def store_options(command: Callable[..., Any]) -> Callable[..., Any]:
         tracking_uri: str | None,
         **kwargs: Any,
     ) -> Any:
+        from tuner.errors import TunerError
         from tuner.stores import resolve, store_error
 
         stores = resolve(mlruns, storage, tracking_uri)
         try:
             return command(*args, stores=stores, **kwargs)
+        except TunerError:  # says what it means already
+            raise
         except Exception as exc:  # locked, full, read-only, missing, unreachable: one line
             error = store_error(exc, stores)
             if error is None:

@@ -124,6 +124,20 @@ class Supervisor:
         return plan
 
 
+def shared_lock() -> Any:
+    """A lock the workers share. Its semaphore is watched by multiprocessing's resource
+    tracker process, started here with SIGHUP blocked (it blocks SIGINT and SIGTERM itself):
+    when the terminal closes, it must outlive the workers, or it prints a traceback."""
+    from multiprocessing import resource_tracker
+
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    return multiprocessing.get_context("spawn").Lock()
+
+
 def run_pool(plans: list[WorkerPlan], study: optuna.Study, tracker: Tracker) -> list[Exit]:
     """Run each plan in a worker process until every one has ended; how each ended."""
     from tuner.data import ensure_cifar

@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 from tuner import interrupts
 from tuner.spec import StudySpec
 from tuner.stores import Stores, store_error
-from tuner.study.pool import run_pool
+from tuner.study.pool import run_pool, shared_lock
 from tuner.study.recovery import recover_stale
 from tuner.study.setup import create, open_study
 from tuner.study.summary import RunSummary, summarize, update_parent
@@ -92,8 +92,6 @@ def worker_plans(
     spec: StudySpec, stores: Stores, runs: StudyRuns, request: RunRequest
 ) -> list[WorkerPlan]:
     """One plan per worker: `jobs_per_device` on each device, sharing one budget."""
-    import multiprocessing
-
     from tuner.data import resolve_data_dir
 
     n = request.trials if request.trials is not None else spec.trials
@@ -103,7 +101,7 @@ def worker_plans(
     slots = [(d, j) for d in request.devices for j in range(request.jobs_per_device)]
     if len(slots) == 1:
         return [WorkerPlan("main", spec, stores, runs, data_dir, slots[0][0], budget)]
-    claim = multiprocessing.get_context("spawn").Lock()
+    claim = shared_lock()
     # each worker gets its share of the cores: oversubscribed OpenMP threads spin-wait on
     # each other, and an epoch of 0.1 s took 3.7 s now and then
     threads = max(1, (os.cpu_count() or 1) // len(slots))

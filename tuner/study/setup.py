@@ -124,9 +124,9 @@ def create(spec: StudySpec, stores: Stores, *, allow_changed_settings: bool = Fa
 
     with creation_lock(stores):
         check_tracking(stores)  # both locations checked before either store is written
-        build_aside(stores.optuna_url, build_optuna_schema)
-        build_aside(stores.tracking_uri, build_tracking_schema)
-        storage = storage_for(spec, stores)
+        build_aside(stores.optuna_url, build_optuna_schema, "Optuna storage")
+        storage = storage_for(spec, stores)  # a bad URL fails here, before MLflow is touched
+        build_aside(stores.tracking_uri, build_tracking_schema, "MLflow tracking")
         tracker = Tracker(stores, checked=True)
         study = _stored(spec, storage)
         if study is not None and PARENT_ATTR in study.user_attrs:

@@ -4,6 +4,7 @@ half by a signal, and a tracking server that does not answer is an error at star
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import urllib.error
 import urllib.parse
@@ -20,6 +21,10 @@ os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 from mlflow import MlflowClient  # noqa: E402
+
+# MLflow's store logs each database error with its whole traceback, then raises it: tuner
+# reports store errors itself, in one line (`stores.store_error`)
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 HEALTH_TIMEOUT_SECONDS = 5.0  # MLflow's own client retries for minutes before it gives up
 

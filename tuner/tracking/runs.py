@@ -6,6 +6,7 @@ Runs are written through the client with explicit ids, so nothing depends on a p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
@@ -301,7 +302,10 @@ class Tracker:
         metrics = [Metric("final_val_acc", value, now(), 0)] if value is not None else []
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
         if details:
-            self.client.log_text(run_id, details, "error.txt")
+            # a courtesy: the status and the reason are what must be recorded, and a full
+            # artifact store (the likely cause of the error) must not stop them
+            with contextlib.suppress(Exception):
+                self.client.log_text(run_id, details, "error.txt")
         self.client.set_terminated(run_id, RECORDS[outcome].mlflow)
 
     def running_trial_runs(self, experiment_id: str) -> list[Run]:
