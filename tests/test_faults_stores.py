@@ -151,3 +151,42 @@ def test_a_full_disk_fails_the_trial_with_its_cause_and_retries_it(
     assert again.returncode == 0, again.stderr
     assert [t.state.name for t in stored(tmp_path, "full").trials] == ["FAIL", "COMPLETE"]
     _no_leftovers(tmp_path, "full")
+
+
+@pytest.fixture
+def full_mlruns(tmp_path: Path) -> Iterator[Path]:
+    """All of `tmp_path/mlruns` (both databases and the artifacts) on a 6 MB tmpfs."""
+    mlruns = tmp_path / "mlruns"
+    mlruns.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mlruns)],
+                             capture_output=True, text=True)  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield mlruns
+    finally:
+        subprocess.run(["umount", "-l", str(mlruns)], check=False)
+
+
+def test_a_full_disk_under_every_store_is_one_line_and_nothing_stays_running(
+    tmp_path: Path, fake_cifar: Path, full_mlruns: Path
+) -> None:
+    """Where the disk runs out first (a database page, the weights) varies; what the user
+    sees must not: one line, and a study that goes on once there is room."""
+    from .test_faults import FAST_LIMITS
+
+    study_file(tmp_path, "full", train={**TINY_STUDY["train"], "epochs": 1}, limits=FAST_LIMITS)
+    assert tuner(tmp_path, fake_cifar, "study", "create", "full").returncode == 0
+    filler = _fill(full_mlruns, leave=0)
+    out = tuner(tmp_path, fake_cifar, "study", "run", "full", "--trials", "1")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    [line] = out.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "no space left on the device" in line, line
+
+    os.unlink(filler)
+    again = tuner(tmp_path, fake_cifar, "study", "run", "full", "--trials", "1")
+    assert again.returncode == 0, again.stderr
+    states = [t.state.name for t in stored(tmp_path, "full").trials]
+    assert states[-1] == "COMPLETE" and "RUNNING" not in states, states
+    _no_leftovers(tmp_path, "full")

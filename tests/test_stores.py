@@ -44,3 +44,40 @@ def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_bad_storage_url_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="not-a-url"):
         optuna_storage(resolve(storage="not-a-url"))
+
+
+def _raised(exc: BaseException, cause: BaseException) -> BaseException:
+    try:
+        try:
+            raise cause
+        except BaseException as inner:
+            raise exc from inner
+    except BaseException as outer:
+        return outer
+
+
+@pytest.mark.parametrize(
+    ("error", "cause"),
+    [
+        (OSError(28, "No space left on device", "/m/state_dict.pt"), "no space left on the device"),
+        (OSError(30, "Read-only file system", "/m/x"), "the file system is read-only"),
+        (RuntimeError("(sqlite3.OperationalError) database is locked"),
+         "it is locked by another process"),
+        (RuntimeError("attempt to write a readonly database"), "it is read-only"),
+        (RuntimeError("unable to open database file"), "its file cannot be opened"),
+        (RuntimeError("Connection refused"), "the server refuses connections"),
+    ],
+)  # fmt: skip
+def test_store_errors_are_one_line_naming_store_cause_and_fix(
+    tmp_path: Path, error: BaseException, cause: str
+) -> None:
+    from tuner.stores import store_error
+
+    stores = resolve(mlruns=tmp_path)
+    wrapped = _raised(RuntimeError("An exception is raised during the commit."), error)
+    found = store_error(wrapped, stores)
+    assert found is not None and cause in str(found)
+    assert "\n" not in str(found) and str(found).endswith("then run the command again")
+    where = getattr(error, "filename", None) or f"the MLflow store {stores.tracking_uri}"
+    assert str(found).startswith(where)
+    assert store_error(ValueError("a bug, not a store"), stores) is None

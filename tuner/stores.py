@@ -225,12 +225,24 @@ def store_error(exc: BaseException, stores: Stores) -> StoreError | None:
         return None
     cause, fix, filename = found
     if _raised_in(exc, "optuna"):
-        where = f"the Optuna storage {stores.optuna_url}"
+        where, url = f"the Optuna storage {stores.optuna_url}", stores.optuna_url
     elif filename is not None:
-        where = f"{filename}"
+        where, url = f"{filename}", None
     else:
-        where = f"the MLflow store {stores.tracking_uri}"
+        where, url = f"the MLflow store {stores.tracking_uri}", stores.tracking_uri
+    if cause == "a disk I/O error" and url is not None and _full(sqlite_file(url)):
+        # SQLite cannot make its -shm file on a full disk, and says only "disk I/O error"
+        cause, fix = _ERRNO_CAUSES[errno.ENOSPC]
     return StoreError(f"{where}: {cause}; {fix}, then run the command again")
+
+
+def _full(path: Path | None) -> bool:
+    import shutil
+
+    try:
+        return path is not None and shutil.disk_usage(path.parent).free < 64 * 1024
+    except OSError:
+        return False
 
 
 def _locked(exc: BaseException) -> bool:
@@ -308,6 +320,9 @@ def optuna_storage(
             ),
         )
     except Exception as exc:
+        error = store_error(exc, stores)
+        if error is not None and sqlite_file(stores.optuna_url) is not None:
+            raise error from None  # locked, full, read-only: the URL is right, the file is not
         raise ConfigError(
             f"cannot open the Optuna storage {stores.optuna_url} ({exc}); check --storage or "
             "TUNER_STORAGE, and that the database is reachable"

@@ -136,3 +136,37 @@ def test_an_edited_study_file_is_noticed(stores) -> None:
     assert not spec_changed(open_study(spec, stores), spec)
     edited = parse({**TINY_STUDY, "name": "edited", "trials": 7})
     assert spec_changed(open_study(edited, stores), edited)
+
+
+def test_the_study_file_is_the_studys_contract(stores, caplog: pytest.LogCaptureFixture) -> None:
+    from tuner.errors import SpecError
+    from tuner.study.setup import check_contract
+
+    spec = parse({**TINY_STUDY, "name": "contract"})
+    create(spec, stores)
+    study = open_study(spec, stores)
+    check_contract(study, spec, allow_changed_settings=False)  # unchanged: silent
+
+    space = {**TINY_STUDY["space"], "depth": ["vgg11"]}
+    with pytest.raises(SpecError, match=r"studies/contract.yaml: the search space differs"):
+        check_contract(study, parse({**TINY_STUDY, "name": "contract", "space": space}), True)
+    edited = parse({**TINY_STUDY, "name": "contract", "seed": 3})
+    with pytest.raises(SpecError, match=r"(?s)fixed settings differ.*  seed: 0 → 3"):
+        check_contract(study, edited, allow_changed_settings=False)
+    with caplog.at_level("INFO"):
+        check_contract(study, edited, allow_changed_settings=True)
+        check_contract(study, parse({**TINY_STUDY, "name": "contract", "trials": 9}), False)
+    assert "train with changed settings" in caplog.text and "trials: 4 → 9" in caplog.text
+    assert any(k.startswith("settings:") for k in open_study(spec, stores).user_attrs)
+
+
+def test_a_study_whose_parent_run_is_gone_is_refused(stores) -> None:
+    from tuner.tracking import StoresDisagree
+
+    spec = parse({**TINY_STUDY, "name": "orphaned"})
+    made = create(spec, stores)
+    made.tracker.client.delete_run(made.runs.parent_run_id)
+    with pytest.raises(StoresDisagree, match="mlflow runs restore --run-id"):
+        create(spec, stores)
+    made.tracker.client.restore_run(made.runs.parent_run_id)
+    assert not create(spec, stores).created

@@ -4,6 +4,7 @@ a trial is set up and while it is recorded, and act at once while it trains."""
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import gc
 import logging
@@ -119,17 +120,20 @@ def run_one(study: optuna.Study, ctx: StudyContext, budget: Budget, claim: Any) 
 
     interrupts.defer()  # a signal waits while the trial is set up, and while it is recorded
     try:
-        with claim:  # one worker at a time turns budget into a trial
-            if interrupts.pending() or budget.spent(study):
-                return False
-            fail_stale(study)  # as study.optimize does before each trial
-            trial = _optuna.ask(study)
-            trial.set_user_attr(WORKER_ATTR, worker_id())  # first: it says the trial is live
-            trial.set_user_attr(SESSION_ATTR, budget.session)
-            trial.set_user_attr(SAMPLER_SEED_ATTR, ctx.sampler_seed)
-            trial.set_user_attr(SETTINGS_ATTR, settings_digest(ctx.spec))
-        run = TrialRun(ctx, trial)
-        with _optuna.heartbeat(trial, run.tag):
+        with contextlib.ExitStack() as beating:
+            with claim:  # one worker at a time turns budget into a trial
+                if interrupts.pending() or budget.spent(study):
+                    return False
+                fail_stale(study)  # as study.optimize does before each trial
+                trial = _optuna.ask(study)
+                # its heartbeat from the start: a trial whose set-up fails (a full disk) is
+                # failed and queued again once the heartbeat is stale, never left RUNNING
+                beating.enter_context(_optuna.heartbeat(trial, f"[trial {trial.number}]"))
+                trial.set_user_attr(WORKER_ATTR, worker_id())  # it says the trial is live
+                trial.set_user_attr(SESSION_ATTR, budget.session)  # counted, under the claim
+                trial.set_user_attr(SAMPLER_SEED_ATTR, ctx.sampler_seed)
+                trial.set_user_attr(SETTINGS_ATTR, settings_digest(ctx.spec))
+            run = TrialRun(ctx, trial)
             ending = run.attempt()  # signals act at once while it trains
             ending = run.finish(ending)
     finally:
