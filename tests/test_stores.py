@@ -59,7 +59,7 @@ def _raised(exc: BaseException, cause: BaseException) -> BaseException:
 @pytest.mark.parametrize(
     ("error", "cause"),
     [
-        (OSError(28, "No space left on device", "/m/state_dict.pt"), "no space left on the device"),
+        (OSError(28, "No space left on device", "/m/weights.pt"), "no space left on the device"),
         (OSError(30, "Read-only file system", "/m/x"), "the file system is read-only"),
         (RuntimeError("(sqlite3.OperationalError) database is locked"),
          "it is locked by another process"),
