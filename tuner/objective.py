@@ -36,7 +36,8 @@ from tuner.records import (
 )
 from tuner.space import TrialParams, suggest
 from tuner.spec import StudySpec
-from tuner.stores import store_cause, store_error
+from tuner.store_errors import store_cause
+from tuner.stores import store_error
 from tuner.tracking import StudyRuns, Tracker, TrialOutputs
 from tuner.train import Diverged, EpochStats, TrainConfig, TrainResult, train, wants_compile
 

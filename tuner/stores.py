@@ -9,12 +9,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import functools
 import logging
 import os
-import threading
-import time
-import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +19,13 @@ import optuna
 import sqlalchemy
 
 from tuner.errors import ConfigError, StoreError
+from tuner.store_errors import ERRNO_CAUSES, PatientStorage, full, raised_in, store_cause
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 10  # a running trial writes a heartbeat this often (limits.heartbeat)
 GRACE_SECONDS = 60  # a trial silent this long is marked failed (limits.grace)
 SQLITE_TIMEOUT_SECONDS = 10  # the driver's own wait on a locked SQLite file, each attempt
-STORE_WAIT_SECONDS = 120  # keep retrying a locked store this long in all (TUNER_STORE_WAIT)
 REMOTE_SCHEMES = {"http", "https", "databricks"}  # tracking URIs served by an MLflow server
 
 
@@ -151,72 +147,6 @@ def use_wal(url: str) -> None:
         db.execute("PRAGMA journal_mode=WAL")
 
 
-def store_wait() -> float:
-    """Seconds to wait out a locked store before the work that needs it fails."""
-    raw = os.environ.get("TUNER_STORE_WAIT")
-    try:
-        return float(raw) if raw else STORE_WAIT_SECONDS
-    except ValueError:
-        raise ConfigError(f"TUNER_STORE_WAIT={raw!r} is not a number of seconds") from None
-
-
-# -- store errors: what went wrong, in one line, and what to do -----------------------------------
-# (a phrase in the error, the cause, the fix); the first that matches anywhere in the chain wins
-_CAUSES = (
-    ("database is locked", "it is locked by another process",
-     "find what holds it (`fuser FILE`), or wait longer with TUNER_STORE_WAIT=SECONDS"),
-    ("database or disk is full", "no space left on the device",
-     "free space there"),
-    ("readonly database", "it is read-only",
-     "make the file and its folder writable"),
-    ("unable to open database file",
-     "its file cannot be opened (deleted, moved, or no permission)",
-     "restore it, or point tuner at it (--mlruns, --storage, --tracking-uri)"),
-    ("disk i/o error", "a disk I/O error", "check the disk"),
-    ("connection refused", "the server refuses connections",
-     "check that the server is running and reachable"),
-    ("max retries exceeded", "the server does not answer",
-     "check that the server is running and reachable"),
-    ("could not connect to server", "the server does not answer",
-     "check that the server is running and reachable"),
-)  # fmt: skip
-_ERRNO_CAUSES = {
-    errno.ENOSPC: ("no space left on the device", "free space there"),
-    errno.EDQUOT: ("the disk quota is exceeded", "free space there"),
-    errno.EROFS: ("the file system is read-only", "make it writable"),
-    errno.EACCES: ("permission denied", "make the folder writable"),
-}
-
-
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
-
-
-def store_cause(exc: BaseException) -> tuple[str, str, str | None] | None:
-    """(cause, fix, file) when `exc` means a store cannot be used, else None."""
-    for link in _chain(exc):
-        if isinstance(link, OSError) and link.errno in _ERRNO_CAUSES:
-            cause, fix = _ERRNO_CAUSES[link.errno]
-            return cause, fix, link.filename
-        text = str(link).lower()
-        for phrase, cause, fix in _CAUSES:
-            if phrase in text:
-                return cause, fix, None
-    return None
-
-
-def _raised_in(exc: BaseException, package: str) -> bool:
-    return any(
-        f"/{package}/" in frame.filename
-        for link in _chain(exc)
-        for frame in traceback.extract_tb(link.__traceback__)
-    )
-
-
 def store_error(exc: BaseException, stores: Stores) -> StoreError | None:
     """The one-line `StoreError` for an exception that means a store cannot be used: which
     store (from where it was raised), the cause, and what to do. None for other errors."""
@@ -224,81 +154,16 @@ def store_error(exc: BaseException, stores: Stores) -> StoreError | None:
     if found is None:
         return None
     cause, fix, filename = found
-    if _raised_in(exc, "optuna"):
+    if raised_in(exc, "optuna"):
         where, url = f"the Optuna storage {stores.optuna_url}", stores.optuna_url
     elif filename is not None:
         where, url = f"{filename}", None
     else:
         where, url = f"the MLflow store {stores.tracking_uri}", stores.tracking_uri
-    if cause == "a disk I/O error" and url is not None and _full(sqlite_file(url)):
+    if cause == "a disk I/O error" and url is not None and full(url):
         # SQLite cannot make its -shm file on a full disk, and says only "disk I/O error"
-        cause, fix = _ERRNO_CAUSES[errno.ENOSPC]
+        cause, fix = ERRNO_CAUSES[errno.ENOSPC]
     return StoreError(f"{where}: {cause}; {fix}, then run the command again")
-
-
-def _full(path: Path | None) -> bool:
-    import shutil
-
-    try:
-        return path is not None and shutil.disk_usage(path.parent).free < 64 * 1024
-    except OSError:
-        return False
-
-
-def _locked(exc: BaseException) -> bool:
-    return any("database is locked" in str(link) for link in _chain(exc))
-
-
-class _Waiting(threading.local):
-    since: float | None = None
-
-
-_waiting = _Waiting()
-
-
-def patiently(call: Callable[[], object], what: str) -> object:
-    """`call()`, retried while the store is locked by another process (SQLite lets one writer
-    in at a time), for `store_wait()` seconds in all; one line says it waits."""
-    deadline = time.monotonic() + store_wait()
-    delay = 0.05  # seconds, doubled up to 2 s
-    while True:
-        try:
-            result = call()
-        except Exception as exc:
-            if not _locked(exc) or time.monotonic() > deadline:
-                _waiting.since = None
-                raise
-            if _waiting.since is None:
-                _waiting.since = time.monotonic()
-                log.info(f"waiting for {what}: locked by another process (at most "
-                         f"{store_wait():.0f} s, TUNER_STORE_WAIT)")  # fmt: skip
-        else:
-            _waiting.since = None
-            return result
-        time.sleep(delay)
-        delay = min(delay * 2, 2.0)
-
-
-class PatientStorage(optuna.storages.RDBStorage):
-    """Optuna's RDB storage, whose calls wait out a locked SQLite file (`patiently`) instead
-    of failing the trial after the driver's timeout."""
-
-
-def _patient(name: str) -> Callable[..., object]:
-    method = getattr(optuna.storages.RDBStorage, name)
-
-    @functools.wraps(method)
-    def wrapper(self: PatientStorage, *args: object, **kwargs: object) -> object:
-        return patiently(lambda: method(self, *args, **kwargs), f"the Optuna storage {self.url}")
-
-    return wrapper
-
-
-for _name in (*optuna.storages.BaseStorage.__abstractmethods__, "record_heartbeat",
-              "_get_stale_trial_ids", "get_trial_user_attrs", "get_trial_system_attrs",
-              "get_best_trial", "get_n_trials"):  # fmt: skip
-    if hasattr(optuna.storages.RDBStorage, _name):
-        setattr(PatientStorage, _name, _patient(_name))
 
 
 def optuna_storage(

@@ -13,7 +13,8 @@ from typing import Any
 
 from tuner import interrupts
 from tuner.errors import ConfigError
-from tuner.stores import Stores, patiently, prepare_tracking
+from tuner.store_errors import patiently
+from tuner.stores import Stores, prepare_tracking
 
 # mlflow configures its loggers from this variable (INFO by default) when imported: schema
 # migrations and progress bars are not news to a user; their own setting still wins.
@@ -32,7 +33,7 @@ HEALTH_TIMEOUT_SECONDS = 5.0  # MLflow's own client retries for minutes before i
 class PatientClient:
     """An MlflowClient whose calls wait out a locked SQLite store (several workers write to
     one file, and SQLite lets one writer in at a time; the driver gives up after 5 s; see
-    `stores.patiently`), and are not cut in half by Ctrl-C or SIGTERM."""
+    `store_errors.patiently`), and are not cut in half by Ctrl-C or SIGTERM."""
 
     def __init__(self, tracking_uri: str) -> None:
         self._client = MlflowClient(tracking_uri=tracking_uri)

@@ -1,0 +1,156 @@
+"""What goes wrong with a store, said in one line, and waiting out the one thing that passes:
+a SQLite file locked by another process (several workers write to one file, and SQLite lets
+one writer in at a time)."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import optuna
+import sqlalchemy
+
+from tuner.errors import ConfigError
+
+log = logging.getLogger(__name__)
+STORE_WAIT_SECONDS = 120  # keep retrying a locked store this long in all (TUNER_STORE_WAIT)
+
+
+def store_wait() -> float:
+    """Seconds to wait out a locked store before the work that needs it fails."""
+    raw = os.environ.get("TUNER_STORE_WAIT")
+    try:
+        return float(raw) if raw else STORE_WAIT_SECONDS
+    except ValueError:
+        raise ConfigError(f"TUNER_STORE_WAIT={raw!r} is not a number of seconds") from None
+
+
+# -- store errors: what went wrong, in one line, and what to do -----------------------------------
+# (a phrase in the error, the cause, the fix); the first that matches anywhere in the chain wins
+_CAUSES = (
+    ("database is locked", "it is locked by another process",
+     "find what holds it (`fuser FILE`), or wait longer with TUNER_STORE_WAIT=SECONDS"),
+    ("database or disk is full", "no space left on the device",
+     "free space there"),
+    ("readonly database", "it is read-only",
+     "make the file and its folder writable"),
+    ("unable to open database file",
+     "its file cannot be opened (deleted, moved, or no permission)",
+     "restore it, or point tuner at it (--mlruns, --storage, --tracking-uri)"),
+    ("disk i/o error", "a disk I/O error", "check the disk"),
+    ("connection refused", "the server refuses connections",
+     "check that the server is running and reachable"),
+    ("max retries exceeded", "the server does not answer",
+     "check that the server is running and reachable"),
+    ("could not connect to server", "the server does not answer",
+     "check that the server is running and reachable"),
+)  # fmt: skip
+ERRNO_CAUSES = {
+    errno.ENOSPC: ("no space left on the device", "free space there"),
+    errno.EDQUOT: ("the disk quota is exceeded", "free space there"),
+    errno.EROFS: ("the file system is read-only", "make it writable"),
+    errno.EACCES: ("permission denied", "make the folder writable"),
+}
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+
+
+def store_cause(exc: BaseException) -> tuple[str, str, str | None] | None:
+    """(cause, fix, file) when `exc` means a store cannot be used, else None."""
+    for link in _chain(exc):
+        if isinstance(link, OSError) and link.errno in ERRNO_CAUSES:
+            cause, fix = ERRNO_CAUSES[link.errno]
+            return cause, fix, link.filename
+        text = str(link).lower()
+        for phrase, cause, fix in _CAUSES:
+            if phrase in text:
+                return cause, fix, None
+    return None
+
+
+def raised_in(exc: BaseException, package: str) -> bool:
+    return any(
+        f"/{package}/" in frame.filename
+        for link in _chain(exc)
+        for frame in traceback.extract_tb(link.__traceback__)
+    )
+
+
+def full(url: str) -> bool:
+    """The disk of a SQLite URL's file has (nearly) no room left."""
+    import shutil
+
+    try:
+        database = sqlalchemy.engine.make_url(url).database
+        return bool(database) and shutil.disk_usage(Path(database).parent).free < 64 * 1024
+    except Exception:
+        return False
+
+
+def _locked(exc: BaseException) -> bool:
+    return any("database is locked" in str(link) for link in _chain(exc))
+
+
+class _Waiting(threading.local):
+    since: float | None = None
+
+
+_waiting = _Waiting()
+
+
+def patiently(call: Callable[[], object], what: str) -> object:
+    """`call()`, retried while the store is locked by another process (SQLite lets one writer
+    in at a time), for `store_wait()` seconds in all; one line says it waits."""
+    deadline = time.monotonic() + store_wait()
+    delay = 0.05  # seconds, doubled up to 2 s
+    while True:
+        try:
+            result = call()
+        except Exception as exc:
+            if not _locked(exc) or time.monotonic() > deadline:
+                _waiting.since = None
+                raise
+            if _waiting.since is None:
+                _waiting.since = time.monotonic()
+                log.info(f"waiting for {what}: locked by another process (at most "
+                         f"{store_wait():.0f} s, TUNER_STORE_WAIT)")  # fmt: skip
+        else:
+            _waiting.since = None
+            return result
+        time.sleep(delay)
+        delay = min(delay * 2, 2.0)
+
+
+class PatientStorage(optuna.storages.RDBStorage):
+    """Optuna's RDB storage, whose calls wait out a locked SQLite file (`patiently`) instead
+    of failing the trial after the driver's timeout."""
+
+
+def _patient(name: str) -> Callable[..., object]:
+    method = getattr(optuna.storages.RDBStorage, name)
+
+    @functools.wraps(method)
+    def wrapper(self: PatientStorage, *args: object, **kwargs: object) -> object:
+        return patiently(lambda: method(self, *args, **kwargs), f"the Optuna storage {self.url}")
+
+    return wrapper
+
+
+for _name in (*optuna.storages.BaseStorage.__abstractmethods__, "record_heartbeat",
+              "_get_stale_trial_ids", "get_trial_user_attrs", "get_trial_system_attrs",
+              "get_best_trial", "get_n_trials"):  # fmt: skip
+    if hasattr(optuna.storages.RDBStorage, _name):
+        setattr(PatientStorage, _name, _patient(_name))
