@@ -18,6 +18,7 @@ from pathlib import Path
 import optuna
 import sqlalchemy
 
+from tuner import interrupts
 from tuner.errors import ConfigError, StoreError
 from tuner.store_errors import ERRNO_CAUSES, PatientStorage, full, raised_in, store_cause
 
@@ -121,8 +122,11 @@ def build_aside(url: str, build: Callable[[str], None], what: str) -> None:
         stale.unlink(missing_ok=True)
     aside = path.with_name(f".{path.name}.building-{os.getpid()}")
     try:
-        build(sqlite_url(aside))
-        use_wal(sqlite_url(aside))
+        # Ctrl-C and SIGTERM wait for the build (seconds): raised inside a migration, they
+        # are swallowed by its own clean-up, which then fails with another error
+        with interrupts.shielded():
+            build(sqlite_url(aside))
+            use_wal(sqlite_url(aside))
         os.replace(aside, path)
     except BaseException:
         for leftover in path.parent.glob(f"{aside.name}*"):  # with its -wal and -shm
