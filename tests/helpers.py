@@ -100,6 +100,21 @@ def in_process(cwd: Path, data: Path, monkeypatch: pytest.MonkeyPatch, *args: st
     return info.value.code
 
 
+def quick(
+    cwd: Path,
+    data: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    *args: str,
+) -> subprocess.CompletedProcess[str]:
+    """`tuner ARGS` in this process, reported as `tuner` would have: for the commands that
+    end at once (a refusal, a `create`), without an interpreter's start-up for each."""
+    capsys.readouterr()
+    code = in_process(cwd, data, monkeypatch, *args)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, out, err)
+
+
 def wait_for_line(process: subprocess.Popen, pattern: str, timeout: float = 120) -> list[str]:
     """Read the process's output until a line matches; the lines read so far."""
     lines: list[str] = []

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from .conftest import TINY_STUDY, write_batch, write_fake_cifar
-from .helpers import mlflow_runs, role, start, stored, trial_runs, tuner, wait_until
+from .helpers import mlflow_runs, quick, role, start, stored, trial_runs, tuner, wait_until
 from .test_faults import study_file
 
 pytestmark = pytest.mark.slow
@@ -39,8 +39,9 @@ def _nothing_running(cwd: Path, name: str) -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
 def test_a_first_create_stopped_while_mlflow_builds_its_tables(
-    tmp_path: Path, fake_cifar: Path, sig: signal.Signals
-) -> None:
+    tmp_path: Path, fake_cifar: Path, sig: signal.Signals, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
     study_file(tmp_path, "fresh", trials=1, train=ONE_EPOCH)
     create = start(tmp_path, fake_cifar, "study", "create", "fresh")
     mlruns = tmp_path / "mlruns"
@@ -54,7 +55,7 @@ def test_a_first_create_stopped_while_mlflow_builds_its_tables(
         assert not list(mlruns.glob(".mlflow.db.building-*")), "cleaned up on the way out"
     assert not (mlruns / "mlflow.db").exists(), "no half-built store in place"
 
-    again = tuner(tmp_path, fake_cifar, "study", "create", "fresh")
+    again = quick(tmp_path, fake_cifar, monkeypatch, capsys, "study", "create", "fresh")
     assert again.returncode == 0, again.stderr
     assert not list(mlruns.glob(".*.building-*")), "a killed build's file is removed"
     assert len(_parents(tmp_path, "fresh")) == 1
@@ -146,12 +147,15 @@ def _edit(cwd: Path, section: str, value: object) -> Path:
     return path
 
 
-def test_an_edited_search_space_is_refused_with_the_diff(ran_once: Path, fake_cifar: Path) -> None:
+def test_an_edited_search_space_is_refused_with_the_diff(
+    ran_once: Path, fake_cifar: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
     from .test_faults import ONE_POINT
 
     path = _edit(ran_once, "space", {**ONE_POINT, "depth": ["vgg13"], "augment": ["none"]})
     for command in ("run", "create"):
-        out = tuner(ran_once, fake_cifar, "study", command, "edited")
+        out = quick(ran_once, fake_cifar, monkeypatch, capsys, "study", command, "edited")
         assert out.returncode == 2, out.stderr
         assert "Traceback" not in out.stderr
         assert f"studies/{path.name}: the search space differs" in out.stderr
@@ -161,11 +165,12 @@ def test_an_edited_search_space_is_refused_with_the_diff(ran_once: Path, fake_ci
 
 
 def test_edited_settings_are_refused_unless_allowed_and_then_recorded(
-    ran_once: Path, fake_cifar: Path
-) -> None:
+    ran_once: Path, fake_cifar: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
     _edit(ran_once, "train", {**ONE_EPOCH, "epochs": 2})
     for command in ("create", "run"):
-        out = tuner(ran_once, fake_cifar, "study", command, "edited")
+        out = quick(ran_once, fake_cifar, monkeypatch, capsys, "study", command, "edited")
         assert out.returncode == 2, out.stderr
         assert "studies/edited.yaml: the fixed settings differ" in out.stderr
         assert "train.epochs: 1 → 2" in out.stderr and "--allow-changed-settings" in out.stderr
@@ -187,9 +192,12 @@ def test_edited_settings_are_refused_unless_allowed_and_then_recorded(
 
     _edit(ran_once, "trials", 3)  # steering the search, not what a trial trains: free
     _edit(ran_once, "train", ONE_EPOCH)
-    out = tuner(ran_once, fake_cifar, "study", "status", "edited")
+    out = quick(ran_once, fake_cifar, monkeypatch, capsys, "study", "status", "edited")
     assert out.returncode == 0
-    assert tuner(ran_once, fake_cifar, "study", "create", "edited").returncode == 0
+    assert (
+        quick(ran_once, fake_cifar, monkeypatch, capsys, "study", "create", "edited").returncode
+        == 0
+    )
 
 
 # -- 10. stores that no longer belong together ---------------------------------------------------
@@ -213,7 +221,7 @@ def test_stores_that_disagree_are_refused_not_merged(
             path.unlink()
         expected = "has no such study: was the Optuna storage deleted or moved?"
     for command in (("study", "run", "edited"), ("ensemble", "edited", "--top", "1")):
-        out = tuner(ran_once, fake_cifar, *command)
+        out = tuner(ran_once, fake_cifar, *command)  # a process: no engine of this one's
         assert out.returncode == 2, out.stdout + out.stderr
         assert "Traceback" not in out.stderr
         assert expected in out.stderr, out.stderr

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import TINY_STUDY
-from .helpers import mlflow_runs, start, stored, trial_runs, tuner, wait_for_line
+from .helpers import mlflow_runs, quick, start, stored, trial_runs, tuner, wait_for_line
 from .test_faults import study_file
 
 pytestmark = pytest.mark.slow
@@ -42,11 +42,15 @@ def _no_leftovers(cwd: Path, name: str) -> None:
 
 
 def test_a_lock_longer_than_the_driver_waits_is_waited_out(
-    tmp_path: Path, fake_cifar: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+    tmp_path: Path, fake_cifar: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
     """The driver gives up after 10 s; tuner waits TUNER_STORE_WAIT (120 s) in all."""
     study_file(tmp_path, "patient", trials=1, train={**TINY_STUDY["train"], "epochs": 4})
-    assert tuner(tmp_path, fake_cifar, "study", "create", "patient").returncode == 0
+    assert (
+        quick(tmp_path, fake_cifar, monkeypatch, capsys, "study", "create", "patient").returncode
+        == 0
+    )
     run = start(tmp_path, fake_cifar, "study", "run", "patient")
     wait_for_line(run, r"\[trial 0\] epoch 1/")
     with locked(tmp_path / "mlruns" / "optuna.db"):
@@ -58,11 +62,15 @@ def test_a_lock_longer_than_the_driver_waits_is_waited_out(
 
 
 def test_trials_lost_to_a_locked_store_are_failed_queued_and_not_counted(
-    tmp_path: Path, fake_cifar: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+    tmp_path: Path, fake_cifar: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
     monkeypatch.setenv("TUNER_STORE_WAIT", "3")  # give up sooner than a user would
     study_file(tmp_path, "locked", train={**TINY_STUDY["train"], "epochs": 12})
-    assert tuner(tmp_path, fake_cifar, "study", "create", "locked").returncode == 0
+    assert (
+        quick(tmp_path, fake_cifar, monkeypatch, capsys, "study", "create", "locked").returncode
+        == 0
+    )
     run = start(tmp_path, fake_cifar, "study", "run", "locked", "--jobs", "2", "--trials", "2")
     wait_for_line(run, r"\[w\d\] \[trial \d\] epoch 2/")
     with locked(tmp_path / "mlruns" / "optuna.db"):
