@@ -161,6 +161,14 @@ def trial_runs(cwd: Path, name: str) -> dict[int, mlflow.entities.Run]:
     return dict(zip(numbers, found, strict=True))
 
 
+def no_leftovers(cwd: Path, name: str) -> None:
+    """After a fault: no trial and no MLflow run left RUNNING, no half-written file."""
+    assert not [t.number for t in stored(cwd, name).trials if t.state.name == "RUNNING"]
+    left = [(role(r), r.info.status) for r in mlflow_runs(cwd, name) if r.info.status == "RUNNING"]
+    assert not left, f"runs left RUNNING: {left}"
+    assert not list((cwd / "mlruns").rglob("*.partial-*")), "a half-written file"
+
+
 class Payload:
     """A pickle that runs `touch MARKER` when loaded: what a tampered weights file could do."""
 

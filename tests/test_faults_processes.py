@@ -14,9 +14,11 @@ import pytest
 
 from tuner import _optuna
 
+from . import test_faults
 from .conftest import TINY_STUDY
 from .helpers import (
     mlflow_runs,
+    no_leftovers,
     role,
     running,
     start,
@@ -30,13 +32,8 @@ from .helpers import (
 from .test_faults import FAST_LIMITS, heartbeat_stale, study_file
 
 pytestmark = pytest.mark.slow
+finished = test_faults.finished  # a study with 2 finished trials (pytest fixture)
 LONG = {**TINY_STUDY["train"], "epochs": 60}  # time enough to be stopped mid-training
-
-
-def _no_leftovers(cwd: Path, name: str) -> None:
-    assert not [t.number for t in stored(cwd, name).trials if t.state.name == "RUNNING"]
-    left = [(role(r), r.info.status) for r in mlflow_runs(cwd, name) if r.info.status == "RUNNING"]
-    assert not left, f"runs left RUNNING: {left}"
 
 
 # -- 3. a supervisor killed under its workers; SIGHUP to the process group ----------------------
@@ -60,7 +57,7 @@ def test_workers_do_not_outlive_a_killed_supervisor(tmp_path: Path, fake_cifar: 
     # the parent was left RUNNING by the killed supervisor: the next run closes it
     again = tuner(tmp_path, fake_cifar, "study", "run", "orphans", "--trials", "1")
     assert again.returncode == 0, again.stderr
-    _no_leftovers(tmp_path, "orphans")
+    no_leftovers(tmp_path, "orphans")
 
 
 def test_sighup_to_the_process_group_ends_the_run_cleanly(
@@ -80,7 +77,7 @@ def test_sighup_to_the_process_group_ends_the_run_cleanly(
     assert {(t.state.name, t.user_attrs.get("fail_reason")) for t in trials} == {
         ("FAIL", "terminated")}  # fmt: skip
     assert {r.info.status for r in trial_runs(tmp_path, "hangup").values()} == {"KILLED"}
-    _no_leftovers(tmp_path, "hangup")
+    no_leftovers(tmp_path, "hangup")
 
 
 # -- 6. two `study run` commands on one study at once --------------------------------------------
@@ -105,15 +102,6 @@ def test_two_runs_at_once_draw_different_points(tmp_path: Path, fake_cifar: Path
 
 
 # -- 9. `tuner ensemble` stopped mid-way ---------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory: pytest.TempPathFactory, fake_cifar: Path) -> Path:
-    cwd = tmp_path_factory.mktemp("finished")
-    study_file(cwd, "done", trials=2)
-    out = tuner(cwd, fake_cifar, "study", "run", "done")
-    assert out.returncode == 0, out.stderr
-    return cwd
 
 
 @pytest.mark.parametrize(
@@ -149,7 +137,7 @@ def test_an_ensemble_stopped_mid_way_leaves_no_run_running(
         assert "a trial that was running" not in err
         assert new.data.tags["tuner.fail_reason"] in ("terminated", "interrupted")
     assert new.info.status == "KILLED"
-    _no_leftovers(finished, "done")
+    no_leftovers(finished, "done")
 
 
 # -- 13. a worker frozen past its grace period (a machine under heavy load) ---------------------
@@ -172,7 +160,7 @@ def test_a_live_trial_whose_heartbeat_is_late_is_never_failed(
     out, err = first.communicate(timeout=300)
     assert first.returncode == 0, out + err
     assert [t.state.name for t in stored(tmp_path, "late").trials] == ["COMPLETE", "COMPLETE"]
-    _no_leftovers(tmp_path, "late")
+    no_leftovers(tmp_path, "late")
 
 
 def test_a_trial_failed_from_outside_ends_its_attempt_with_one_line(
@@ -200,4 +188,4 @@ def test_a_trial_failed_from_outside_ends_its_attempt_with_one_line(
     assert trials[0].user_attrs["fail_reason"] == "worker died", "the other process's record"
     assert trials[1].state.name == "COMPLETE" and trials[1].params == trials[0].params
     assert trial_runs(tmp_path, "taken")[0].info.status == "KILLED"
-    _no_leftovers(tmp_path, "taken")
+    no_leftovers(tmp_path, "taken")

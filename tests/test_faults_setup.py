@@ -18,7 +18,17 @@ import pytest
 import yaml
 
 from .conftest import TINY_STUDY, write_batch, write_fake_cifar
-from .helpers import mlflow_runs, quick, role, start, stored, trial_runs, tuner, wait_until
+from .helpers import (
+    mlflow_runs,
+    no_leftovers,
+    quick,
+    role,
+    start,
+    stored,
+    trial_runs,
+    tuner,
+    wait_until,
+)
 from .test_faults import study_file
 
 pytestmark = pytest.mark.slow
@@ -27,11 +37,6 @@ ONE_EPOCH = {**TINY_STUDY["train"], "epochs": 1}
 
 def _parents(cwd: Path, name: str) -> list[mlflow.entities.Run]:
     return [r for r in mlflow_runs(cwd, name) if role(r) == "study"]
-
-
-def _nothing_running(cwd: Path, name: str) -> None:
-    assert not [t for t in stored(cwd, name).trials if t.state.name == "RUNNING"]
-    assert not [r for r in mlflow_runs(cwd, name) if r.info.status == "RUNNING"]
 
 
 # -- 1. `study create` stopped while MLflow builds its tables ----------------------------------
@@ -114,7 +119,7 @@ def test_create_killed_between_attribute_writes_is_finished_by_the_next_command(
     parents = _parents(cwd, "partial")
     assert [p.info.run_id for p in parents] == [attrs["mlflow_parent_run_id"]], "one parent"
     assert set(trial_runs(cwd, "partial")) == {0}
-    _nothing_running(cwd, "partial")
+    no_leftovers(cwd, "partial")
 
 
 # -- 7 and 8. the study file edited between runs ------------------------------------------------

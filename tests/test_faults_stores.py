@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import TINY_STUDY
-from .helpers import mlflow_runs, quick, start, stored, trial_runs, tuner, wait_for_line
+from .helpers import no_leftovers, quick, start, stored, trial_runs, tuner, wait_for_line
 from .test_faults import study_file
 
 pytestmark = pytest.mark.slow
@@ -30,12 +30,6 @@ def locked(db: Path) -> Iterator[None]:
     finally:
         holder.execute("COMMIT")
         holder.close()
-
-
-def _no_leftovers(cwd: Path, name: str) -> None:
-    assert not [t.number for t in stored(cwd, name).trials if t.state.name == "RUNNING"]
-    assert not [r for r in mlflow_runs(cwd, name) if r.info.status == "RUNNING"]
-    assert not list((cwd / "mlruns").rglob("*.partial-*"))
 
 
 # -- 4. the Optuna database locked by another process mid-trial -----------------------------------
@@ -58,7 +52,7 @@ def test_a_lock_longer_than_the_driver_waits_is_waited_out(
     out, err = run.communicate(timeout=300)
     assert run.returncode == 0, out + err
     assert [t.state.name for t in stored(tmp_path, "patient").trials] == ["COMPLETE"]
-    _no_leftovers(tmp_path, "patient")
+    no_leftovers(tmp_path, "patient")
 
 
 def test_trials_lost_to_a_locked_store_are_failed_queued_and_not_counted(
@@ -107,26 +101,31 @@ def test_trials_lost_to_a_locked_store_are_failed_queued_and_not_counted(
         t for t in trials if t.user_attrs.get("session") == trials[-1].user_attrs["session"]
     ]
     assert [t.state.name for t in finished] == ["COMPLETE"]
-    _no_leftovers(tmp_path, "locked")
+    no_leftovers(tmp_path, "locked")
 
 
 # -- 5. the disk under mlruns/ full while the weights are written --------------------------------
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """`tmp_path/mlruns/artifacts` (the artifact store) on a 2 MB tmpfs of its own (mounting
-    needs root, as CI and this machine have)."""
-    artifacts = tmp_path / "mlruns" / "artifacts"
-    artifacts.mkdir(parents=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(artifacts)],
+@contextlib.contextmanager
+def tmpfs(folder: Path, size: str) -> Iterator[Path]:
+    """`folder` on a tmpfs of `size` (mounting needs root, as CI and this machine have)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
                              capture_output=True, text=True)  # fmt: skip
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     try:
-        yield artifacts
+        yield folder
     finally:
-        subprocess.run(["umount", "-l", str(artifacts)], check=False)
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """`tmp_path/mlruns/artifacts` (the artifact store) on a 2 MB tmpfs of its own."""
+    with tmpfs(tmp_path / "mlruns" / "artifacts", "2m") as folder:
+        yield folder
 
 
 def _fill(folder: Path, leave: int) -> Path:
@@ -156,28 +155,20 @@ def test_a_full_disk_fails_the_trial_with_its_cause_and_retries_it(
     assert retry.user_attrs["retry_of"] == 0
     assert retry.system_attrs["fixed_params"] == trial.params  # (enqueued, not yet drawn)
     assert trial_runs(tmp_path, "full")[0].info.status == "FAILED"
-    _no_leftovers(tmp_path, "full")
+    no_leftovers(tmp_path, "full")
 
     os.unlink(filler)
     again = tuner(tmp_path, fake_cifar, "study", "run", "full", "--trials", "1")
     assert again.returncode == 0, again.stderr
     assert [t.state.name for t in stored(tmp_path, "full").trials] == ["FAIL", "COMPLETE"]
-    _no_leftovers(tmp_path, "full")
+    no_leftovers(tmp_path, "full")
 
 
 @pytest.fixture
 def full_mlruns(tmp_path: Path) -> Iterator[Path]:
     """All of `tmp_path/mlruns` (both databases and the artifacts) on a 6 MB tmpfs."""
-    mlruns = tmp_path / "mlruns"
-    mlruns.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mlruns)],
-                             capture_output=True, text=True)  # fmt: skip
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
-        yield mlruns
-    finally:
-        subprocess.run(["umount", "-l", str(mlruns)], check=False)
+    with tmpfs(tmp_path / "mlruns", "6m") as folder:
+        yield folder
 
 
 def test_a_full_disk_under_every_store_is_one_line_and_nothing_stays_running(
@@ -201,4 +192,4 @@ def test_a_full_disk_under_every_store_is_one_line_and_nothing_stays_running(
     assert again.returncode == 0, again.stderr
     states = [t.state.name for t in stored(tmp_path, "full").trials]
     assert states[-1] == "COMPLETE" and "RUNNING" not in states, states
-    _no_leftovers(tmp_path, "full")
+    no_leftovers(tmp_path, "full")
