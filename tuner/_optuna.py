@@ -115,3 +115,27 @@ def retry_dead(study: optuna.Study, trial: FrozenTrial) -> None:
     """Queue a failed trial again as the storage's stale-heartbeat callback would (once)."""
     callback = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
     callback(study, study._storage.get_trial(trial._trial_id))
+
+
+def claim_user_attr(
+    storage: optuna.storages.RDBStorage, study_id: int, key: str, value: str
+) -> str:
+    """Set a study's user attribute unless some process already has; the value stored.
+
+    The first writer wins, atomically across machines: the row is inserted, and the table's
+    own unique (study, key) constraint refuses the others. `set_study_user_attr` would
+    overwrite, and ignores the conflict of two inserts at once; the table
+    (`models.StudyUserAttributeModel`, private) is written directly."""
+    import json
+
+    import sqlalchemy
+    from optuna.storages._rdb import models
+
+    table = models.StudyUserAttributeModel.__table__
+    row = {"study_id": study_id, "key": key, "value_json": json.dumps(value)}
+    try:
+        with storage.engine.begin() as connection:
+            connection.execute(table.insert().values(**row))
+    except sqlalchemy.exc.IntegrityError:
+        pass  # another process got there first
+    return storage.get_study_user_attrs(study_id)[key]

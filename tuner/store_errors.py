@@ -60,6 +60,15 @@ ERRNO_CAUSES = {
 }
 
 
+def shown(url: str) -> str:
+    """A URL as printed and logged: its password masked."""
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except Exception:
+        return url
+    return parsed.render_as_string(hide_password=True) if parsed.password else url
+
+
 def _chain(exc: BaseException) -> Iterator[BaseException]:
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
@@ -100,12 +109,32 @@ def full(url: str) -> bool:
         return False
 
 
-def _locked(exc: BaseException) -> bool:
-    return any("database is locked" in str(link) for link in _chain(exc))
+# a database server that restarts, or a connection dropped on the way: gone in seconds
+_UNREACHABLE = (
+    "server closed the connection", "terminating connection", "connection refused",
+    "the database system is", "could not receive data", "could not send data",
+    "consuming input failed", "connection is closed", "connection already closed",
+    "connection timed out", "connection reset", "ssl syscall", "lost connection",
+    "server has gone away", "connection is lost", "failed to establish a new connection",
+)  # fmt: skip
+
+
+def _passing(exc: BaseException) -> str | None:
+    """What makes `exc` worth waiting out ("locked", "unreachable"), or None."""
+    for link in _chain(exc):
+        text = str(link).lower()
+        if "database is locked" in text:
+            return "locked by another process"
+        if getattr(link, "connection_invalidated", False) or any(
+            phrase in text for phrase in _UNREACHABLE
+        ):
+            return "unreachable"
+    return None
 
 
 class _Waiting(threading.local):
     since: float | None = None
+    why: str = ""
 
 
 _waiting = _Waiting()
@@ -113,21 +142,27 @@ _waiting = _Waiting()
 
 def patiently(call: Callable[[], object], what: str) -> object:
     """`call()`, retried while the store is locked by another process (SQLite lets one writer
-    in at a time), for `store_wait()` seconds in all; one line says it waits."""
+    in at a time) or its server cannot be reached (a restart, a dropped connection: the pool
+    reconnects), for `store_wait()` seconds in all; one line says it waits, one that it is
+    back."""
     deadline = time.monotonic() + store_wait()
     delay = 0.05  # seconds, doubled up to 2 s
     while True:
         try:
             result = call()
         except Exception as exc:
-            if not _locked(exc) or time.monotonic() > deadline:
+            why = _passing(exc)
+            if why is None or time.monotonic() > deadline:
                 _waiting.since = None
                 raise
             if _waiting.since is None:
                 _waiting.since = time.monotonic()
-                log.info(f"waiting for {what}: locked by another process (at most "
-                         f"{store_wait():.0f} s, TUNER_STORE_WAIT)")  # fmt: skip
+                _waiting.why = why
+                log.info(f"waiting for {what}: {why} (at most {store_wait():.0f} s, "
+                         "TUNER_STORE_WAIT)")  # fmt: skip
         else:
+            if _waiting.since is not None and _waiting.why == "unreachable":
+                log.info(f"{what} answers again after {time.monotonic() - _waiting.since:.0f} s")
             _waiting.since = None
             return result
         time.sleep(delay)
@@ -144,7 +179,9 @@ def _patient(name: str) -> Callable[..., object]:
 
     @functools.wraps(method)
     def wrapper(self: PatientStorage, *args: object, **kwargs: object) -> object:
-        return patiently(lambda: method(self, *args, **kwargs), f"the Optuna storage {self.url}")
+        return patiently(
+            lambda: method(self, *args, **kwargs), f"the Optuna storage {shown(self.url)}"
+        )
 
     return wrapper
 

@@ -11,6 +11,7 @@ import errno
 import fcntl
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,14 @@ import sqlalchemy
 
 from tuner import interrupts
 from tuner.errors import ConfigError, StoreError
-from tuner.store_errors import ERRNO_CAUSES, PatientStorage, full, raised_in, store_cause
+from tuner.store_errors import (
+    ERRNO_CAUSES,
+    PatientStorage,
+    full,
+    raised_in,
+    shown,
+    store_cause,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +36,15 @@ HEARTBEAT_SECONDS = 10  # a running trial writes a heartbeat this often (limits.
 GRACE_SECONDS = 60  # a trial silent this long is marked failed (limits.grace)
 SQLITE_TIMEOUT_SECONDS = 10  # the driver's own wait on a locked SQLite file, each attempt
 REMOTE_SCHEMES = {"http", "https", "databricks"}  # tracking URIs served by an MLflow server
+# A database server's connections are shared by every node: each process keeps at most
+# POOL_SIZE + POOL_OVERFLOW to each database (its main thread, the heartbeat, the watchdog)
+POOL_SIZE = 2
+POOL_OVERFLOW = 1
+SCHEMA_ATTEMPTS = 5  # nodes that start together race to make the tables; the losers adopt them
+DRIVERS = {  # backend: (what to install, the driver it brings)
+    "postgresql": ("pip install 'tuner[postgres]'", "psycopg 3"),
+    "mysql": ("pip install mysqlclient", "mysqlclient"),
+}
 
 
 @dataclass(frozen=True)
@@ -39,12 +56,22 @@ class Stores:
 
     def describe(self) -> str:
         lines = [
-            f"  Optuna storage  : {self.optuna_url}",
-            f"  MLflow tracking : {self.tracking_uri}",
+            f"  Optuna storage  : {shown(self.optuna_url)}",
+            f"  MLflow tracking : {shown(self.tracking_uri)}",
         ]
         if self.artifact_root:
             lines.append(f"  MLflow artifacts: {self.artifact_root}")
         return "\n".join(lines)
+
+
+def server_database(url: str) -> bool:
+    """A database server (PostgreSQL, MySQL) rather than a SQLite file or an MLflow server."""
+    scheme = url.split(":", 1)[0]
+    return (
+        scheme not in REMOTE_SCHEMES
+        and not scheme.startswith(("sqlite", "file"))
+        and ("://" in url)
+    )
 
 
 def sqlite_url(path: Path) -> str:
@@ -55,6 +82,7 @@ def resolve(
     mlruns: str | os.PathLike[str] | None = None,
     storage: str | None = None,
     tracking_uri: str | None = None,
+    artifact_root: str | None = None,
 ) -> Stores:
     """Flags first, then the environment, then SQLite files under `mlruns/`."""
     folder = Path(mlruns or os.environ.get("TUNER_MLRUNS") or "mlruns").expanduser()
@@ -63,8 +91,31 @@ def resolve(
         tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or sqlite_url(folder / "mlflow.db")
     )
     remote = tracking.split(":", 1)[0] in REMOTE_SCHEMES
-    artifacts = None if remote else (folder / "artifacts").resolve().as_uri()
+    artifacts = artifact_root or os.environ.get("TUNER_ARTIFACT_ROOT")
+    if remote:
+        artifacts = None  # the server's --artifacts-destination
+    elif artifacts is None:
+        artifacts = (folder / "artifacts").resolve().as_uri()
+    elif "://" not in artifacts:
+        artifacts = Path(artifacts).expanduser().resolve().as_uri()
     return Stores(folder, optuna_url, tracking, artifacts)
+
+
+def local_artifacts_warning(stores: Stores, name: str, location: str) -> str | None:
+    """The warning for a study whose runs are in a database server (which many nodes share)
+    but whose artifacts go to a folder: other nodes cannot read a folder on this one."""
+    if not server_database(stores.tracking_uri) or not location.startswith(("file:", "/")):
+        return None
+    folder = location.removeprefix("file://")
+    return (
+        f"warning: the artifacts of study {name!r} (weights, predictions) go to the folder "
+        f"{folder}, while its runs are in {shown(stores.tracking_uri)}: unless every node "
+        "mounts that folder at the same path, other nodes cannot read them, and `tuner "
+        "ensemble` fails there. Use an MLflow tracking server (`mlflow server "
+        "--backend-store-uri DB --artifacts-destination DIR`, then --tracking-uri "
+        "http://HOST:PORT), or create the study with --artifact-root (TUNER_ARTIFACT_ROOT) "
+        "on storage every node mounts."
+    )
 
 
 def _prepare_sqlite(url: str, what: str) -> None:
@@ -170,32 +221,90 @@ def store_error(exc: BaseException, stores: Stores) -> StoreError | None:
     return StoreError(f"{where}: {cause}; {fix}, then run the command again")
 
 
+_storages: dict[tuple[str, int, int], optuna.storages.RDBStorage] = {}
+
+
 def optuna_storage(
     stores: Stores, heartbeat: int = HEARTBEAT_SECONDS, grace: int = GRACE_SECONDS
 ) -> optuna.storages.RDBStorage:
-    """The RDB storage with heartbeats on: a killed worker's trial is failed, then retried."""
-    _prepare_sqlite(stores.optuna_url, "Optuna storage")
-    engine_kwargs = {}
-    if stores.optuna_url.startswith("sqlite"):
-        engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_SECONDS}}
-    try:
-        return PatientStorage(
-            stores.optuna_url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=heartbeat,
-            grace_period=grace,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                max_retry=1
-            ),
-        )
-    except Exception as exc:
-        error = store_error(exc, stores)
-        if error is not None and sqlite_file(stores.optuna_url) is not None:
-            raise error from None  # locked, full, read-only: the URL is right, the file is not
-        raise ConfigError(
-            f"cannot open the Optuna storage {stores.optuna_url} ({exc}); check --storage or "
-            "TUNER_STORAGE, and that the database is reachable"
-        ) from None
+    """The RDB storage with heartbeats on: a killed worker's trial is failed, then retried.
+    One per process and URL: each holds a pool of connections to a server that every node
+    shares."""
+    if not server_database(stores.optuna_url):  # a file: cheap to open, and may be replaced
+        return _open_storage(stores, heartbeat, grace)
+    key = (stores.optuna_url, heartbeat, grace)
+    if key not in _storages:
+        _storages[key] = _open_storage(stores, heartbeat, grace)
+    return _storages[key]
+
+
+def engine_options(url: str) -> dict[str, object]:
+    """SQLAlchemy engine options: SQLite waits on a locked file; a database server gets a
+    small pool whose connections are checked before use (a server restart or a dropped
+    connection costs a reconnect, not an error), named `tuner host:pid` in the server's
+    own views (pg_stat_activity)."""
+    if url.startswith("sqlite"):
+        return {"connect_args": {"timeout": SQLITE_TIMEOUT_SECONDS}}
+    options: dict[str, object] = {
+        "pool_pre_ping": True,
+        "pool_size": POOL_SIZE,
+        "max_overflow": POOL_OVERFLOW,
+    }
+    if url.startswith("postgresql"):
+        import socket
+
+        options["connect_args"] = {"application_name": f"tuner {socket.gethostname()}:"
+                                                       f"{os.getpid()}"[:63]}  # fmt: skip
+    return options
+
+
+def missing_driver(url: str, exc: BaseException) -> ConfigError | None:
+    """The error for a database URL whose driver is not installed, naming what to install."""
+    if not isinstance(exc, ImportError) and not isinstance(exc.__cause__, ImportError):
+        return None
+    backend = url.split(":", 1)[0].split("+", 1)[0]
+    install, driver = DRIVERS.get(backend, ("the database's Python driver", "its driver"))
+    return ConfigError(f"{shown(url)} needs {driver}, which is not installed: {install}")
+
+
+def _open_storage(stores: Stores, heartbeat: int, grace: int) -> optuna.storages.RDBStorage:
+    url = stores.optuna_url
+    _prepare_sqlite(url, "Optuna storage")
+    for attempt in range(1, SCHEMA_ATTEMPTS + 1):
+        try:
+            return PatientStorage(
+                url,
+                engine_kwargs=engine_options(url),
+                heartbeat_interval=heartbeat,
+                grace_period=grace,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=1
+                ),
+            )
+        except Exception as exc:
+            missing = missing_driver(url, exc)
+            if missing is not None:
+                raise missing from None
+            if schema_race(exc) and attempt < SCHEMA_ATTEMPTS:
+                log.debug(f"another node is making the Optuna tables; adopting them ({exc})")
+                time.sleep(0.2 * attempt)  # let the other node's transaction finish
+                continue
+            error = store_error(exc, stores)
+            if error is not None and sqlite_file(url) is not None:
+                raise error from None  # locked, full, read-only: the URL is right, the file not
+            raise ConfigError(
+                f"cannot open the Optuna storage {shown(url)} ({exc}); check --storage or "
+                "TUNER_STORAGE, and that the database is reachable"
+            ) from None
+    raise AssertionError("unreachable")
+
+
+def schema_race(exc: BaseException) -> bool:
+    """`exc` is what a node gets when another makes the same tables at the same moment."""
+    text = str(exc).lower()
+    return isinstance(exc, sqlalchemy.exc.IntegrityError | sqlalchemy.exc.ProgrammingError) and (
+        "already exists" in text or "duplicate" in text
+    )
 
 
 def prepare_tracking(stores: Stores) -> None:

@@ -14,7 +14,7 @@ from tuner.spec import Depth
 
 
 def store_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Where the study lives; every command takes the same three."""
+    """Where the study lives; every command takes the same four."""
 
     @click.option(
         "--mlruns",
@@ -32,18 +32,26 @@ def store_options(command: Callable[..., Any]) -> Callable[..., Any]:
         default=None,
         help="MLflow tracking URI [env MLFLOW_TRACKING_URI; default sqlite:///mlruns/mlflow.db].",
     )
+    @click.option(
+        "--artifact-root",
+        default=None,
+        help="Where a new study's MLflow experiment keeps its artifacts, when the tracking "
+        "URI is a database: a folder every node mounts, or s3://… [env TUNER_ARTIFACT_ROOT; "
+        "default mlruns/artifacts; a tracking server decides its own].",
+    )
     @functools.wraps(command)
     def wrapper(
         *args: Any,
         mlruns: str | None,
         storage: str | None,
         tracking_uri: str | None,
+        artifact_root: str | None,
         **kwargs: Any,
     ) -> Any:
         from tuner.errors import TunerError
         from tuner.stores import resolve, store_error
 
-        stores = resolve(mlruns, storage, tracking_uri)
+        stores = resolve(mlruns, storage, tracking_uri, artifact_root)
         try:
             return command(*args, stores=stores, **kwargs)
         except TunerError:  # says what it means already

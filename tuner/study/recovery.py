@@ -4,7 +4,10 @@ trial ended, ensemble runs whose process is gone, and a parent run with no live 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import optuna
@@ -43,15 +46,22 @@ def _alive_here(trial: FrozenTrial) -> bool:
     return worker_alive(str(trial.user_attrs.get(WORKER_ATTR, ""))) is True
 
 
-def recover_stale(study: optuna.Study, tracker: Tracker, runs: StudyRuns) -> None:
+def recover_stale(
+    study: optuna.Study, tracker: Tracker, runs: StudyRuns, *, starting: bool = True
+) -> None:
     """Trials whose heartbeat stopped are failed and queued again (Optuna's callback), and
-    MLflow runs left RUNNING by dead workers are closed as KILLED."""
-    for number in fail_stale(study):
-        log.info(
-            f"[trial {number}] its worker stopped sending heartbeats; failed and queued again"
-        )
+    MLflow runs left RUNNING by dead workers are closed as KILLED; `starting`: and a parent
+    run left RUNNING by a `study run` that died is closed."""
+    _fail_stale_said(study)
     reconcile_runs(study, tracker, runs)
-    close_idle_parent(study, tracker, runs)
+    if starting:
+        close_idle_parent(study, tracker, runs)
+
+
+def _fail_stale_said(study: optuna.Study) -> None:
+    for number in fail_stale(study):
+        log.info(f"[trial {number}] its worker stopped sending heartbeats; failed and queued "
+                 "again")  # fmt: skip
 
 
 def recover_dead_worker(
@@ -104,3 +114,42 @@ def _reconcile_trial_runs(study: optuna.Study, tracker: Tracker, runs: StudyRuns
             f"[trial {number}] MLflow run {run.info.run_id} was left RUNNING by a dead "
             "worker: closed as KILLED"
         )
+
+
+@contextlib.contextmanager
+def watchdog(study: optuna.Study, tracker: Tracker, runs: StudyRuns) -> Iterator[None]:
+    """While a `study run` works, every heartbeat interval: the trials whose worker died, on
+    this node or any other, are failed and queued again, and their MLflow runs closed as
+    KILLED, without waiting for some trial to start or end; and the parent run is RUNNING
+    (another node that ended may have closed it). A store that fails a round is one line,
+    and the next round tries again."""
+    interval = study._storage.get_heartbeat_interval() if hasattr(study, "_storage") else None
+    stop = threading.Event()
+
+    def rounds() -> None:
+        failing = False
+        while not stop.wait(interval):
+            try:
+                _fail_stale_said(study)
+                reconcile_runs(study, tracker, runs)
+                if not tracker.parent_is_running(runs.parent_run_id):
+                    tracker.parent_running(runs.parent_run_id, True)
+            except Exception as exc:
+                if not failing:
+                    log.info(f"could not look for dead workers ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:200]}); trying again every "
+                             f"{interval} s")  # fmt: skip
+                failing = True
+            else:
+                failing = False
+
+    if not interval:
+        yield
+        return
+    thread = threading.Thread(target=rounds, name="tuner-watchdog", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=60)

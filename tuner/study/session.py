@@ -17,7 +17,7 @@ from tuner import interrupts
 from tuner.spec import StudySpec
 from tuner.stores import Stores, store_error
 from tuner.study.pool import run_pool, shared_lock
-from tuner.study.recovery import recover_stale
+from tuner.study.recovery import recover_stale, watchdog
 from tuner.study.setup import create, open_study
 from tuner.study.summary import RunSummary, summarize, update_parent
 from tuner.study.worker import Budget, WorkerPlan, work
@@ -62,10 +62,11 @@ def run_study(spec: StudySpec, stores: Stores, request: RunRequest) -> RunSummar
     exits: list[str] = []
     tracker.parent_running(runs.parent_run_id, True)
     try:
-        if len(plans) == 1:
-            work(plans[0])
-        else:
-            exits = [f"{e.name}: {e.describe()}" for e in run_pool(plans, study, tracker)]
+        with watchdog(study, tracker, runs):
+            if len(plans) == 1:
+                work(plans[0])
+            else:
+                exits = [f"{e.name}: {e.describe()}" for e in run_pool(plans, study, tracker)]
     finally:
         _wind_up(study, tracker, runs, stores)
     return summarize(study, plans[0].budget.session, time.perf_counter() - started, exits)
@@ -76,7 +77,7 @@ def _wind_up(study: optuna.Study, tracker: Tracker, runs: StudyRuns, stores: Sto
     another `study run` still works on it. A store that fails here is one line: the error
     that ended the run (if any) is the one raised."""
     try:
-        recover_stale(study, tracker, runs)
+        recover_stale(study, tracker, runs, starting=False)
         update_parent(study, tracker, runs.parent_run_id)
         # another `study run` may still be working on the same study: the last one closes it
         others = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 
+from tuner import _optuna
 from tuner.errors import SpecError, TunerError
 from tuner.records import (
     EXPERIMENT_ATTR,
@@ -28,6 +29,7 @@ from tuner.stores import (
     build_aside,
     build_optuna_schema,
     creation_lock,
+    local_artifacts_warning,
     optuna_storage,
     use_wal,
 )
@@ -77,12 +79,14 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def sampler_seed(spec: StudySpec, session: str = "", worker: int = 0) -> int:
+def sampler_seed(spec: StudySpec, session: str = "", worker: int = 0, process: str = "") -> int:
     """The seed of one worker's sampler. It includes the run's session id, unique to each
-    `study run`: two runs started together (or a run restarted) must not draw the same points;
-    and the worker's index: nor must the workers of one run."""
+    `study run`, and the process (`host:pid`): two runs started together, on one node or on
+    many, must not draw the same points, nor a run restarted; and the worker's index: nor
+    must the workers of one run."""
     base = spec.sampler.seed if spec.sampler.seed is not None else spec.seed
-    unique = int(hashlib.sha256(session.encode()).hexdigest()[:12], 16) if session else 0
+    salt = f"{session}/{process}" if process else session
+    unique = int(hashlib.sha256(salt.encode()).hexdigest()[:12], 16) if salt else 0
     return (base + unique + SAMPLER_SEED_STRIDE * worker) % 2**32
 
 
@@ -94,6 +98,9 @@ def make_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
         seed=seed,
         multivariate=True,
         group=True,  # the learning rate is conditional on the optimizer
+        # trials running on other workers and nodes count as if they had scored badly, so
+        # that the next point is drawn away from them (Optuna 5's default; said, relied on)
+        constant_liar=True,
     )
 
 
@@ -134,10 +141,15 @@ def create(spec: StudySpec, stores: Stores, *, allow_changed_settings: bool = Fa
             tracker.check_study_runs(runs, spec.name)
             check_contract(study, spec, allow_changed_settings)
             created = False
-        else:  # new, or its set-up was interrupted: (re)made whole
-            runs, created = _make(spec, stores, storage, tracker, study), True
+        else:  # new, or its set-up was interrupted (or is under way on another node)
+            runs, created = _make(spec, stores, storage, tracker, study)
         for url in (stores.optuna_url, stores.tracking_uri):
             use_wal(url)
+    warning = local_artifacts_warning(
+        stores, spec.name, tracker.artifact_location(runs.experiment_id)
+    )
+    if warning:
+        log.info(warning)
     return Created(created, runs, tracker)
 
 
@@ -155,17 +167,20 @@ def _make(
     storage: optuna.storages.RDBStorage,
     tracker: Tracker,
     study: optuna.Study | None,
-) -> StudyRuns:
+) -> tuple[StudyRuns, bool]:
+    """Make what the study lacks. Nodes that start together on empty stores all get here;
+    each step adopts what another node made first: the study and the experiment (their
+    names are unique), the attributes (the same values), and the parent run: each node makes
+    a candidate, and the first to claim `PARENT_ATTR` (a unique row) wins; the others
+    delete theirs. (runs, whether this process's parent won)"""
     from tuner.tracking import StudyRuns
 
     experiment_id = tracker.experiment_id(spec.name, create=True)
-    # a parent left by an interrupted set-up goes; another study's parent is refused
-    tracker.remove_unfinished_parents(experiment_id, spec.name, stores.optuna_url)
     if study is None:
         study = optuna.create_study(
             study_name=spec.name, storage=storage, direction="maximize", load_if_exists=True
         )
-    parent = tracker.create_parent(experiment_id, spec, stores.optuna_url)
+    study_id = storage.get_study_id_from_name(spec.name)
     resolved = spec.to_dict()
     attrs = {
         EXPERIMENT_ATTR: experiment_id,
@@ -176,9 +191,21 @@ def _make(
     }
     for key, value in attrs.items():
         study.set_user_attr(key, value)
-    # last: its presence says the set-up is whole; a kill before it is repaired next start
-    study.set_user_attr(PARENT_ATTR, parent)
-    return StudyRuns(experiment_id=experiment_id, parent_run_id=parent)
+
+    def claimed() -> str | None:
+        return storage.get_study_user_attrs(study_id).get(PARENT_ATTR)
+
+    # another study's parent in this experiment is refused
+    tracker.check_foreign_parents(experiment_id, spec.name, stores.optuna_url, claimed)
+    parent = claimed()
+    mine = None
+    if parent is None:
+        mine = tracker.create_parent(experiment_id, spec, stores.optuna_url)
+        # last: its presence says the set-up is whole; a kill before it is repaired next start
+        parent = _optuna.claim_user_attr(storage, study_id, PARENT_ATTR, mine)
+    # the parents of set-ups cut short, and of the nodes that lost the claim, go
+    tracker.remove_other_parents(experiment_id, parent, stores.optuna_url)
+    return StudyRuns(experiment_id=experiment_id, parent_run_id=parent), parent == mine
 
 
 def study_runs(study: optuna.Study) -> StudyRuns:

@@ -83,8 +83,9 @@ class WorkerPlan:
 
     @property
     def seed(self) -> int:
-        """Its sampler's seed: unique to the run and the worker (recorded on each trial)."""
-        return sampler_seed(self.spec, self.budget.session, self.index)
+        """Its sampler's seed: unique to the run, the worker and the process it runs in (read
+        in that process; recorded on each trial)."""
+        return sampler_seed(self.spec, self.budget.session, self.index, worker_id())
 
 
 def work(plan: WorkerPlan) -> None:

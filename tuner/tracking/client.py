@@ -13,13 +13,19 @@ from typing import Any
 
 from tuner import interrupts
 from tuner.errors import ConfigError
-from tuner.store_errors import patiently
-from tuner.stores import Stores, prepare_tracking
+from tuner.store_errors import patiently, shown
+from tuner.stores import POOL_OVERFLOW, POOL_SIZE, Stores, prepare_tracking
 
 # mlflow configures its loggers from this variable (INFO by default) when imported: schema
 # migrations and progress bars are not news to a user; their own setting still wins.
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# two lines per trial with a tracking server ("🏃 View run … at: URL"): tuner prints its own
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+# a database server as the MLflow store (no tracking server): a small pool per process, as
+# for Optuna's storage (`stores.POOL_SIZE`); MLflow checks each connection before use
+os.environ.setdefault("MLFLOW_SQLALCHEMYSTORE_POOL_SIZE", str(POOL_SIZE))
+os.environ.setdefault("MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW", str(POOL_OVERFLOW))
 
 from mlflow import MlflowClient  # noqa: E402
 
@@ -37,7 +43,7 @@ class PatientClient:
 
     def __init__(self, tracking_uri: str) -> None:
         self._client = MlflowClient(tracking_uri=tracking_uri)
-        self._what = f"the MLflow store {tracking_uri}"
+        self._what = f"the MLflow store {shown(tracking_uri)}"
 
     def __getattr__(self, name: str) -> Any:
         method = getattr(self._client, name)

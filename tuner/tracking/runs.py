@@ -11,7 +11,7 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,7 +41,7 @@ from tuner.records import (
     Role,
     worker_id,
 )
-from tuner.stores import Stores
+from tuner.stores import Stores, shown
 from tuner.tracking.artifacts import (
     ARCHITECTURE,
     VAL_PREDICTIONS,
@@ -108,7 +108,7 @@ class Tracker:
                 return found.experiment_id
             if not create:
                 raise TunerError(f"no MLflow experiment {name!r} at {self.stores.tracking_uri}")
-            return self.client.create_experiment(name, artifact_location=self.stores.artifact_root)
+            return self._create_experiment(name)
         except TunerError:
             raise
         except Exception as exc:
@@ -117,9 +117,27 @@ class Tracker:
                 "check --tracking-uri or MLFLOW_TRACKING_URI"
             ) from None
 
+    def _create_experiment(self, name: str) -> str:
+        """A new experiment; or, when another node made it a moment ago, that one (the name
+        is unique in the store)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.create_experiment(name, artifact_location=self.stores.artifact_root)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        found = self.client.get_experiment_by_name(name)
+        if found is None or found.lifecycle_stage == "deleted":
+            raise ConfigError(f"the MLflow experiment {name!r} could not be created or found")
+        return found.experiment_id
+
+    def artifact_location(self, experiment_id: str) -> str:
+        return self.client.get_experiment(experiment_id).artifact_location
+
     def create_parent(self, experiment_id: str, spec: StudySpec, optuna_url: str) -> str:
         """The study's run: the resolved study file, as parameters and as `spec.yaml`."""
-        tags = {ROLE_TAG: Role.STUDY, STORAGE_TAG: optuna_url, **provenance()}
+        tags = {ROLE_TAG: Role.STUDY, STORAGE_TAG: shown(optuna_url), **provenance()}
         run = self.client.create_run(experiment_id, tags=tags, run_name=spec.name)
         run_id = run.info.run_id
         resolved = spec.to_dict()
@@ -179,31 +197,62 @@ class Tracker:
                 return None
             raise
 
-    def remove_unfinished_parents(self, experiment_id: str, name: str, optuna_url: str) -> None:
-        """Before a study's parent run is made: one left by a set-up that was killed (no trial
-        under it, the same Optuna storage) is deleted; a parent of another study is refused."""
-        for parent in self.client.search_runs(
+    def _parents(self, experiment_id: str) -> list[Run]:
+        return self.client.search_runs(
             [experiment_id], filter_string=f"tags.`{ROLE_TAG}` = '{Role.STUDY}'"
-        ):
-            run_id = parent.info.run_id
-            children = self.client.search_runs(
+        )
+
+    def _has_trials(self, experiment_id: str, run_id: str) -> bool:
+        return bool(
+            self.client.search_runs(
                 [experiment_id],
                 filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run_id}'",
                 max_results=1,
             )
+        )
+
+    def check_foreign_parents(
+        self,
+        experiment_id: str,
+        name: str,
+        optuna_url: str,
+        claimed: Callable[[], str | None],
+    ) -> None:
+        """Before a study's parent run is made: a parent of another study in its experiment
+        (another Optuna storage, or trial runs under it that this study does not know) is
+        refused. `claimed()`: the parent the study has now (another node may have just
+        made it)."""
+        for parent in self._parents(experiment_id):
+            run_id = parent.info.run_id
             storage = parent.data.tags.get(STORAGE_TAG)
-            if children or storage != optuna_url:
-                raise StoresDisagree(
-                    f"the MLflow experiment {name!r} ({experiment_id}) in "
-                    f"{self.stores.tracking_uri} already holds study {name!r} (parent run "
-                    f"{run_id}, with trial runs, made with Optuna storage {storage}), but "
-                    f"{optuna_url} has no such study: was the Optuna storage deleted or moved? "
-                    "Point --storage (TUNER_STORAGE) at the one it was made with, or start "
-                    f"afresh under another `name:`, or delete the experiment (`mlflow "
-                    f"experiments delete --experiment-id {experiment_id}`)."
-                )
-            self.client.delete_run(run_id)
-            log.info(f"removed parent run {run_id}, left by a `study create` that was cut short")
+            ours = storage == shown(optuna_url)
+            if ours and not self._has_trials(experiment_id, run_id):
+                continue  # a candidate of a set-up cut short or under way
+            if ours and claimed() == run_id:
+                continue  # made by another node a moment ago
+            raise StoresDisagree(
+                f"the MLflow experiment {name!r} ({experiment_id}) in "
+                f"{shown(self.stores.tracking_uri)} already holds study {name!r} (parent run "
+                f"{run_id}, with trial runs, made with Optuna storage {storage}), but "
+                f"{shown(optuna_url)} has no such study: was the Optuna storage deleted or "
+                "moved? Point --storage (TUNER_STORAGE) at the one it was made with, or start "
+                f"afresh under another `name:`, or delete the experiment (`mlflow "
+                f"experiments delete --experiment-id {experiment_id}`)."
+            )
+
+    def remove_other_parents(self, experiment_id: str, keep: str, optuna_url: str) -> None:
+        """Once the study's parent is claimed: the other parents of this storage with no trial
+        under them (left by a set-up that was cut short, or by the nodes that lost the claim)
+        are deleted."""
+        for parent in self._parents(experiment_id):
+            run_id = parent.info.run_id
+            if run_id == keep or parent.data.tags.get(STORAGE_TAG) != shown(optuna_url):
+                continue
+            if self._has_trials(experiment_id, run_id):
+                continue
+            with contextlib.suppress(Exception):  # another node deleted it first
+                self.client.delete_run(run_id)
+                log.debug(f"removed parent run {run_id}: not the study's")
 
     def parent_running(self, run_id: str, running: bool) -> None:
         """The parent shows RUNNING in the UI while a `tuner study run` works on it."""
