@@ -173,7 +173,9 @@ def start_mlflow(backend: str, artifacts: Path, log: Path) -> MlflowServer:
         "--artifacts-destination", str(artifacts),
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]  # fmt: skip
-    env = {**os.environ, "MLFLOW_SQLALCHEMYSTORE_POOL_SIZE": "2"}
+    # no job runner (its consumer processes take a gigabyte and a core, for jobs tuner has none)
+    env = {**os.environ, "MLFLOW_SQLALCHEMYSTORE_POOL_SIZE": "2",
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # fmt: skip
     with log.open("wb") as out:
         process = subprocess.Popen(
             command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
