@@ -174,8 +174,9 @@ def four_nodes(
 
     def watch() -> None:  # the connections each node holds, as PostgreSQL counts them
         while not done.wait(0.2):
-            for app, count in postgres.connections(storage.rsplit("/", 1)[1]).items():
-                peak[app] = max(peak.get(app, 0), count)
+            with contextlib.suppress(Exception):
+                for app, count in postgres.connections(storage.rsplit("/", 1)[1]).items():
+                    peak[app] = max(peak.get(app, 0), count)
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
@@ -184,9 +185,11 @@ def four_nodes(
             cluster.start(cwd, "study", "run", name, "--trials", str(TRIALS_PER_NODE))
             for cwd in folders
         ]
-        outputs = [finish(node) for node in nodes]
-        done.set()
-        watcher.join()
+        try:
+            outputs = [finish(node) for node in nodes]
+        finally:
+            done.set()
+            watcher.join()
         yield FourNodes(cluster, name, outputs, [n.pid for n in nodes], peak)
     finally:
         cluster.stop()

@@ -186,8 +186,9 @@ def build_aside(url: str, build: Callable[[str], None], what: str) -> None:
     log.debug(f"built {path}")
 
 
-def build_optuna_schema(url: str) -> None:
-    optuna.storages.RDBStorage(url).engine.dispose()
+def build_optuna_schema(url: str, pooled: bool = True) -> None:
+    kwargs = {} if pooled else {"engine_kwargs": {"poolclass": sqlalchemy.pool.NullPool}}
+    optuna.storages.RDBStorage(url, **kwargs).engine.dispose()
 
 
 def use_wal(url: str) -> None:
@@ -272,6 +273,8 @@ def _open_storage(stores: Stores, heartbeat: int, grace: int) -> optuna.storages
     _prepare_sqlite(url, "Optuna storage")
     for attempt in range(1, SCHEMA_ATTEMPTS + 1):
         try:
+            if server_database(url):  # the tables first, on connections closed after use:
+                build_optuna_schema(url, pooled=False)  # a lost race leaves none open
             return PatientStorage(
                 url,
                 engine_kwargs=engine_options(url),
@@ -292,8 +295,9 @@ def _open_storage(stores: Stores, heartbeat: int, grace: int) -> optuna.storages
             error = store_error(exc, stores)
             if error is not None and sqlite_file(url) is not None:
                 raise error from None  # locked, full, read-only: the URL is right, the file not
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ConfigError(
-                f"cannot open the Optuna storage {shown(url)} ({exc}); check --storage or "
+                f"cannot open the Optuna storage {shown(url)} ({first}); check --storage or "
                 "TUNER_STORAGE, and that the database is reachable"
             ) from None
     raise AssertionError("unreachable")

@@ -200,9 +200,17 @@ def _make(
     parent = claimed()
     mine = None
     if parent is None:
-        mine = tracker.create_parent(experiment_id, spec, stores.optuna_url)
-        # last: its presence says the set-up is whole; a kill before it is repaired next start
-        parent = _optuna.claim_user_attr(storage, study_id, PARENT_ATTR, mine)
+        try:
+            mine = tracker.create_parent(experiment_id, spec, stores.optuna_url)
+        except Exception:
+            # the node that won the claim a moment ago deletes the other candidates, this
+            # one among them while it was being written: adopt the winner
+            parent = claimed()
+            if parent is None:
+                raise
+        else:
+            # last: its presence says the set-up is whole; a kill before it is repaired
+            parent = _optuna.claim_user_attr(storage, study_id, PARENT_ATTR, mine)
     # the parents of set-ups cut short, and of the nodes that lost the claim, go
     tracker.remove_other_parents(experiment_id, parent, stores.optuna_url)
     return StudyRuns(experiment_id=experiment_id, parent_run_id=parent), parent == mine
