@@ -15,7 +15,8 @@ PACKAGE = Path(tuner.__file__).parent
 
 # Each module's layer: a module imports only modules of lower layers.
 LAYERS: list[set[str]] = [
-    {"tuner", "errors", "records", "console", "interrupts", "_optuna"},
+    {"tuner", "errors", "records", "console", "interrupts", "background"},
+    {"_optuna"},
     {"spec", "store_errors", "devices"},
     {"stores"},
     {"space", "models", "data"},

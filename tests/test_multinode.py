@@ -10,6 +10,7 @@ tests are skipped, saying why, only when they cannot be started.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -74,6 +75,10 @@ class Cluster:
     tracking: str
     nodes: list[subprocess.Popen] = field(default_factory=list)
 
+    @functools.cached_property
+    def rdb(self) -> optuna.storages.RDBStorage:
+        return optuna.storages.RDBStorage(self.storage)
+
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("TUNER_", "MLFLOW_"))}
         return {
@@ -103,10 +108,8 @@ class Cluster:
 
     def trials(self, name: str) -> list[optuna.trial.FrozenTrial]:
         """As stored now (a study's `trials` can be cached)."""
-        if not hasattr(self, "_storage"):
-            self._storage = optuna.storages.RDBStorage(self.storage)
-        study_id = self._storage.get_study_id_from_name(name)
-        return self._storage.get_all_trials(study_id, deepcopy=False)
+        study_id = self.rdb.get_study_id_from_name(name)
+        return self.rdb.get_all_trials(study_id, deepcopy=False)
 
     def client(self) -> MlflowClient:
         return MlflowClient(tracking_uri=self.tracking)

@@ -78,11 +78,11 @@ def test_the_artifact_root_comes_from_the_flag_or_the_environment(
 
 def test_local_artifacts_beside_a_database_server_are_warned_about(tmp_path: Path) -> None:
     on_db = resolve(tmp_path, PG, PG)
-    warning = local_artifacts_warning(on_db, "s", "file:///node1/mlruns/artifacts/1")
+    warning = local_artifacts_warning(on_db, "s", lambda: "file:///node1/mlruns/artifacts/1")
     assert warning and "/node1/mlruns/artifacts/1" in warning and "mlflow server" in warning
-    assert local_artifacts_warning(on_db, "s", "s3://bucket/1") is None
+    assert local_artifacts_warning(on_db, "s", lambda: "s3://bucket/1") is None
     on_file = resolve(tmp_path)
-    assert local_artifacts_warning(on_file, "s", "file:///x") is None
+    assert local_artifacts_warning(on_file, "s", lambda: "file:///x") is None
 
 
 def test_schema_races_are_told_from_other_errors() -> None:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import warnings
 from collections.abc import Callable, Iterator
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+
+from tuner import background
 
 log = logging.getLogger(__name__)
 
@@ -46,32 +47,18 @@ def heartbeat(trial: optuna.Trial, tag: str) -> Iterator[None]:
     if interval is None:
         yield
         return
-    stop = threading.Event()
-
-    def beat() -> None:
-        failing = False
-        while True:
-            try:
-                storage.record_heartbeat(trial._trial_id)
-            except Exception as exc:
-                if not failing:
-                    log.info(f"{tag} its heartbeat could not be recorded ({type(exc).__name__}); "
-                             f"trying again every {interval} s")  # fmt: skip
-                failing = True
-            else:
-                if failing:
-                    log.info(f"{tag} its heartbeat is recorded again")
-                failing = False
-            if stop.wait(interval):
-                return
-
-    thread = threading.Thread(target=beat, name="tuner-heartbeat", daemon=True)
-    thread.start()
-    try:
+    with background.repeating(
+        lambda: storage.record_heartbeat(trial._trial_id),
+        interval,
+        "tuner-heartbeat",
+        failed=lambda exc: (
+            f"{tag} its heartbeat could not be recorded "
+            f"({type(exc).__name__}); trying again every {interval} s"
+        ),
+        recovered=f"{tag} its heartbeat is recorded again",
+        at_once=True,
+    ):
         yield
-    finally:
-        stop.set()
-        thread.join(timeout=interval + 1)
 
 
 def failed_stale(

@@ -67,11 +67,8 @@ class Stores:
 def server_database(url: str) -> bool:
     """A database server (PostgreSQL, MySQL) rather than a SQLite file or an MLflow server."""
     scheme = url.split(":", 1)[0]
-    return (
-        scheme not in REMOTE_SCHEMES
-        and not scheme.startswith(("sqlite", "file"))
-        and ("://" in url)
-    )
+    local = scheme.startswith(("sqlite", "file"))
+    return "://" in url and scheme not in REMOTE_SCHEMES and not local
 
 
 def sqlite_url(path: Path) -> str:
@@ -101,10 +98,14 @@ def resolve(
     return Stores(folder, optuna_url, tracking, artifacts)
 
 
-def local_artifacts_warning(stores: Stores, name: str, location: str) -> str | None:
+def local_artifacts_warning(stores: Stores, name: str, location: Callable[[], str]) -> str | None:
     """The warning for a study whose runs are in a database server (which many nodes share)
-    but whose artifacts go to a folder: other nodes cannot read a folder on this one."""
-    if not server_database(stores.tracking_uri) or not location.startswith(("file:", "/")):
+    but whose artifacts go to a folder: other nodes cannot read a folder on this one.
+    `location()` gives the experiment's artifact location (asked only for a database)."""
+    if not server_database(stores.tracking_uri):
+        return None
+    location = location()
+    if not location.startswith(("file:", "/")):
         return None
     folder = location.removeprefix("file://")
     return (

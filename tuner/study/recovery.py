@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from tuner import _optuna
+from tuner import _optuna, background
 from tuner.records import (
     PROCESS_TAG,
     REASON_ATTR,
@@ -123,33 +122,25 @@ def watchdog(study: optuna.Study, tracker: Tracker, runs: StudyRuns) -> Iterator
     KILLED, without waiting for some trial to start or end; and the parent run is RUNNING
     (another node that ended may have closed it). A store that fails a round is one line,
     and the next round tries again."""
-    interval = study._storage.get_heartbeat_interval() if hasattr(study, "_storage") else None
-    stop = threading.Event()
-
-    def rounds() -> None:
-        failing = False
-        while not stop.wait(interval):
-            try:
-                _fail_stale_said(study)
-                reconcile_runs(study, tracker, runs)
-                if not tracker.parent_is_running(runs.parent_run_id):
-                    tracker.parent_running(runs.parent_run_id, True)
-            except Exception as exc:
-                if not failing:
-                    log.info(f"could not look for dead workers ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0][:200]}); trying again every "
-                             f"{interval} s")  # fmt: skip
-                failing = True
-            else:
-                failing = False
-
+    interval = study._storage.get_heartbeat_interval()
     if not interval:
         yield
         return
-    thread = threading.Thread(target=rounds, name="tuner-watchdog", daemon=True)
-    thread.start()
-    try:
+
+    def round_() -> None:
+        _fail_stale_said(study)
+        reconcile_runs(study, tracker, runs)
+        if not tracker.parent_is_running(runs.parent_run_id):
+            tracker.parent_running(runs.parent_run_id, True)
+
+    with background.repeating(
+        round_,
+        interval,
+        "tuner-watchdog",
+        failed=lambda exc: (
+            f"could not look for dead workers ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200]}); trying again every {interval} s"
+        ),
+        join_timeout=60,
+    ):
         yield
-    finally:
-        stop.set()
-        thread.join(timeout=60)

@@ -146,7 +146,7 @@ def create(spec: StudySpec, stores: Stores, *, allow_changed_settings: bool = Fa
         for url in (stores.optuna_url, stores.tracking_uri):
             use_wal(url)
     warning = local_artifacts_warning(
-        stores, spec.name, tracker.artifact_location(runs.experiment_id)
+        stores, spec.name, lambda: tracker.artifact_location(runs.experiment_id)
     )
     if warning:
         log.info(warning)
