@@ -154,8 +154,14 @@ def live() -> Iterator[None]:
 def shielded() -> Iterator[None]:
     """A signal arriving inside waits until the block is done, then is raised. For database
     writes: interrupted halfway, SQLite keeps the write lock of the broken transaction, and the
-    clean-up writes that follow (and every other worker's) wait on it."""
+    clean-up writes that follow (and every other worker's) wait on it. Outside the main
+    thread (the epoch writer, the watchdog), nothing: Python runs signal handlers in the main
+    thread only, so a signal never cuts another thread's write; and such a write must neither
+    hold a signal back from the training it should stop, nor raise it in its own thread."""
     global _shielded
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     _shielded += 1
     try:
         yield

@@ -187,6 +187,20 @@ def build_aside(url: str, build: Callable[[str], None], what: str) -> None:
     log.debug(f"built {path}")
 
 
+@sqlalchemy.event.listens_for(sqlalchemy.pool.Pool, "connect")
+def _tune_sqlite(connection: object, record: object) -> None:
+    """Every SQLite connection of this process (Optuna's and MLflow's) commits without waiting
+    for the disk: in WAL mode, `synchronous=NORMAL` syncs at checkpoints, not at each commit
+    (a trial's epoch costs a few commits, each an fsync otherwise). The database cannot be
+    corrupted by it, and a killed process loses nothing; a power cut or an OS crash can undo
+    the commits made since the last checkpoint (SQLite makes one every 1,000 pages, about
+    4 MB of writes): the last trials' records, which the next `study run` does not miss."""
+    import sqlite3
+
+    if isinstance(connection, sqlite3.Connection):
+        connection.execute("PRAGMA synchronous=NORMAL")
+
+
 def build_optuna_schema(url: str, pooled: bool = True) -> None:
     kwargs = {} if pooled else {"engine_kwargs": {"poolclass": sqlalchemy.pool.NullPool}}
     optuna.storages.RDBStorage(url, **kwargs).engine.dispose()
