@@ -15,6 +15,7 @@ import optuna
 
 from tuner import _optuna
 from tuner.errors import SpecError, TunerError
+from tuner.pruning import make_pruner
 from tuner.records import (
     EXPERIMENT_ATTR,
     OBJECTIVE_ATTR,
@@ -102,21 +103,6 @@ def make_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
         # that the next point is drawn away from them (Optuna 5's default; said, relied on)
         constant_liar=True,
     )
-
-
-def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
-    p = spec.pruner
-    if p.type == "hyperband":  # resources are epochs
-        return optuna.pruners.HyperbandPruner(
-            min_resource=p.min_epochs,
-            max_resource=spec.train.epochs,
-            reduction_factor=p.reduction_factor,
-        )
-    if p.type == "median":
-        return optuna.pruners.MedianPruner(
-            n_startup_trials=p.n_startup_trials, n_warmup_steps=p.warmup_epochs
-        )
-    return optuna.pruners.NopPruner()
 
 
 def storage_for(spec: StudySpec, stores: Stores) -> optuna.storages.RDBStorage:
