@@ -50,7 +50,8 @@ def test_trial_run_states_map_to_mlflow_statuses(
     experiment_id = tracker.experiment_id("states", create=True)
     runs = StudyRuns(experiment_id, tracker.create_parent(experiment_id, spec, "sqlite://"))
     run_id = tracker.start_trial(runs, "states", 3, {"depth": "vgg11"}, spec.trial_settings())
-    tracker.log_epoch(run_id, 1, {"val_acc": 0.5})
+    run_id = run_id.run_id
+    tracker.log_epochs(run_id, [(1, {"val_acc": 0.5})])
     tracker.end_trial(run_id, outcome, reason="why" if status != "FINISHED" else None, epochs=1)
     run = tracker.client.get_run(run_id)
     assert run.info.status == status
@@ -68,7 +69,7 @@ def test_orphaned_runs_are_found_by_status(tracker: Tracker) -> None:
     spec = parse({**TINY_STUDY, "name": "orphans"})
     experiment_id = tracker.experiment_id("orphans", create=True)
     runs = StudyRuns(experiment_id, tracker.create_parent(experiment_id, spec, "sqlite://"))
-    live = tracker.start_trial(runs, "orphans", 0, {}, {})
-    done = tracker.start_trial(runs, "orphans", 1, {}, {})
+    live = tracker.start_trial(runs, "orphans", 0, {}, {}).run_id
+    done = tracker.start_trial(runs, "orphans", 1, {}, {}).run_id
     tracker.end_trial(done, Outcome.COMPLETE, value=0.5)
     assert [r.info.run_id for r in tracker.running_trial_runs(experiment_id)] == [live]

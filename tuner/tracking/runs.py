@@ -9,12 +9,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 import torch
@@ -47,8 +46,7 @@ from tuner.tracking.artifacts import (
     VAL_PREDICTIONS,
     WEIGHTS,
     fetch_verified,
-    log_file,
-    sha256,
+    write_artifact,
 )
 from tuner.tracking.client import PatientClient, check_tracking
 from tuner.tracking.provenance import provenance
@@ -59,6 +57,7 @@ if TYPE_CHECKING:
     from tuner.spec import StudySpec
 
 log = logging.getLogger(__name__)
+METRICS_PER_BATCH = 1000  # MLflow's limit on metrics in one log_batch
 
 
 class StoresDisagree(ConfigError):
@@ -72,6 +71,14 @@ class StudyRuns:
 
     experiment_id: str
     parent_run_id: str
+
+
+@dataclass(frozen=True)
+class TrialRunRef:
+    """A trial's MLflow run, as `start_trial` made it."""
+
+    run_id: str
+    artifact_uri: str  # where its artifacts go: known from the start, never looked up
 
 
 @dataclass(frozen=True)
@@ -292,7 +299,7 @@ class Tracker:
         number: int,
         params: Mapping[str, Any],
         settings: Mapping[str, Any],
-    ) -> str:
+    ) -> TrialRunRef:
         """A trial's run, nested under the parent: its parameters and the fixed settings."""
         tags = {
             MLFLOW_PARENT_RUN_ID: runs.parent_run_id,
@@ -307,28 +314,30 @@ class Tracker:
         run_id = run.info.run_id
         logged = {**params, **flatten("", settings), "optuna_trial_number": number}
         self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in logged.items()])
-        return run_id
+        return TrialRunRef(run_id, run.info.artifact_uri)
 
-    def log_epoch(self, run_id: str, step: int, metrics: Mapping[str, float]) -> None:
+    def log_epochs(self, run_id: str, epochs: Iterable[tuple[int, Mapping[str, float]]]) -> None:
+        """Several epochs' metrics of one run, in one call: (epoch, {name: value}) each."""
         stamp = now()
-        self.client.log_batch(
-            run_id, metrics=[Metric(k, v, stamp, step) for k, v in metrics.items()]
-        )
+        metrics = [Metric(k, v, stamp, step) for step, values in epochs for k, v in values.items()]
+        for start in range(0, len(metrics), METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=metrics[start : start + METRICS_PER_BATCH])
 
-    def save_trial_outputs(self, run_id: str, outputs: TrialOutputs) -> None:
-        """Weights as a plain `state_dict` (loads with weights_only=True), with its SHA-256
-        recorded on the run, the architecture, and the validation predictions."""
-        with tempfile.TemporaryDirectory() as tmp:
-            weights = Path(tmp) / Path(WEIGHTS).name
-            torch.save(dict(outputs.state_dict), weights)
-            self.client.set_tag(run_id, WEIGHTS_SHA256_TAG, sha256(weights))
-            log_file(self.client, run_id, weights, WEIGHTS)
-            predictions = Path(tmp) / Path(VAL_PREDICTIONS).name
-            np.savez_compressed(
-                predictions, probs=outputs.val_probs.astype(np.float32), labels=outputs.val_labels
-            )
-            log_file(self.client, run_id, predictions, VAL_PREDICTIONS)
-        self.client.log_dict(run_id, outputs.architecture.to_dict(), ARCHITECTURE)
+    def save_trial_outputs(self, run: TrialRunRef, outputs: TrialOutputs) -> str:
+        """Weights as a plain `state_dict` (loads with weights_only=True), the architecture, and
+        the validation predictions, each written once; the weights' SHA-256, for `end_trial`
+        to record."""
+        probs = outputs.val_probs.astype(np.float32)
+
+        def write(path: str, dump: Callable[[BinaryIO], object]) -> str:
+            return write_artifact(self.client, run.run_id, run.artifact_uri, path, dump)
+
+        labels = outputs.val_labels
+        digest = write(WEIGHTS, lambda f: torch.save(dict(outputs.state_dict), f))
+        write(VAL_PREDICTIONS, lambda f: np.savez_compressed(f, probs=probs, labels=labels))
+        text = json.dumps(outputs.architecture.to_dict(), indent=2).encode()
+        write(ARCHITECTURE, lambda f: f.write(text))
+        return digest
 
     def end_trial(
         self,
@@ -339,9 +348,12 @@ class Tracker:
         reason: str | None = None,
         epochs: int | None = None,
         details: str | None = None,
+        weights_sha256: str | None = None,
     ) -> None:
         """Close a trial's run with the status its outcome maps to (`records.RECORDS`)."""
         tags = [RunTag(STATE_TAG, RECORDS[outcome].word)]
+        if weights_sha256:
+            tags.append(RunTag(WEIGHTS_SHA256_TAG, weights_sha256))
         if reason:
             tags.append(RunTag(REASON_TAG, reason))
         if epochs is not None:
