@@ -27,7 +27,7 @@ def _started(study, tracker, runs, pid: int):
     trial = _optuna.ask(study)
     trial.suggest_float("x", 0, 1)
     trial.set_user_attr(WORKER_ATTR, worker_id(pid))
-    run_id = tracker.start_trial(runs, "tiny", trial.number, {}, {})
+    run_id = tracker.start_trial(runs, "tiny", trial.number, {}, {}).run_id
     trial.set_user_attr("mlflow_run_id", run_id)
     return trial, run_id
 

@@ -17,6 +17,7 @@ from tuner.objective import StudyContext, TrialRun
 from tuner.spec import parse
 from tuner.study.setup import create, open_study
 from tuner.study.worker import Budget, run_one
+from tuner.train import EpochStats
 
 from ..conftest import TINY_STUDY
 
@@ -63,6 +64,7 @@ def test_run_one_takes_a_trial_until_the_budget_is_spent(setup, signal_handlers)
     budget = Budget("me", trials=1, deadline=None)
     assert run_one(study, ctx, budget, threading.Lock())
     assert not run_one(study, ctx, budget, threading.Lock())
+    ctx.recorder.flush()  # a completed trial is recorded beside the next (`work` waits for it)
     [trial] = study.get_trials()
     assert trial.state == TrialState.COMPLETE and trial.user_attrs["session"] == "me"
 
@@ -84,23 +86,51 @@ def test_sigterm_while_training_fails_the_trial_and_stops_the_worker(
     assert run.info.status == "KILLED"
 
 
-def test_sigterm_while_a_trial_is_recorded_waits_until_it_is_whole(
+def test_sigterm_mid_trial_leaves_every_epoch_it_trained_in_both_stores(
+    setup, signal_handlers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    study, ctx = setup
+    three = SPEC.train.model_copy(update={"epochs": 5})
+    ctx = StudyContext(ctx.spec.model_copy(update={"train": three}), ctx.data, ctx.tracker,
+                       ctx.runs)  # fmt: skip
+
+    def three_epochs_then_sigterm(model, data, config, on_epoch):
+        for epoch in (1, 2, 3):  # handed to the epoch writer, which writes in its own thread
+            on_epoch(EpochStats(epoch, 1.0, 1.0, epoch / 10, 0.01, 0.1))
+        signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(objective, "train", three_epochs_then_sigterm)
+    with pytest.raises(interrupts.Terminated):
+        run_one(study, ctx, Budget("me", 3, None), threading.Lock())
+    [trial] = study.get_trials()
+    assert trial.state == TrialState.FAIL and trial.intermediate_values == {1: 0.1, 2: 0.2, 3: 0.3}
+    history = ctx.tracker.client.get_metric_history(trial.user_attrs["mlflow_run_id"], "val_acc")
+    assert sorted((m.step, m.value) for m in history) == [(1, 0.1), (2, 0.2), (3, 0.3)]
+
+
+def test_sigterm_while_a_completed_trial_is_recorded_leaves_it_whole(
     setup, signal_handlers, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     study, ctx = setup
     finish = TrialRun.finish
 
     def interrupted_finish(self, ending):
-        signal.raise_signal(signal.SIGTERM)  # as the weights are being saved
-        finish(self, ending)
+        if self.trial.number == 0:
+            signal.raise_signal(signal.SIGTERM)  # as its weights are being saved
+        return finish(self, ending)
 
     monkeypatch.setattr(TrialRun, "finish", interrupted_finish)
     with pytest.raises(interrupts.Terminated):
-        run_one(study, ctx, Budget("me", 3, None), threading.Lock())
-    [trial] = study.get_trials()
-    assert trial.state == TrialState.COMPLETE, "recorded whole, then the worker stops"
-    run = ctx.tracker.client.get_run(trial.user_attrs["mlflow_run_id"])
+        try:  # as `work` runs trials
+            while run_one(study, ctx, Budget("me", 3, None), threading.Lock()):
+                pass
+        finally:
+            ctx.recorder.flush()
+    first, *rest = study.get_trials()
+    assert first.state == TrialState.COMPLETE, "recorded whole, then the worker stops"
+    run = ctx.tracker.client.get_run(first.user_attrs["mlflow_run_id"])
     assert run.info.status == "FINISHED"
+    assert all(t.state == TrialState.FAIL for t in rest), "the next trial, if begun, is failed"
 
 
 def test_a_signal_that_came_between_trials_starts_no_new_one(setup, signal_handlers) -> None:

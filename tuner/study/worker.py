@@ -26,6 +26,7 @@ from tuner.records import (
     SESSION_ATTR,
     SETTINGS_ATTR,
     WORKER_ATTR,
+    Outcome,
     retried_numbers,
     worker_id,
 )
@@ -110,18 +111,37 @@ def work(plan: WorkerPlan) -> None:
     ctx = StudyContext(plan.spec, data, tracker, plan.runs, plan.seed)
     # alone in its process, a worker has nobody to wait for: a lock of its own does
     claim = plan.claim if plan.claim is not None else threading.Lock()
-    while run_one(study, ctx, plan.budget, claim):
-        if plan.device.type == "cpu":
-            gc.collect()  # as study.optimize(gc_after_trial=True): the CPU allocator keeps it
+    try:
+        while run_one(study, ctx, plan.budget, claim):
+            if plan.device.type == "cpu":
+                gc.collect()  # as study.optimize(gc_after_trial=True): the CPU allocator keeps it
+    except BaseException:
+        _last_record(ctx, raising=False)
+        raise
+    _last_record(ctx)
+
+
+def _last_record(ctx: StudyContext, raising: bool = True) -> None:
+    """The worker ends (its budget spent, a signal, an error): the completed trial the
+    recorder still writes is recorded first. Its error is raised, unless another error or a
+    signal is already ending the worker (then it is one line)."""
+    try:
+        with interrupts.shielded():  # Ctrl-C waits for the record
+            ctx.recorder.flush()
+    except Exception as exc:
+        if raising:
+            raise
+        log.info(f"the last completed trial could not be recorded: {exc}")
 
 
 def run_one(study: optuna.Study, ctx: StudyContext, budget: Budget, claim: Any) -> bool:
     """Ask for a trial, train it, record it; False when the budget is spent."""
-    from tuner.objective import TrialRun
+    from tuner.objective import Completed, TrialRun
 
     interrupts.defer()  # a signal waits while the trial is set up, and while it is recorded
     try:
         with contextlib.ExitStack() as beating:
+            ctx.recorder.check()  # the last completed trial could not be recorded: stop
             with claim:  # one worker at a time turns budget into a trial
                 if interrupts.pending() or budget.spent(study):
                     return False
@@ -136,6 +156,11 @@ def run_one(study: optuna.Study, ctx: StudyContext, budget: Budget, claim: Any) 
                 trial.set_user_attr(SETTINGS_ATTR, settings_digest(ctx.spec))
             run = TrialRun(ctx, trial)
             ending = run.attempt()  # signals act at once while it trains
+            if ending.outcome is Outcome.COMPLETE:
+                # recorded while the next trial trains; the one before is recorded by now
+                ctx.recorder.flush()
+                ctx.recorder.put(Completed(run, ending, beating.pop_all()))
+                return True
             ending = run.finish(ending)
     finally:
         interrupts.resume()  # a signal that waited is raised here, between trials
