@@ -10,11 +10,15 @@ fails the trials of workers that died. Each private name used is here, with why.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import optuna
+import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner import background
@@ -113,9 +117,6 @@ def claim_user_attr(
     own unique (study, key) constraint refuses the others. `set_study_user_attr` would
     overwrite, and ignores the conflict of two inserts at once; the table
     (`models.StudyUserAttributeModel`, private) is written directly."""
-    import json
-
-    import sqlalchemy
     from optuna.storages._rdb import models
 
     table = models.StudyUserAttributeModel.__table__
@@ -126,3 +127,131 @@ def claim_user_attr(
     except sqlalchemy.exc.IntegrityError:
         pass  # another process got there first
     return storage.get_study_user_attrs(study_id)[key]
+
+
+@dataclass(frozen=True)
+class Overview:
+    """What `tuner study status` shows, read without loading the study's trials."""
+
+    states: dict[TrialState, int]  # trials by Optuna state
+    tagged: dict[TrialState, int]  # of those, whose user attribute `tag_key` is `tag_value`
+    top: tuple[FrozenTrial, ...]  # the best completed trials, best first (a tie: the earlier)
+    user_attrs: dict[str, Any]  # the study's
+
+
+def overview(
+    engine: sqlalchemy.engine.Engine, name: str, top: int, tag_key: str, tag_value: str
+) -> Overview | None:
+    """A maximized study's counts, its `top` trials and its attributes, in a handful of
+    queries on Optuna's tables; None where there is no such study. `optuna.load_study` then
+    `get_trials` builds every trial of the study (seconds at 1,000 trials), and opening an
+    `RDBStorage` imports alembic to check the schema (a quarter of a second): a read-only
+    summary needs neither. The tables are Optuna's private ORM models
+    (`optuna.storages._rdb.models`)."""
+    from optuna.distributions import json_to_distribution
+    from optuna.storages._rdb import models as m
+
+    with engine.connect() as db:
+        study_id = db.scalar(sqlalchemy.select(m.StudyModel.study_id).filter_by(study_name=name))
+        if study_id is None:
+            return None
+        trial = m.TrialModel
+        states = dict(
+            db.execute(
+                sqlalchemy.select(trial.state, sqlalchemy.func.count())
+                .where(trial.study_id == study_id)
+                .group_by(trial.state)
+            ).all()
+        )
+        attr = m.TrialUserAttributeModel
+        tagged = dict(
+            db.execute(
+                sqlalchemy.select(trial.state, sqlalchemy.func.count())
+                .join(attr, trial.trial_id == attr.trial_id)
+                .where(trial.study_id == study_id, attr.key == tag_key)
+                .where(attr.value_json == json.dumps(tag_value))
+                .group_by(trial.state)
+            ).all()
+        )
+        value = m.TrialValueModel
+        best = db.execute(
+            sqlalchemy.select(trial.trial_id, trial.number, value.value)
+            .join(value, value.trial_id == trial.trial_id)
+            .where(trial.study_id == study_id, trial.state == TrialState.COMPLETE)
+            .where(value.objective == 0)
+            .order_by(value.value.desc(), trial.number)
+            .limit(top)
+        ).all()
+        params: dict[int, dict[str, Any]] = {trial_id: {} for trial_id, _, _ in best}
+        distributions: dict[int, dict[str, Any]] = {trial_id: {} for trial_id, _, _ in best}
+        p = m.TrialParamModel
+        rows = db.execute(
+            sqlalchemy.select(p.trial_id, p.param_name, p.param_value, p.distribution_json)
+            .where(p.trial_id.in_(params))
+        ).all()  # fmt: skip
+        for trial_id, name, internal, distribution_json in rows:
+            distribution = json_to_distribution(distribution_json)
+            params[trial_id][name] = distribution.to_external_repr(internal)
+            distributions[trial_id][name] = distribution
+        a = m.StudyUserAttributeModel
+        study_attrs = db.execute(
+            sqlalchemy.select(a.key, a.value_json).where(a.study_id == study_id)
+        ).all()
+        user_attrs = {key: json.loads(value) for key, value in study_attrs}
+    ranked = tuple(
+        optuna.trial.create_trial(
+            value=value, params=params[trial_id], distributions=distributions[trial_id]
+        )
+        for trial_id, number, value in best
+    )
+    for frozen_trial, (_, number, _) in zip(ranked, best, strict=True):
+        frozen_trial.number = number
+    return Overview(
+        {TrialState(s): n for s, n in states.items()},
+        {TrialState(s): n for s, n in tagged.items()},
+        ranked,
+        user_attrs,
+    )
+
+
+def trials_in(study: optuna.Study, states: tuple[TrialState, ...]) -> list[FrozenTrial]:
+    """The study's trials in `states`, selected by the database. `study.get_trials(states=…)`
+    first loads every trial into the study's cache (a second at 1,000 trials), which the
+    supervisor of a `study run`, looking for running trials every heartbeat, never needs;
+    the RDB storage under the cache (`_CachedStorage._backend`) filters in SQL."""
+    storage = study._storage
+    backend = getattr(storage, "_backend", storage)
+    return backend.get_all_trials(study._study_id, deepcopy=False, states=states)
+
+
+def trial_numbered(study: optuna.Study, number: int) -> FrozenTrial | None:
+    """Trial `number` of the study, alone; None where there is none."""
+    storage = study._storage
+    try:
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+    except KeyError:
+        return None
+    return storage.get_trial(trial_id)
+
+
+def best_trials(study: optuna.Study, k: int, having: str) -> list[FrozenTrial]:
+    """A maximized study's `k` best completed trials that have the user attribute `having`,
+    best first (a tie: the earlier), read alone: the ids by one query on Optuna's tables
+    (private ORM models), then each trial (`get_trial`), instead of every trial of the study."""
+    from optuna.storages._rdb import models as m
+
+    storage = study._storage
+    backend = getattr(storage, "_backend", storage)
+    trial, value, attr = m.TrialModel, m.TrialValueModel, m.TrialUserAttributeModel
+    query = (
+        sqlalchemy.select(trial.trial_id)
+        .join(value, value.trial_id == trial.trial_id)
+        .join(attr, attr.trial_id == trial.trial_id)
+        .where(trial.study_id == study._study_id, trial.state == TrialState.COMPLETE)
+        .where(value.objective == 0, attr.key == having)
+        .order_by(value.value.desc(), trial.number)
+        .limit(k)
+    )
+    with backend.engine.connect() as db:
+        ids = db.scalars(query).all()
+    return [storage.get_trial(trial_id) for trial_id in ids]

@@ -14,7 +14,7 @@ import torch
 from optuna.trial import FrozenTrial
 from sklearn.metrics import ConfusionMatrixDisplay, log_loss
 
-from tuner import interrupts
+from tuner import _optuna, interrupts
 from tuner.data import CLASSES, Split, load_test, resolve_data_dir
 from tuner.errors import DataError, TunerError
 from tuner.models import VGG, load_state
@@ -23,7 +23,6 @@ from tuner.spec import StudySpec
 from tuner.stores import Stores
 from tuner.study.recovery import reconcile_runs
 from tuner.study.setup import open_study, study_runs
-from tuner.study.summary import ranked
 from tuner.tracking import Tracker
 from tuner.train import predict
 
@@ -81,7 +80,7 @@ def evaluate_top(
 ) -> EnsembleReport:
     """Score the `k` best completed trials together on the test split; log it as a run."""
     study = open_study(spec, stores)
-    chosen = ranked(study.get_trials(deepcopy=False), k, with_run=True)
+    chosen = _optuna.best_trials(study, k, RUN_ID_ATTR)  # as `ranked(…, with_run=True)`
     if not chosen:
         raise TunerError(
             f"study {spec.name!r} has no completed trials to ensemble; "

@@ -28,9 +28,14 @@ class Outcome(enum.StrEnum):
     def of(cls, trial: FrozenTrial) -> Outcome:
         """A stored trial's outcome. Optuna keeps one FAIL state for failed and killed trials
         (the reason tells them apart); a diverged trial is PRUNED with its reason."""
-        if trial.user_attrs.get(REASON_ATTR) == DIVERGED:
+        return cls.of_state(trial.state, trial.user_attrs.get(REASON_ATTR))
+
+    @classmethod
+    def of_state(cls, state: TrialState, reason: str | None = None) -> Outcome:
+        """The outcome of a trial in Optuna state `state` with the fail reason `reason`."""
+        if reason == DIVERGED:
             return cls.DIVERGED
-        return _FROM_STATE.get(trial.state, cls.FAILED)
+        return _FROM_STATE.get(state, cls.FAILED)
 
 
 @dataclass(frozen=True)

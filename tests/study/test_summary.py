@@ -79,3 +79,79 @@ def test_a_run_summary_counts_only_its_own_trials() -> None:
 def test_nothing_finished_means_every_trial_failed(states: list, expected: bool) -> None:
     study = _study(*[(s, None, {"session": "me"}) for s in states])
     assert summarize(study, "me", 0.0).nothing_finished is expected
+
+
+def test_status_read_by_queries_agrees_with_the_whole_study(stores) -> None:
+    """`study_status` reads counts and the top trials with a few queries: the same answer as
+    every trial loaded and counted (`counts`, `ranked`)."""
+    from tuner import _optuna
+    from tuner.records import DIVERGED, REASON_ATTR
+    from tuner.spec import parse
+    from tuner.study.setup import create, open_study
+    from tuner.study.summary import study_status
+
+    from ..conftest import TINY_STUDY
+
+    spec = parse({**TINY_STUDY, "name": "status-by-queries"})
+    create(spec, stores)
+    study = open_study(spec, stores)
+    values = [0.5, 0.7, 0.7, 0.2, None, None, None, None, 0.9]
+    for i, value in enumerate(values):
+        trial = _optuna.ask(study)
+        trial.suggest_float("dropout", 0.0, 0.5)
+        trial.suggest_categorical("depth", ["vgg11", "vgg13"])
+        if value is not None:
+            study.tell(trial, value)
+        elif i == 4:
+            trial.set_user_attr(REASON_ATTR, DIVERGED)
+            study.tell(trial, state=TrialState.PRUNED)
+        elif i == 5:
+            study.tell(trial, state=TrialState.PRUNED)
+        elif i == 6:
+            study.tell(trial, state=TrialState.FAIL)  # i == 7 stays running
+    study.enqueue_trial({"dropout": 0.1, "depth": "vgg11"})
+    status = study_status(spec, stores, top=3)
+    trials = study.get_trials()
+    assert status.counts == counts(trials)
+    assert status.counts[Outcome.DIVERGED] == 1 and status.counts[Outcome.WAITING] == 1
+    expected = ranked(trials, 3)
+    assert [t.number for t in status.top] == [t.number for t in expected] == [8, 1, 2]
+    assert [t.params for t in status.top] == [t.params for t in expected]
+    assert [t.value for t in status.top] == [0.9, 0.7, 0.7]
+    assert status.parent_run_id == study.user_attrs["mlflow_parent_run_id"]
+
+
+def test_status_of_a_study_that_is_not_there_says_how_to_make_it(tmp_path) -> None:
+    from tuner.errors import TunerError
+    from tuner.spec import parse
+    from tuner.stores import resolve
+    from tuner.study.summary import study_status
+
+    from ..conftest import TINY_STUDY
+
+    with pytest.raises(TunerError, match="no study 'nowhere' .* run `tuner study create`"):
+        study_status(parse({**TINY_STUDY, "name": "nowhere"}), resolve(mlruns=tmp_path))
+    assert not (tmp_path / "optuna.db").exists(), "reading made no store"
+
+
+def test_the_best_trials_read_alone_are_those_ranked_from_the_whole_study(stores) -> None:
+    from tuner import _optuna
+    from tuner.records import RUN_ID_ATTR
+    from tuner.spec import parse
+    from tuner.study.setup import create, open_study
+
+    from ..conftest import TINY_STUDY
+
+    spec = parse({**TINY_STUDY, "name": "best-alone"})
+    create(spec, stores)
+    study = open_study(spec, stores)
+    for i, value in enumerate([0.5, 0.9, 0.7, 0.9, 0.95, 0.1]):
+        trial = _optuna.ask(study)
+        trial.suggest_float("dropout", 0.0, 0.5)
+        if i != 4:  # its worker died before its run was made
+            trial.set_user_attr(RUN_ID_ATTR, f"run-{i}")
+        study.tell(trial, value)
+    expected = ranked(study.get_trials(), 3, with_run=True)
+    best = _optuna.best_trials(study, 3, RUN_ID_ATTR)
+    assert [t.number for t in best] == [t.number for t in expected] == [1, 3, 2]
+    assert [t.user_attrs[RUN_ID_ATTR] for t in best] == ["run-1", "run-3", "run-2"]

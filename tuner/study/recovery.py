@@ -69,7 +69,7 @@ def recover_dead_worker(
     """The trial a dead worker was running: failed and queued again at once (no need to wait
     for its heartbeat to go stale), and its MLflow run KILLED. `how`: "killed by SIGKILL"."""
     worker = worker_id(pid)
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    for trial in _optuna.trials_in(study, (TrialState.RUNNING,)):
         if trial.user_attrs.get(WORKER_ATTR) != worker:
             continue
         if _optuna.fail_from_outside(study, trial, REASON_ATTR, f"worker {how}"):
@@ -93,7 +93,7 @@ def reconcile_runs(study: optuna.Study, tracker: Tracker, runs: StudyRuns) -> No
 def close_idle_parent(study: optuna.Study, tracker: Tracker, runs: StudyRuns) -> None:
     """A parent run left RUNNING by a `study run` that died, with no trial running now, is
     closed (FINISHED: the study itself is fine)."""
-    if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    if _optuna.trials_in(study, (TrialState.RUNNING,)):
         return
     if tracker.parent_is_running(runs.parent_run_id):
         tracker.parent_running(runs.parent_run_id, False)
@@ -101,11 +101,11 @@ def close_idle_parent(study: optuna.Study, tracker: Tracker, runs: StudyRuns) ->
 
 
 def _reconcile_trial_runs(study: optuna.Study, tracker: Tracker, runs: StudyRuns) -> None:
-    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     alive = (TrialState.RUNNING, TrialState.WAITING)
-    for run in tracker.running_trial_runs(runs.experiment_id):
+    for run in tracker.running_trial_runs(runs.experiment_id):  # few: the live ones, the lost
         number = int(run.data.tags.get(TRIAL_NUMBER_TAG, -1))
-        if number in trials and trials[number].state in alive:
+        trial = _optuna.trial_numbered(study, number)
+        if trial is not None and trial.state in alive:
             continue
         why = f"{WORKER_DIED} (killed, or no heartbeat within the grace period)"
         tracker.end_trial(run.info.run_id, Outcome.KILLED, reason=why)

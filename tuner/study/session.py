@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from optuna.trial import TrialState
 
-from tuner import interrupts
+from tuner import _optuna, interrupts
 from tuner.spec import StudySpec
 from tuner.stores import Stores, store_error
 from tuner.study.pool import run_pool, shared_lock
@@ -80,7 +80,7 @@ def _wind_up(study: optuna.Study, tracker: Tracker, runs: StudyRuns, stores: Sto
         recover_stale(study, tracker, runs, starting=False)
         update_parent(study, tracker, runs.parent_run_id)
         # another `study run` may still be working on the same study: the last one closes it
-        others = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        others = _optuna.trials_in(study, (TrialState.RUNNING,))
         tracker.parent_running(runs.parent_run_id, bool(others))
     except Exception as exc:
         error = store_error(exc, stores)
