@@ -98,11 +98,17 @@ def write_artifact(
 
 
 def _dump(path: Path, dump: Callable[[BinaryIO], object]) -> str:
-    with path.open("wb", buffering=0) as raw:
-        hashing = _Hashing(raw)
-        with io.BufferedWriter(hashing, buffer_size=PARALLEL_BYTES) as buffered:
-            dump(buffered)  # type: ignore[arg-type]
-        return hashing.digest.hexdigest()
+    try:
+        with path.open("wb", buffering=0) as raw:
+            hashing = _Hashing(raw)
+            with io.BufferedWriter(hashing, buffer_size=PARALLEL_BYTES) as buffered:
+                dump(buffered)  # type: ignore[arg-type]
+            return hashing.digest.hexdigest()
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        # a write that fails (a full disk) says no file: the error must name it
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
 def location(client: PatientClient, run_id: str, artifact_path: str) -> str:
