@@ -186,8 +186,10 @@ def _patient(name: str) -> Callable[..., object]:
     return wrapper
 
 
+# `_get_trials`: what the study's cache (`_CachedStorage`) reads through
 for _name in (*optuna.storages.BaseStorage.__abstractmethods__, "record_heartbeat",
               "_get_stale_trial_ids", "get_trial_user_attrs", "get_trial_system_attrs",
-              "get_best_trial", "get_n_trials"):  # fmt: skip
+              "get_best_trial", "get_n_trials", "_get_trials",
+              "get_trial_id_from_study_id_trial_number"):  # fmt: skip
     if hasattr(optuna.storages.RDBStorage, _name):
         setattr(PatientStorage, _name, _patient(_name))

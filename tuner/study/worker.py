@@ -158,7 +158,12 @@ def run_one(study: optuna.Study, ctx: StudyContext, budget: Budget, claim: Any) 
             ending = run.attempt()  # signals act at once while it trains
             if ending.outcome is Outcome.COMPLETE:
                 # recorded while the next trial trains; the one before is recorded by now
-                ctx.recorder.flush()
+                try:
+                    ctx.recorder.flush()
+                except Exception:  # it could not be: this one is recorded here, then stop
+                    with contextlib.suppress(Exception):  # if not, it is failed when stale
+                        run.finish(ending)
+                    raise
                 ctx.recorder.put(Completed(run, ending, beating.pop_all()))
                 return True
             ending = run.finish(ending)
