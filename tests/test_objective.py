@@ -76,6 +76,10 @@ def test_a_pruned_trial_says_where_it_stopped(ctx: StudyContext, shown) -> None:
     always = optuna.pruners.ThresholdPruner(lower=2.0)  # val_acc is never 2: prune at once
     run, ending, trial = run_trial(ctx, always)
     assert trial.state == TrialState.PRUNED and trial.user_attrs["pruned_at_epoch"] == 1
+    # the pruner answers while epoch 2 trains; epoch 2 is never recorded, as if asked in line
+    assert list(trial.intermediate_values) == [1]
+    history = ctx.tracker.client.get_metric_history(run.run_id, "val_acc")
+    assert [m.step for m in history] == [1]
     stored = mlflow_run(ctx, run)
     assert stored.info.status == "FINISHED" and stored.data.tags["tuner.state"] == "pruned"
     assert stored.data.tags["tuner.pruned_at_epoch"] == "1"
@@ -85,7 +89,7 @@ def test_a_pruned_trial_says_where_it_stopped(ctx: StudyContext, shown) -> None:
 def _raising(exc: BaseException):
     """A training loop that finishes epoch 1, then raises `exc`."""
 
-    def fake_train(model, data, config, on_epoch):
+    def fake_train(model, data, config, on_epoch, between_steps):
         on_epoch(EpochStats(1, 2.3, 2.3, 0.1, config.lr, 0.01))
         raise exc
 

@@ -112,11 +112,13 @@ class EpochRecord:
     epoch: int
     metrics: Mapping[str, float]
     val_acc: float  # what the pruner compares
+    pruned: Callable[[int], None] | None = None  # a decision epoch: told if the pruner says so
 
 
 def write_epochs(tracker: Tracker, records: list[EpochRecord]) -> None:
     """The epochs handed over since the last call: each run's metrics in one MLflow call, then
-    each value reported to Optuna (the pruner reads them once the writer is flushed)."""
+    each value reported to Optuna; at a decision epoch, the pruner is asked (while the next
+    epoch trains), and its yes handed back to the trial."""
     by_run: dict[str, list[tuple[int, Mapping[str, float]]]] = {}
     for record in records:
         by_run.setdefault(record.run_id, []).append((record.epoch, record.metrics))
@@ -124,6 +126,8 @@ def write_epochs(tracker: Tracker, records: list[EpochRecord]) -> None:
         tracker.log_epochs(run_id, epochs)
     for record in records:
         record.trial.report(record.val_acc, record.epoch)
+        if record.pruned is not None and record.trial.should_prune():
+            record.pruned(record.epoch)
 
 
 @dataclass(frozen=True)
@@ -221,6 +225,8 @@ class TrialRun:
         self.run: TrialRunRef | None = None
         self.epochs = 0  # the last epoch that finished
         self.weights_sha256: str | None = None
+        self.pruned_after: int | None = None  # set by the epoch writer when the pruner says so
+        self.deciding = False  # the pruner's answer for the last decision epoch is awaited
 
     @property
     def run_id(self) -> str | None:
@@ -268,7 +274,7 @@ class TrialRun:
             compile=wants_compile(spec.train.compile, device),
         )
         with interrupts.time_limit(spec.limits.trial_timeout, self.record_hang):
-            return train(model, self.ctx.data, config, self.on_epoch)
+            return train(model, self.ctx.data, config, self.on_epoch, self.stop_if_pruned)
 
     @property
     def architecture(self) -> Architecture:
@@ -276,22 +282,37 @@ class TrialRun:
         return Architecture(p.depth, p.batch_norm, p.dropout, self.ctx.spec.train.width)
 
     def on_epoch(self, stats: EpochStats) -> None:
-        """The console; MLflow and Optuna through the epoch writer (training goes on while it
-        writes); at the pruner's decision epochs, the pruner (which may end the trial here)."""
+        """The console; MLflow and Optuna through the epoch writer, which also asks the pruner
+        at its decision epochs: training goes on meanwhile, and stops within a step of a yes
+        (`stop_if_pruned`), as pruned after that decision epoch. Each epoch waits for the last
+        decision, so the records are those of asking in line."""
         with interrupts.shielded():  # the pruner's writes are not cut in half
-            self.epochs = stats.epoch
             writer = self.ctx.epochs
             writer.check()  # a store that failed, a trial failed from outside: raised here
+            if self.deciding:
+                writer.flush()  # at once, but on a slow store: the epoch before was decided
+                self.deciding = False
+            self.stop_if_pruned()
+            self.epochs = stats.epoch
+            decide = stats.epoch in self.ctx.decisions
             assert self.run is not None
-            record = EpochRecord(
-                self.trial, self.run.run_id, stats.epoch, stats.metrics(), stats.val_acc
-            )
+            record = EpochRecord(self.trial, self.run.run_id, stats.epoch, stats.metrics(),
+                                 stats.val_acc, self._pruned if decide else None)  # fmt: skip
             writer.put(record)
             log.info(f"{self.tag} {describe_epoch(stats, self.ctx.spec.train.epochs)}")
-            if stats.epoch in self.ctx.decisions:
-                writer.flush()  # the pruner compares what is stored
-                if self.trial.should_prune():
-                    raise optuna.TrialPruned(f"pruned after epoch {stats.epoch}")
+            self.deciding = decide
+            if decide and stats.epoch == self.ctx.spec.train.epochs:
+                writer.flush()  # the last epoch: nothing to train meanwhile
+                self.stop_if_pruned()
+
+    def _pruned(self, epoch: int) -> None:
+        self.pruned_after = epoch  # read by the training thread
+
+    def stop_if_pruned(self) -> None:
+        """Between steps and epochs: the pruner said to stop after a decision epoch."""
+        if self.pruned_after is not None:
+            self.epochs = self.pruned_after
+            raise optuna.TrialPruned(f"pruned after epoch {self.pruned_after}")
 
     def finish(self, ending: Ending) -> Ending:
         """Write how the trial ended: MLflow's run, then Optuna's trial, then the console. The

@@ -189,7 +189,11 @@ def train(
     data: TrainVal,
     cfg: TrainConfig,
     on_epoch: Callable[[EpochStats], None] = lambda stats: None,
+    between_steps: Callable[[], None] = lambda: None,
 ) -> TrainResult:
+    """Train `cfg.epochs` epochs; `on_epoch(stats)` after each, `between_steps()` after each
+    optimizer step (a host call, cheap: it may raise to stop the training, as `on_epoch`
+    may)."""
     device = data.train.images.device
     torch.manual_seed(cfg.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -206,7 +210,7 @@ def train(
     for epoch in range(1, cfg.epochs + 1):
         started = time.perf_counter()
         train_loss, first_step = _train_epoch(
-            model, data.train, cfg, optimizer, schedule, generator, epoch, step_fn
+            model, data.train, cfg, optimizer, schedule, generator, epoch, step_fn, between_steps
         )
         probs = predict(model, data.val.images, cfg.batch_size * 2)
         val_loss, val_acc = _score(probs, data.val)
@@ -240,6 +244,7 @@ def _train_epoch(
     generator: torch.Generator,
     epoch: int,
     step_fn: Callable[..., torch.Tensor],
+    between_steps: Callable[[], None],
 ) -> tuple[float, float]:
     """One pass; returns the mean training loss and the seconds of its first step."""
     device = split.images.device
@@ -277,6 +282,7 @@ def _train_epoch(
             first_step = time.perf_counter() - started
         if step % NAN_CHECK_EVERY == 0:
             _check_finite(loss_sum, epoch, step)
+        between_steps()
     _check_finite(loss_sum, epoch, steps)
     return loss_sum.item() / (steps * batch), first_step
 

@@ -94,7 +94,7 @@ def test_sigterm_mid_trial_leaves_every_epoch_it_trained_in_both_stores(
     ctx = StudyContext(ctx.spec.model_copy(update={"train": three}), ctx.data, ctx.tracker,
                        ctx.runs)  # fmt: skip
 
-    def three_epochs_then_sigterm(model, data, config, on_epoch):
+    def three_epochs_then_sigterm(model, data, config, on_epoch, between_steps):
         for epoch in (1, 2, 3):  # handed to the epoch writer, which writes in its own thread
             on_epoch(EpochStats(epoch, 1.0, 1.0, epoch / 10, 0.01, 0.1))
         signal.raise_signal(signal.SIGTERM)
