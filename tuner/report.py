@@ -11,6 +11,7 @@ if TYPE_CHECKING:
 
     from tuner.bench import Packed, Row
     from tuner.ensemble import EnsembleReport
+    from tuner.overhead import OverheadConfig, OverheadRow, Reference
     from tuner.stores import Stores
     from tuner.study.setup import Created
     from tuner.study.summary import RunSummary, Status
@@ -134,4 +135,41 @@ def bench_table(rows: list[Row], packed: list[Packed]) -> str:
         lines += [
             f"{p.workers:<15} {p.images_per_second:>15,.0f} {p.ratio:>13.2f}" for p in packed
         ]
+    return "\n".join(lines)
+
+
+OVERHEAD_TARGETS = (
+    "targets at N = 1,000: ≤ 2 ms per epoch, ≤ 150 ms per trial, status ≤ 1.0 s, start ≤ 1.5 s"
+)
+
+
+def overhead(rows: list[OverheadRow], reference: Reference, cfg: OverheadConfig) -> str:
+    from tuner.overhead import GPU_EPOCH_SECONDS
+
+    lines = [
+        f"\ntuner's bookkeeping (SQLite stores; {cfg.trials} trials of 15 epochs replayed every "
+        f"{cfg.epoch_seconds:g} s per size; VGG16-BN weights, 59 MB, saved per trial)",
+        f"{'N':>6} {'epoch ms':>9} {'max':>6} {'% GPU ep':>8} {'trial ms':>9} "
+        f"{'record ms':>9} {'save ms':>8} {'ask ms':>7} {'status s':>8} {'start s':>7} "
+        f"{'fill s':>6}",
+    ]
+    for r in rows:
+        share = 100 * r.epoch_ms / 1000 / GPU_EPOCH_SECONDS
+        lines.append(
+            f"{r.size:>6,} {r.epoch_ms:>9.2f} {r.epoch_ms_max:>6.1f} {share:>7.2f}% "
+            f"{r.trial_ms:>9.0f} {r.record_ms:>9.0f} {r.save_ms:>8.0f} {r.ask_ms:>7.1f} "
+            f"{r.status_s:>8.2f} {r.start_s:>7.2f} {r.fill_s:>6.0f}"
+        )
+    lines += [
+        f"reference: the bare training loop, {reference.what}: {reference.epoch_ms:.0f} ms per "
+        f"epoch; a GPU epoch on tuner's path: {GPU_EPOCH_SECONDS * 1000:.0f} ms",
+        "epoch ms: mean time on the training thread in tuner's per-epoch callback (max: the "
+        "dearest epoch); trial ms: median time on the training thread per "
+        "trial outside its epochs (ask, parameters, MLflow run, hand-over); record ms: "
+        "recording a completed trial (weights, MLflow, Optuna), in the background while the "
+        "next trial trains, of which save ms: the weights and predictions; ask ms: `ask` + "
+        "`suggest`; status s: `tuner study status` as a new process; start s: `study run` "
+        "until its first trial trains",
+        OVERHEAD_TARGETS,
+    ]
     return "\n".join(lines)

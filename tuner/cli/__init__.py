@@ -159,9 +159,11 @@ def ensemble(name: str, k: int, stores: Any, data_dir: Path, device: Any) -> Non
     click.echo(report.ensemble(evaluate_top(spec, stores, k=k, data_dir=data_dir, device=device)))
 
 
-@cli.command("bench")
+@cli.group("bench", invoke_without_command=True)
 @bench_options
+@click.pass_context
 def bench(
+    ctx: click.Context,
     depths: str,
     batch_size: int,
     images: int,
@@ -174,7 +176,10 @@ def bench(
     data_dir: str | None,
     device: str,
 ) -> None:
-    """Epoch time of tuner's training path against DataLoader + PIL, and packed workers."""
+    """Epoch time of tuner's training path against DataLoader + PIL, and packed workers.
+    `tuner bench overhead`: what tuner's bookkeeping costs, as the study grows."""
+    if ctx.invoked_subcommand is not None:
+        return
     from tuner.bench import BenchConfig, run_bench
 
     names, packed_name = parse_depths(depths, packed_depth)
@@ -192,6 +197,50 @@ def bench(
     )
     rows, packed_rows, source = run_bench(cfg, Path(data_dir).expanduser() if data_dir else None)
     click.echo(report.bench(rows, packed_rows, cfg.device, source, cfg.images, width))
+
+
+@bench.command("overhead")
+@click.option(
+    "--sizes",
+    default="0,100,1000",
+    show_default=True,
+    help="Completed trials in the study before timing, one row each.",
+)
+@click.option(
+    "--trials",
+    type=click.IntRange(min=2),
+    default=5,
+    show_default=True,
+    help="Trials timed per size (their median is shown).",
+)
+@click.option("--asks", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option(
+    "--epoch-seconds",
+    type=click.FloatRange(min=0),
+    default=0.25,
+    show_default=True,
+    help="The replayed epochs' pace: a GPU epoch on tuner's path.",
+)
+@click.option(
+    "--keep",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Keep the filled stores in this folder (default: a temporary one).",
+)
+def overhead(sizes: str, trials: int, asks: int, epoch_seconds: float, keep: str | None) -> None:
+    """tuner's bookkeeping per epoch, per trial, for `ask`, `study status` and the start of
+    `study run`, on studies of 0, 100 and 1,000 trials (SQLite stores, as the defaults)."""
+    from tuner.overhead import OverheadConfig, run_overhead
+
+    cfg = OverheadConfig(
+        sizes=parse_counts(sizes, zero=True),
+        trials=trials,
+        asks=asks,
+        epoch_seconds=epoch_seconds,
+        folder=Path(keep).expanduser() if keep else None,
+    )
+    rows, reference = run_overhead(cfg)
+    click.echo(report.overhead(rows, reference, cfg))
 
 
 @cli.command("ui")

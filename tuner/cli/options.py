@@ -170,12 +170,13 @@ def parse_depths(depths: str, packed_depth: str) -> tuple[tuple[Depth, ...], Dep
     return names, packed_depth  # type: ignore[return-value]
 
 
-def parse_counts(packed: str) -> tuple[int, ...]:
-    """`1,2,3` → (1, 2, 3); '' → () (no packed measurement)."""
+def parse_counts(packed: str, *, zero: bool = False) -> tuple[int, ...]:
+    """`1,2,3` → (1, 2, 3); '' → () (no packed measurement). `zero`: 0 is a count too."""
     try:
         counts = tuple(int(n) for n in packed.split(",") if n.strip())
     except ValueError:
-        raise click.BadParameter(f"--packed takes counts such as 1,2,3, got {packed!r}") from None
-    if any(n < 1 for n in counts):
-        raise click.BadParameter(f"--packed takes counts of 1 or more, got {packed!r}")
+        raise click.BadParameter(f"takes counts such as 1,2,3, got {packed!r}") from None
+    least = 0 if zero else 1
+    if any(n < least for n in counts):
+        raise click.BadParameter(f"takes counts of {least} or more, got {packed!r}")
     return counts
