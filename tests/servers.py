@@ -173,9 +173,13 @@ def start_mlflow(backend: str, artifacts: Path, log: Path) -> MlflowServer:
         "--artifacts-destination", str(artifacts),
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]  # fmt: skip
-    # no job runner (its consumer processes take a gigabyte and a core, for jobs tuner has none)
-    env = {**os.environ, "MLFLOW_SQLALCHEMYSTORE_POOL_SIZE": "2",
-           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # fmt: skip
+    # no job runner (its consumer processes take a gigabyte and a core, for jobs tuner has none);
+    # the server's own pool at MLflow's defaults (5 + 10), as a user's server has: not the
+    # small pool a tuner process sets for itself (and this one would inherit), which every
+    # node's writer threads would queue on
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_SQLALCHEMYSTORE_POOL")
+           and k != "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW"}  # fmt: skip
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     with log.open("wb") as out:
         process = subprocess.Popen(
             command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
