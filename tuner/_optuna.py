@@ -234,16 +234,6 @@ def trials_in(study: optuna.Study, states: tuple[TrialState, ...]) -> list[Froze
     return backend.get_all_trials(study._study_id, deepcopy=False, states=states)
 
 
-def trial_numbered(study: optuna.Study, number: int) -> FrozenTrial | None:
-    """Trial `number` of the study, alone; None where there is none."""
-    storage = study._storage
-    try:
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
-    except KeyError:
-        return None
-    return storage.get_trial(trial_id)
-
-
 def best_trials(study: optuna.Study, k: int, having: str) -> list[FrozenTrial]:
     """A maximized study's `k` best completed trials that have the user attribute `having`,
     best first (a tie: the earlier), read alone: the ids by one query on Optuna's tables
@@ -265,3 +255,16 @@ def best_trials(study: optuna.Study, k: int, having: str) -> list[FrozenTrial]:
     with backend.engine.connect() as db:
         ids = db.scalars(query).all()
     return [storage.get_trial(trial_id) for trial_id in ids]
+
+
+def trial_states(study: optuna.Study) -> dict[int, TrialState]:
+    """Every trial's number and state, in one query on the trials table (no trial is built):
+    a snapshot to check MLflow runs against."""
+    trials = _tables()["trials"]
+    storage = study._storage
+    backend = getattr(storage, "_backend", storage)
+    query = sqlalchemy.select(trials.c.number, trials.c.state).where(
+        trials.c.study_id == study._study_id
+    )
+    with backend.engine.connect() as db:
+        return {number: TrialState[state] for number, state in db.execute(query).all()}

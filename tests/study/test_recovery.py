@@ -54,3 +54,12 @@ def test_a_run_whose_trial_ended_elsewhere_is_closed(setup) -> None:
     reconcile_runs(study, tracker, runs)
     run = tracker.client.get_run(run_id)
     assert run.info.status == "KILLED" and "worker died" in run.data.tags["tuner.fail_reason"]
+
+
+def test_a_run_whose_trial_began_after_the_snapshot_is_spared(setup) -> None:
+    """The reconciler reads the trials' states, then the RUNNING runs: a trial that began in
+    between (unknown to the snapshot) is live, and its run must not be closed."""
+    study, tracker, runs = setup
+    newer = tracker.start_trial(runs, "tiny", 99, {}, {}).run_id  # no trial 99 in the snapshot
+    reconcile_runs(study, tracker, runs)
+    assert tracker.client.get_run(newer).info.status == "RUNNING"

@@ -24,6 +24,7 @@ from tuner.records import (
     worker_alive,
     worker_id,
 )
+from tuner.store_errors import patiently
 
 if TYPE_CHECKING:
     from tuner.tracking import StudyRuns, Tracker
@@ -101,11 +102,14 @@ def close_idle_parent(study: optuna.Study, tracker: Tracker, runs: StudyRuns) ->
 
 
 def _reconcile_trial_runs(study: optuna.Study, tracker: Tracker, runs: StudyRuns) -> None:
+    # the trials' states first, then the runs: a trial that ends in between (its run closed
+    # first) shows as running, and one newer than the snapshot is not known yet: both are
+    # spared; only a run whose trial had ended before the runs were read is closed
+    states = patiently(lambda: _optuna.trial_states(study), "the Optuna storage")
     alive = (TrialState.RUNNING, TrialState.WAITING)
     for run in tracker.running_trial_runs(runs.experiment_id):  # few: the live ones, the lost
         number = int(run.data.tags.get(TRIAL_NUMBER_TAG, -1))
-        trial = _optuna.trial_numbered(study, number)
-        if trial is not None and trial.state in alive:
+        if states.get(number, TrialState.RUNNING) in alive:
             continue
         why = f"{WORKER_DIED} (killed, or no heartbeat within the grace period)"
         tracker.end_trial(run.info.run_id, Outcome.KILLED, reason=why)
