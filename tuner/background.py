@@ -7,10 +7,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import threading
 from collections.abc import Callable, Iterator
 
 log = logging.getLogger(__name__)
+SIGNALS = {signal.SIGALRM, signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
+def leave_signals_to_the_main_thread() -> None:
+    """Called first in each of tuner's threads: the signals that stop a trial (SIGALRM's time
+    limit above all) are delivered to the main thread, where a blocking call they must cut
+    short (a sleep, a read) gets EINTR; taken by another thread, they would only be noticed
+    when that call returns."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
 
 
 @contextlib.contextmanager
@@ -32,6 +42,7 @@ def repeating(
     stop = threading.Event()
 
     def rounds() -> None:
+        leave_signals_to_the_main_thread()
         failing = False
         if not at_once and stop.wait(interval):
             return
@@ -96,6 +107,7 @@ class Drain:
             raise error
 
     def _run(self) -> None:
+        leave_signals_to_the_main_thread()
         while True:
             with self._changed:
                 self._changed.wait_for(lambda: bool(self._pending))

@@ -61,7 +61,13 @@ PARALLEL_BYTES = 1 << 20  # a write this large is hashed in the other thread mea
 
 @functools.cache
 def _hasher() -> concurrent.futures.ThreadPoolExecutor:
-    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tuner-hash")
+    from tuner.background import leave_signals_to_the_main_thread
+
+    return concurrent.futures.ThreadPoolExecutor(
+        max_workers=1,
+        thread_name_prefix="tuner-hash",
+        initializer=leave_signals_to_the_main_thread,
+    )
 
 
 def write_artifact(
