@@ -224,47 +224,48 @@ def overview(
     )
 
 
+def _backend(study: optuna.Study) -> optuna.storages.BaseStorage:
+    """The RDB storage under the study's cache (`_CachedStorage._backend`, private): it reads
+    what it is asked in SQL, where the cache first loads every trial."""
+    storage = study._storage
+    return getattr(storage, "_backend", storage)
+
+
 def trials_in(study: optuna.Study, states: tuple[TrialState, ...]) -> list[FrozenTrial]:
     """The study's trials in `states`, selected by the database. `study.get_trials(states=…)`
     first loads every trial into the study's cache (a second at 1,000 trials), which the
     supervisor of a `study run`, looking for running trials every heartbeat, never needs;
-    the RDB storage under the cache (`_CachedStorage._backend`) filters in SQL."""
-    storage = study._storage
-    backend = getattr(storage, "_backend", storage)
-    return backend.get_all_trials(study._study_id, deepcopy=False, states=states)
+    the RDB storage under the cache filters in SQL."""
+    return _backend(study).get_all_trials(study._study_id, deepcopy=False, states=states)
 
 
 def best_trials(study: optuna.Study, k: int, having: str) -> list[FrozenTrial]:
     """A maximized study's `k` best completed trials that have the user attribute `having`,
-    best first (a tie: the earlier), read alone: the ids by one query on Optuna's tables
-    (private ORM models), then each trial (`get_trial`), instead of every trial of the study."""
-    from optuna.storages._rdb import models as m
-
-    storage = study._storage
-    backend = getattr(storage, "_backend", storage)
-    trial, value, attr = m.TrialModel, m.TrialValueModel, m.TrialUserAttributeModel
+    best first (a tie: the earlier), read alone: the ids by one query on Optuna's tables,
+    then each trial (`get_trial`), instead of every trial of the study."""
+    tb = _tables()
+    trials, values, attrs = tb["trials"], tb["values"], tb["trial_attrs"]
     query = (
-        sqlalchemy.select(trial.trial_id)
-        .join(value, value.trial_id == trial.trial_id)
-        .join(attr, attr.trial_id == trial.trial_id)
-        .where(trial.study_id == study._study_id, trial.state == TrialState.COMPLETE)
-        .where(value.objective == 0, attr.key == having)
-        .order_by(value.value.desc(), trial.number)
+        sqlalchemy.select(trials.c.trial_id)
+        .join(values, values.c.trial_id == trials.c.trial_id)
+        .join(attrs, attrs.c.trial_id == trials.c.trial_id)
+        .where(trials.c.study_id == study._study_id)
+        .where(trials.c.state == TrialState.COMPLETE.name)
+        .where(values.c.objective == 0, attrs.c.key == having)
+        .order_by(values.c.value.desc(), trials.c.number)
         .limit(k)
     )
-    with backend.engine.connect() as db:
+    with _backend(study).engine.connect() as db:
         ids = db.scalars(query).all()
-    return [storage.get_trial(trial_id) for trial_id in ids]
+    return [study._storage.get_trial(trial_id) for trial_id in ids]
 
 
 def trial_states(study: optuna.Study) -> dict[int, TrialState]:
     """Every trial's number and state, in one query on the trials table (no trial is built):
     a snapshot to check MLflow runs against."""
     trials = _tables()["trials"]
-    storage = study._storage
-    backend = getattr(storage, "_backend", storage)
     query = sqlalchemy.select(trials.c.number, trials.c.state).where(
         trials.c.study_id == study._study_id
     )
-    with backend.engine.connect() as db:
+    with _backend(study).engine.connect() as db:
         return {number: TrialState[state] for number, state in db.execute(query).all()}

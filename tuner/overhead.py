@@ -102,7 +102,7 @@ class OverheadConfig:
 class OverheadRow:
     size: int
     epoch_ms: float  # bookkeeping on the training thread per epoch, on average
-    epoch_ms_max: float  # the most one epoch paid (a decision epoch)
+    epoch_ms_max: float  # the most one epoch paid
     trial_ms: float  # median per trial on the training thread, outside its epochs
     record_ms: float  # median recording of a completed trial, beside the next one's training
     save_ms: float  # of which the weights and predictions
@@ -169,8 +169,7 @@ def bench_spec(size: int) -> StudySpec:
 
 def measure(folder: Path, data: Path, size: int, cfg: OverheadConfig) -> OverheadRow:
     spec = bench_spec(size)
-    stores = resolve(mlruns=folder / "mlruns", storage=None, tracking_uri=None)
-    stores = Stores(stores.mlruns, *_local_urls(folder), stores.artifact_root)
+    stores = resolve(folder / "mlruns", *_local_urls(folder))
     studies = folder / "studies"
     studies.mkdir(parents=True, exist_ok=True)
     (studies / f"{spec.name}.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
