@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pickle
-from collections.abc import Iterator
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -123,3 +124,20 @@ def tracker(stores):
     from tuner.tracking import Tracker
 
     return Tracker(stores)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[Callable[[], str]]:
+    """A PostgreSQL cluster of the session's, started on first use, for tests that read and
+    write but never stop it: a function that gives a fresh database's URL each call. The
+    tests that blip a server start their own."""
+    from .servers import start_postgres
+
+    try:
+        server = start_postgres()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"no PostgreSQL server could be started here: {exc}")
+    try:
+        yield server.create_database
+    finally:
+        server.remove()

@@ -146,7 +146,10 @@ def _tables() -> dict[str, sqlalchemy.TableClause]:
     t, c = sqlalchemy.table, sqlalchemy.column
     return {
         "studies": t("studies", c("study_id"), c("study_name")),
-        "trials": t("trials", c("trial_id"), c("number"), c("study_id"), c("state")),
+        # PostgreSQL keeps the state as an enum type of its own, which takes no text: the
+        # column is declared as Optuna's model declares it (binds and reads `TrialState`)
+        "trials": t("trials", c("trial_id"), c("number"), c("study_id"),
+                    c("state", sqlalchemy.Enum(TrialState))),
         "values": t("trial_values", c("trial_id"), c("objective"), c("value")),
         "params": t("trial_params", c("trial_id"), c("param_name"), c("param_value"),
                     c("distribution_json")),
@@ -188,7 +191,7 @@ def overview(
         best = db.execute(
             sqlalchemy.select(trials.c.trial_id, trials.c.number, values.c.value)
             .join(values, values.c.trial_id == trials.c.trial_id)
-            .where(in_study, trials.c.state == TrialState.COMPLETE.name)
+            .where(in_study, trials.c.state == TrialState.COMPLETE)
             .where(values.c.objective == 0)
             .order_by(values.c.value.desc(), trials.c.number)
             .limit(top)
@@ -217,8 +220,8 @@ def overview(
         frozen.number = number
         ranked.append(frozen)
     return Overview(
-        {TrialState[s]: n for s, n in states.items()},
-        {TrialState[s]: n for s, n in tagged.items()},
+        states,
+        tagged,
         tuple(ranked),
         {key: json.loads(value) for key, value in study_attrs},
     )
@@ -250,7 +253,7 @@ def best_trials(study: optuna.Study, k: int, having: str) -> list[FrozenTrial]:
         .join(values, values.c.trial_id == trials.c.trial_id)
         .join(attrs, attrs.c.trial_id == trials.c.trial_id)
         .where(trials.c.study_id == study._study_id)
-        .where(trials.c.state == TrialState.COMPLETE.name)
+        .where(trials.c.state == TrialState.COMPLETE)
         .where(values.c.objective == 0, attrs.c.key == having)
         .order_by(values.c.value.desc(), trials.c.number)
         .limit(k)
@@ -268,4 +271,4 @@ def trial_states(study: optuna.Study) -> dict[int, TrialState]:
         trials.c.study_id == study._study_id
     )
     with _backend(study).engine.connect() as db:
-        return {number: TrialState[state] for number, state in db.execute(query).all()}
+        return {number: state for number, state in db.execute(query).all()}

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import optuna
 import pytest
 from optuna.trial import TrialState
@@ -81,7 +83,21 @@ def test_nothing_finished_means_every_trial_failed(states: list, expected: bool)
     assert summarize(study, "me", 0.0).nothing_finished is expected
 
 
-def test_status_read_by_queries_agrees_with_the_whole_study(stores) -> None:
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
+def study_stores(request, stores):
+    """The session's stores, with Optuna on SQLite and on PostgreSQL: the readers below query
+    Optuna's tables directly, where the two differ (PostgreSQL keeps a trial's state as an
+    enum type that takes no text)."""
+    if request.param == "sqlite":
+        return stores
+    return dataclasses.replace(stores, optuna_url=request.getfixturevalue("postgres_url")())
+
+
+def _scheme(stores) -> str:
+    return stores.optuna_url.split(":")[0]
+
+
+def test_status_read_by_queries_agrees_with_the_whole_study(study_stores) -> None:
     """`study_status` reads counts and the top trials with a few queries: the same answer as
     every trial loaded and counted (`counts`, `ranked`)."""
     from tuner import _optuna
@@ -92,9 +108,9 @@ def test_status_read_by_queries_agrees_with_the_whole_study(stores) -> None:
 
     from ..conftest import TINY_STUDY
 
-    spec = parse({**TINY_STUDY, "name": "status-by-queries"})
-    create(spec, stores)
-    study = open_study(spec, stores)
+    spec = parse({**TINY_STUDY, "name": f"status-{_scheme(study_stores)}"})
+    create(spec, study_stores)
+    study = open_study(spec, study_stores)
     values = [0.5, 0.7, 0.7, 0.2, None, None, None, None, 0.9]
     for i, value in enumerate(values):
         trial = _optuna.ask(study)
@@ -110,7 +126,7 @@ def test_status_read_by_queries_agrees_with_the_whole_study(stores) -> None:
         elif i == 6:
             study.tell(trial, state=TrialState.FAIL)  # i == 7 stays running
     study.enqueue_trial({"dropout": 0.1, "depth": "vgg11"})
-    status = study_status(spec, stores, top=3)
+    status = study_status(spec, study_stores, top=3)
     trials = study.get_trials()
     assert status.counts == counts(trials)
     assert status.counts[Outcome.DIVERGED] == 1 and status.counts[Outcome.WAITING] == 1
@@ -134,7 +150,7 @@ def test_status_of_a_study_that_is_not_there_says_how_to_make_it(tmp_path) -> No
     assert not (tmp_path / "optuna.db").exists(), "reading made no store"
 
 
-def test_the_best_trials_read_alone_are_those_ranked_from_the_whole_study(stores) -> None:
+def test_the_best_trials_read_alone_are_those_ranked_from_the_whole_study(study_stores) -> None:
     from tuner import _optuna
     from tuner.records import RUN_ID_ATTR
     from tuner.spec import parse
@@ -142,9 +158,9 @@ def test_the_best_trials_read_alone_are_those_ranked_from_the_whole_study(stores
 
     from ..conftest import TINY_STUDY
 
-    spec = parse({**TINY_STUDY, "name": "best-alone"})
-    create(spec, stores)
-    study = open_study(spec, stores)
+    spec = parse({**TINY_STUDY, "name": f"best-alone-{_scheme(study_stores)}"})
+    create(spec, study_stores)
+    study = open_study(spec, study_stores)
     for i, value in enumerate([0.5, 0.9, 0.7, 0.9, 0.95, 0.1]):
         trial = _optuna.ask(study)
         trial.suggest_float("dropout", 0.0, 0.5)
@@ -155,3 +171,7 @@ def test_the_best_trials_read_alone_are_those_ranked_from_the_whole_study(stores
     best = _optuna.best_trials(study, 3, RUN_ID_ATTR)
     assert [t.number for t in best] == [t.number for t in expected] == [1, 3, 2]
     assert [t.user_attrs[RUN_ID_ATTR] for t in best] == ["run-1", "run-3", "run-2"]
+    study.enqueue_trial({"dropout": 0.2})
+    _optuna.ask(study)
+    assert _optuna.trial_states(study) == {t.number: t.state for t in study.get_trials()}
+    assert _optuna.trial_states(study)[6] == TrialState.RUNNING
