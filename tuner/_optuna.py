@@ -108,6 +108,29 @@ def retry_dead(study: optuna.Study, trial: FrozenTrial) -> None:
     callback(study, study._storage.get_trial(trial._trial_id))
 
 
+def unask(trial: optuna.Trial) -> bool:
+    """Put a trial that was asked for but never trained back in the queue, its drawn
+    parameters kept: the next `ask`, in any process, takes it as an enqueued trial, and each
+    `suggest` returns the value already stored. False where it is no longer running (failed
+    from outside meanwhile). Optuna has no public way back from RUNNING; the storage allows
+    it (`set_trial_state_values` refuses only a finished trial)."""
+    try:
+        return trial.storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+
+
+def ready_pruner(study: optuna.Study) -> None:
+    """Build Hyperband's brackets now. It builds them on its first `prune`, which the epoch
+    writer calls while the next trial is asked on the recorder's thread; that ask reads the
+    brackets (the sampler sees only the trial's own bracket) and could find them half-built.
+    `_try_initialization` and `_pruners` are private; with a fixed `max_resource` (tuner's
+    epochs) the study is not read."""
+    pruner = study.pruner
+    if isinstance(pruner, optuna.pruners.HyperbandPruner) and not pruner._pruners:
+        pruner._try_initialization(study)
+
+
 def claim_user_attr(
     storage: optuna.storages.RDBStorage, study_id: int, key: str, value: str
 ) -> str:

@@ -5,12 +5,13 @@ that ending."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import logging
 import traceback
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import optuna
 import torch
@@ -75,7 +76,8 @@ class StudyContext:
     def recorder(self) -> Drain:
         """The worker's recorder of completed trials: their weights are written (0.1–0.3 s
         for a VGG16's 59 MB) and the trial told to Optuna while the next trial trains. One
-        at a time: `run_one` flushes it before it hands over the next."""
+        at a time: `run_one` flushes it before it hands over the next. After it, the trial
+        after next is asked for (`After`), so that the sampler knows the one recorded."""
         return Drain(record_completed, "tuner-recorder")
 
     @functools.cached_property
@@ -93,14 +95,42 @@ class Completed:
     heartbeat: contextlib.ExitStack
 
 
-def record_completed(items: list[Completed]) -> None:
-    """`finish` each, then stop its heartbeat; an ending that stops the worker (its weights
-    could not be saved: a store error) is raised, for the worker to meet at its next check."""
+@dataclass(frozen=True)
+class After:
+    """Work for the recorder's thread once the records put before it are written (the
+    worker's next trial, asked ahead): `work()`'s result or error goes to `future`. It is
+    cancelled, not done, after a record that stops the worker."""
+
+    work: Callable[[], object]
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+    def __call__(self) -> None:
+        if not self.future.set_running_or_notify_cancel():
+            return  # cancelled: the worker stops
+        try:
+            result = self.work()
+        except BaseException as exc:
+            self.future.set_exception(exc)
+        else:
+            self.future.set_result(result)
+
+
+def record_completed(items: list[Completed | After]) -> None:
+    """In order: `finish` each completed trial, then stop its heartbeat; do each `After`. An
+    ending that stops the worker (its weights could not be saved: a store error) cancels the
+    work after it, and is raised, for the worker to meet at its next check."""
+    stop: BaseException | None = None
     for item in items:
+        if isinstance(item, After):
+            if stop is not None:
+                item.future.cancel()
+            item()
+            continue
         with item.heartbeat:
             ending = item.run.finish(item.ending)
-        if ending.stop is not None:
-            raise ending.stop
+        stop = stop or ending.stop
+    if stop is not None:
+        raise stop
 
 
 @dataclass(frozen=True)
@@ -221,6 +251,7 @@ class TrialRun:
         self.ctx, self.trial = ctx, trial
         self.tag = f"[trial {trial.number}]"
         self.params: TrialParams | None = None
+        self.draw_error: Exception | None = None  # what drawing the point ahead raised
         self.accumulation = int(trial.user_attrs.get(ACCUMULATION_ATTR, 1))
         self.run: TrialRunRef | None = None
         self.epochs = 0  # the last epoch that finished
@@ -245,10 +276,24 @@ class TrialRun:
             return ending
         return Ending(Outcome.COMPLETE, result=result)
 
+    def draw(self) -> None:
+        """Draw the trial's point (the sampler's work; 0.1 s and more in a large study). Done
+        ahead, on the recorder's thread, for a trial asked ahead: what it raises there is
+        kept, and raised by `start`, where it is the trial's ending (`ENDINGS`)."""
+        try:
+            self.params = suggest(self.trial, self.ctx.spec.space)
+        except Exception as exc:
+            self.draw_error = exc
+
     def start(self) -> None:
-        """Draw the point; the MLflow run; the first line on the console."""
+        """Draw the point (unless drawn ahead); the MLflow run; the first line on the console."""
         spec, trial = self.ctx.spec, self.trial
-        self.params = params = suggest(trial, spec.space)
+        if self.params is None and self.draw_error is None:
+            self.draw()
+        if self.draw_error is not None:
+            raise self.draw_error
+        params = self.params
+        assert params is not None
         retry = retry_origin(trial.user_attrs, _optuna.frozen(trial).system_attrs)
         note = f" (retry of trial {retry})" if retry is not None else ""
         if self.accumulation > 1:

@@ -43,6 +43,11 @@ def run_summary(name: str, summary: RunSummary) -> str:
         f"  trial {lost} was retried as trial {retry}"
         for lost, retry in sorted(summary.retried.items())
     ]
+    if summary.queued:
+        word = "trial" if len(summary.queued) == 1 else "trials"
+        numbers = ", ".join(str(n) for n in summary.queued)
+        lines.append(f"  {word} {numbers} (asked for ahead) did not start: queued again for "
+                     "the next `study run`")  # fmt: skip
     if summary.workers:
         lines.append("workers: " + "; ".join(summary.workers))
     if summary.best is not None:

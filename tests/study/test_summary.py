@@ -6,6 +6,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from tuner import _optuna
 from tuner.records import Outcome
 from tuner.study.summary import counts, ranked, summarize
 
@@ -16,7 +17,9 @@ def _study(*trials: tuple[TrialState, float | None, dict]) -> optuna.Study:
         trial = study.ask()
         for key, v in attrs.items():
             trial.set_user_attr(key, v)
-        if state != TrialState.RUNNING:
+        if state == TrialState.WAITING:
+            assert _optuna.unask(trial)
+        elif state != TrialState.RUNNING:
             study.tell(trial, value, state=state)
     return study
 
@@ -62,6 +65,7 @@ def test_a_run_summary_counts_only_its_own_trials() -> None:
         (TrialState.FAIL, None, {**mine, "fail_reason": "worker killed by SIGKILL"}),
         (TrialState.PRUNED, None, {**mine, "fail_reason": "diverged"}),
         (TrialState.COMPLETE, 0.4, {**mine, "retry_of": 1}),
+        (TrialState.WAITING, None, mine),  # asked for ahead; the run stopped before it began
     )
     summary = summarize(study, "me", 1.5)
     assert summary.ran == {Outcome.FAILED: 1, Outcome.DIVERGED: 1, Outcome.COMPLETE: 1}
@@ -70,6 +74,7 @@ def test_a_run_summary_counts_only_its_own_trials() -> None:
         (2, Outcome.DIVERGED, "diverged"),
     ]
     assert summary.retried == {1: 3}
+    assert summary.queued == (4,), "not among what it ran"
     assert summary.best.number == 0, "the best of the whole study"
     assert not summary.nothing_finished
 

@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -15,12 +16,15 @@ from optuna.trial import TrialState
 from tuner import _optuna, interrupts, objective
 from tuner.data import load_train_val
 from tuner.objective import StudyContext, TrialRun
+from tuner.records import Outcome
+from tuner.space import lr_name, suggest
 from tuner.spec import parse
 from tuner.study.setup import create, open_study
-from tuner.study.worker import Budget, run_one
+from tuner.study.worker import Ahead, Budget, run_one
 from tuner.train import EpochStats
 
 from ..conftest import TINY_STUDY
+from ..helpers import wait_until
 
 SPEC = parse({**TINY_STUDY, "train": {**TINY_STUDY["train"], "epochs": 1},
               "pruner": {"type": "none"}})  # fmt: skip
@@ -141,3 +145,120 @@ def test_a_signal_that_came_between_trials_starts_no_new_one(setup, signal_handl
     with pytest.raises(KeyboardInterrupt):
         run_one(study, ctx, Budget("me", 3, None), threading.Lock())
     assert study.get_trials() == [], "no trial was asked for"
+
+
+# -- the next trial, asked for while one trains -------------------------------------------------
+
+
+def _states(study) -> dict[int, TrialState]:
+    return {t.number: t.state for t in study.get_trials()}
+
+
+def test_the_next_trial_is_asked_while_one_trains_knowing_the_one_before(
+    setup, signal_handlers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trial 1 is asked for and drawn while trial 0 trains; trial 2 once trial 0 is recorded
+    (what the sampler would know asked in line). The budget holds: three trials, all trained."""
+    study, ctx = setup
+    real_train, real_ask = objective.train, _optuna.ask
+    seen_at_ask: dict[int, dict[int, TrialState]] = {}
+
+    def ask(study):
+        before = _states(study)
+        trial = real_ask(study)
+        seen_at_ask[trial.number] = before
+        return trial
+
+    trained: list[int] = []
+
+    def train(model, data, config, on_epoch, between_steps):
+        number = len(trained)  # trials train in the order they were asked
+        trained.append(number)
+        if number < 2:  # the last is asked for with nothing after it
+            wait_until(
+                lambda: (
+                    len(study.get_trials()) > number + 1 and study.get_trials()[number + 1].params
+                ),
+                "the next trial drawn",
+                20,
+            )
+        return real_train(model, data, config, on_epoch, between_steps)
+
+    monkeypatch.setattr(_optuna, "ask", ask)
+    monkeypatch.setattr(objective, "train", train)
+    ahead = Ahead()
+    budget = Budget("me", trials=3, deadline=None)
+    while run_one(study, ctx, budget, threading.Lock(), ahead):
+        pass
+    ahead.give_back()
+    ctx.recorder.flush()
+    assert _states(study) == dict.fromkeys(range(3), TrialState.COMPLETE)
+    assert seen_at_ask[1] == {0: TrialState.RUNNING}, "asked while trial 0 trained"
+    assert seen_at_ask[2][0] == TrialState.COMPLETE, "asked once trial 0 was recorded"
+
+
+def test_a_signal_while_training_puts_the_trial_asked_ahead_back_with_its_point(
+    setup, signal_handlers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    study, ctx = setup
+
+    def interrupted(*args, **kwargs):
+        wait_until(lambda: len(study.get_trials()) == 2 and study.get_trials()[1].params,
+                   "the next trial drawn")  # fmt: skip
+        signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(objective, "train", interrupted)
+    ahead = Ahead()
+    with pytest.raises(interrupts.Terminated):
+        try:  # as `work` runs trials
+            run_one(study, ctx, Budget("me", 3, None), threading.Lock(), ahead)
+        except BaseException:
+            ahead.give_back()
+            raise
+    stopped, back = study.get_trials()
+    assert stopped.state == TrialState.FAIL and stopped.user_attrs["fail_reason"] == "terminated"
+    assert back.state == TrialState.WAITING and "mlflow_run_id" not in back.user_attrs
+    taken = _optuna.ask(study)
+    assert taken.number == back.number, "the next ask takes it"
+    drawn = suggest(taken, ctx.spec.space).as_dict()
+    assert drawn["lr"] == back.params[lr_name(drawn["optimizer"])], "with its point"
+    assert drawn["dropout"] == back.params["dropout"]
+    assert _optuna.frozen(taken).params == back.params
+
+
+def test_a_time_limit_that_passes_while_training_puts_the_trial_asked_ahead_back(
+    setup, signal_handlers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    study, ctx = setup
+    real_train = objective.train
+    over = threading.Event()
+    monkeypatch.setattr(Budget, "expired", lambda self: over.is_set())
+
+    def train(*args):
+        wait_until(lambda: len(study.get_trials()) == 2, "the next trial asked")
+        over.set()  # the run's --timeout passes while trial 0 trains
+        return real_train(*args)
+
+    monkeypatch.setattr(objective, "train", train)
+    ahead = Ahead()
+    budget = Budget("me", 3, None)
+    assert run_one(study, ctx, budget, threading.Lock(), ahead)
+    assert not run_one(study, ctx, budget, threading.Lock(), ahead), "no trial starts"
+    ctx.recorder.flush()
+    assert _states(study) == {0: TrialState.COMPLETE, 1: TrialState.WAITING}
+
+
+def test_work_after_a_record_that_stops_the_worker_is_cancelled() -> None:
+    from tuner.errors import StoreError
+
+    class Run:  # the one call the recorder makes on a trial it records
+        def finish(self, ending):
+            return objective.Ending(Outcome.COMPLETE, stop=StoreError("disk full"))
+
+    done = []
+    after = objective.After(lambda: done.append(1))
+    with pytest.raises(StoreError, match="disk full"):
+        objective.record_completed(
+            [objective.Completed(Run(), objective.Ending(Outcome.COMPLETE), ExitStack()), after]
+        )
+    assert after.future.cancelled() and not done

@@ -113,6 +113,7 @@ class RunSummary:
     failures: tuple[Failure, ...]
     workers: tuple[str, ...] = ()  # how each worker process ended (several workers)
     retried: dict[int, int] = field(default_factory=dict)  # lost trial → the trial retrying it
+    queued: tuple[int, ...] = ()  # asked ahead, not started (the run stopped): back in the queue
 
     @property
     def nothing_finished(self) -> bool:
@@ -125,6 +126,8 @@ def summarize(
 ) -> RunSummary:
     trials = study.get_trials(deepcopy=False)
     mine = [t for t in trials if t.user_attrs.get(SESSION_ATTR) == session]
+    queued = tuple(t.number for t in mine if t.state == TrialState.WAITING)
+    mine = [t for t in mine if t.state != TrialState.WAITING]
     retried = {}
     for t in mine:
         origin = retry_origin(t.user_attrs, t.system_attrs)
@@ -144,6 +147,7 @@ def summarize(
         failures=failures,
         workers=tuple(workers),
         retried=retried,
+        queued=queued,
     )
 
 
