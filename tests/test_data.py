@@ -243,3 +243,42 @@ def test_a_split_too_small_for_every_class_names_the_key(
             data.load_test(fake_cifar, spec, 0, torch.device("cpu"))
         else:
             data.load_train_val(fake_cifar, spec, 0, torch.device("cpu"))
+
+
+def _sklearn_split(labels, val_size, train_size, seed):
+    """The split as tuner made it with scikit-learn, before it drew it itself."""
+    from sklearn.model_selection import train_test_split
+
+    index = np.arange(len(labels))
+    train, val = train_test_split(index, test_size=val_size, stratify=labels,
+                                  random_state=seed, shuffle=True)  # fmt: skip
+    if train_size is not None and train_size < len(train):
+        train, _ = train_test_split(train, train_size=train_size, stratify=labels[train],
+                                    random_state=seed)  # fmt: skip
+    return np.sort(train), np.sort(val)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7, 2**31 - 1])
+@pytest.mark.parametrize(
+    ("classes", "n", "val_size", "train_size"),
+    [(10, 50_000, 5_000, None), (10, 50_000, 5_000, 1_000), (10, 4_068, 1_000, 2_005),
+     (3, 997, 101, None), (7, 1_000, 333, 50)],
+)  # fmt: skip
+def test_the_split_is_scikit_learns_draw_for_draw(seed, classes, n, val_size, train_size) -> None:
+    """Every study made so far is bound to its split: drawing it without scikit-learn (whose
+    import costs each worker 1.6 s) must give the same images, also for uneven classes."""
+    rng = np.random.default_rng(seed)
+    labels = rng.choice(classes, n, p=rng.dirichlet(np.ones(classes) * 3))
+    ours = data.split_indices(labels, val_size, train_size, seed)
+    theirs = _sklearn_split(labels, val_size, train_size, seed)
+    assert all(np.array_equal(a, b) for a, b in zip(ours, theirs, strict=True))
+    from sklearn.model_selection import train_test_split
+
+    chosen, _ = train_test_split(np.arange(n), train_size=val_size, stratify=labels,
+                                 random_state=seed)  # fmt: skip
+    assert np.array_equal(data.subsample(labels, val_size, seed), np.sort(chosen))
+
+
+def test_a_split_too_small_for_its_classes_is_explained() -> None:
+    with pytest.raises(ConfigError, match="at least 2 images of each of the 10 classes"):
+        data.split_indices(np.arange(300) % 10, val_size=5, train_size=None, seed=0)
