@@ -102,3 +102,99 @@ def test_fail_from_outside_records_the_reason_once(tmp_path: Path) -> None:
 @pytest.fixture(autouse=True)
 def _quiet() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+# -- reading trials without the ORM ------------------------------------------------------------
+
+
+def _canonical(trial: optuna.trial.FrozenTrial) -> tuple:
+    """Every field of a trial, NaN comparable."""
+
+    def same(x):
+        return "nan" if isinstance(x, float) and x != x else x
+
+    values = trial.values and [same(v) for v in trial.values]
+    intermediate = {k: same(v) for k, v in trial.intermediate_values.items()}
+    return (trial._trial_id, trial.number, trial.state, values, trial.datetime_start,
+            trial.datetime_complete, trial.params, trial.distributions, trial.user_attrs,
+            trial.system_attrs, intermediate)  # fmt: skip
+
+
+def _every_kind_of_trial(study: optuna.Study) -> None:
+    def point(trial):
+        trial.suggest_float("lr", 1e-5, 1.0, log=True)
+        trial.suggest_int("width", 16, 512, step=16)
+        trial.suggest_categorical("optimizer", ["sgd", "adam", None])
+        trial.suggest_float("dropout", 0.0, 0.5, step=0.1)
+
+    done = study.ask()
+    point(done)
+    for step, v in enumerate([0.1, float("nan"), float("inf"), float("-inf"), 0.5]):
+        done.report(v, step)
+    done.set_user_attr("mlflow_run_id", "abc")
+    done.set_user_attr("nested", {"a": [1, 2.5, None], "b": True})
+    study.tell(done, 0.75)
+    best = study.ask()
+    point(best)
+    study.tell(best, float("inf"))
+    pruned = study.ask()
+    point(pruned)
+    pruned.report(0.2, 1)
+    pruned.set_user_attr("fail_reason", "diverged")
+    study.tell(pruned, state=TrialState.PRUNED)
+    failed = study.ask()
+    study.tell(failed, state=TrialState.FAIL)
+    running = study.ask()
+    point(running)
+    running.report(0.3, 0)
+    study.enqueue_trial({"lr": 0.01}, user_attrs={"retry_of": 2})
+    study.tell(study.ask(), float("-inf"))  # popped from the queue: fixed params, system attrs
+    study.enqueue_trial({"lr": 0.02})  # waiting
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
+def storage_url(request, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/optuna.db"
+    return request.getfixturevalue("postgres_url")()
+
+
+def test_trials_read_without_the_orm_are_optunas_every_field(storage_url: str) -> None:
+    """`read_trials` stands in for `RDBStorage._get_trials` under the study's cache: for every
+    state, inf and nan values, attributes of every JSON type, queued and popped trials, and
+    each way the cache asks (all, by state, unfinished and newer), the same trials."""
+    storage = optuna.storages.RDBStorage(storage_url)
+    study = optuna.create_study(storage=storage, study_name="kinds", direction="maximize")
+    _every_kind_of_trial(study)
+    study_id = study._study_id
+    for states, included, greater in [
+        (None, set(), -1),
+        ((TrialState.RUNNING, TrialState.WAITING), set(), -1),
+        ((TrialState.COMPLETE,), set(), -1),
+        (None, {5}, 3),  # the cache's second read: those unfinished, and those newer
+        (None, set(), 4),
+    ]:
+        ours = _optuna.read_trials(storage, study_id, states, included, greater)
+        theirs = optuna.storages.RDBStorage._get_trials(
+            storage, study_id, states, included, greater
+        )
+        assert [_canonical(t) for t in ours] == [_canonical(t) for t in theirs], (states, included)
+        assert ours, "something was read"
+    with pytest.raises(KeyError):
+        _optuna.read_trials(storage, study_id + 1, None, set(), -1)
+
+
+def test_the_study_cache_reads_through_it(tmp_path: Path, monkeypatch) -> None:
+    from tuner.store_errors import PatientStorage
+
+    calls = []
+    read = _optuna.read_trials
+    monkeypatch.setattr(_optuna, "read_trials", lambda *a: calls.append(a) or read(*a))
+    storage = PatientStorage(f"sqlite:///{tmp_path}/optuna.db")
+    study = optuna.create_study(storage=storage, study_name="cached")
+    _every_kind_of_trial(study)
+    again = optuna.load_study(study_name="cached", storage=storage)
+    assert [_canonical(t) for t in again.get_trials()] == [
+        _canonical(t) for t in optuna.storages.RDBStorage.get_all_trials(storage, study._study_id)
+    ]
+    assert calls, "the cache read through read_trials"

@@ -11,11 +11,12 @@ import os
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from pathlib import Path
 
 import optuna
 import sqlalchemy
+from optuna.trial import FrozenTrial, TrialState
 
 from tuner.errors import ConfigError
 
@@ -173,6 +174,24 @@ class PatientStorage(optuna.storages.RDBStorage):
     """Optuna's RDB storage, whose calls wait out a locked SQLite file (`patiently`) instead
     of failing the trial after the driver's timeout."""
 
+    def _get_trials(
+        self,
+        study_id: int,
+        states: Container[TrialState] | None,
+        included_trial_ids: set[int],
+        trial_id_greater_than: int,
+    ) -> list[FrozenTrial]:
+        """What the study's cache (`_CachedStorage`) reads through: the same trials as
+        Optuna's, read without its ORM (`_optuna.read_trials`), patiently."""
+        from tuner import _optuna
+
+        return patiently(
+            lambda: _optuna.read_trials(
+                self, study_id, states, included_trial_ids, trial_id_greater_than
+            ),
+            f"the Optuna storage {shown(self.url)}",
+        )
+
 
 def _patient(name: str) -> Callable[..., object]:
     method = getattr(optuna.storages.RDBStorage, name)
@@ -186,10 +205,9 @@ def _patient(name: str) -> Callable[..., object]:
     return wrapper
 
 
-# `_get_trials`: what the study's cache (`_CachedStorage`) reads through
 for _name in (*optuna.storages.BaseStorage.__abstractmethods__, "record_heartbeat",
               "_get_stale_trial_ids", "get_trial_user_attrs", "get_trial_system_attrs",
-              "get_best_trial", "get_n_trials", "_get_trials",
+              "get_best_trial", "get_n_trials",
               "get_trial_id_from_study_id_trial_number"):  # fmt: skip
     if hasattr(optuna.storages.RDBStorage, _name):
         setattr(PatientStorage, _name, _patient(_name))
