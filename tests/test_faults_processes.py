@@ -29,7 +29,7 @@ from .helpers import (
     wait_until,
     workers_of,
 )
-from .test_faults import FAST_LIMITS, heartbeat_stale, study_file
+from .test_faults import FAST_LIMITS, heartbeat_stale, started_and_asked_ahead, study_file
 
 pytestmark = pytest.mark.slow
 finished = test_faults.finished  # a study with 2 finished trials (pytest fixture)
@@ -49,7 +49,7 @@ def test_workers_do_not_outlive_a_killed_supervisor(tmp_path: Path, fake_cifar: 
     run.communicate(timeout=60)
     wait_until(lambda: not any(running(pid) for pid in workers), "the workers to exit", 60)
 
-    trials = stored(tmp_path, "orphans").trials
+    trials, _ = started_and_asked_ahead(stored(tmp_path, "orphans").trials)
     assert len(trials) == 2, "no new trial started after the supervisor died"
     assert {(t.state.name, t.user_attrs.get("fail_reason")) for t in trials} == {
         ("FAIL", "terminated")}  # fmt: skip
@@ -73,7 +73,7 @@ def test_sighup_to_the_process_group_ends_the_run_cleanly(
     assert run.returncode == 129, out + err
     assert "terminated (SIGHUP): a trial that was running is recorded as failed" in err
     assert "Traceback" not in err
-    trials = stored(tmp_path, "hangup").trials
+    trials, _ = started_and_asked_ahead(stored(tmp_path, "hangup").trials)
     assert {(t.state.name, t.user_attrs.get("fail_reason")) for t in trials} == {
         ("FAIL", "terminated")}  # fmt: skip
     assert {r.info.status for r in trial_runs(tmp_path, "hangup").values()} == {"KILLED"}

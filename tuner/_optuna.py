@@ -108,14 +108,15 @@ def retry_dead(study: optuna.Study, trial: FrozenTrial) -> None:
     callback(study, study._storage.get_trial(trial._trial_id))
 
 
-def unask(trial: optuna.Trial) -> bool:
+def unask(study: optuna.Study, trial_id: int) -> bool:
     """Put a trial that was asked for but never trained back in the queue, its drawn
     parameters kept: the next `ask`, in any process, takes it as an enqueued trial, and each
-    `suggest` returns the value already stored. False where it is no longer running (failed
-    from outside meanwhile). Optuna has no public way back from RUNNING; the storage allows
-    it (`set_trial_state_values` refuses only a finished trial)."""
+    `suggest` returns the value already stored. Only for a trial whose worker is known not
+    to train it (it gave it back, or it died): a worker that goes on would not notice.
+    False where it is no longer running. Optuna has no public way back from RUNNING; the
+    storage allows it (`set_trial_state_values` refuses only a finished trial)."""
     try:
-        return trial.storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)
+        return study._storage.set_trial_state_values(trial_id, TrialState.WAITING)
     except optuna.exceptions.UpdateFinishedTrialError:
         return False
 

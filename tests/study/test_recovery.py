@@ -47,6 +47,20 @@ def test_a_dead_workers_trial_is_failed_queued_and_its_run_killed(setup) -> None
     assert tracker.client.get_run(alive_run).info.status == "RUNNING"
 
 
+def test_a_trial_a_dead_worker_asked_for_but_never_started_is_queued_as_it_was(setup) -> None:
+    """Asked ahead (drawn, no run yet): nothing of it failed, so nothing is failed; the next
+    ask takes it, with its point."""
+    study, tracker, runs = setup
+    ahead = _optuna.ask(study)
+    ahead.suggest_float("x", 0, 1)
+    ahead.set_user_attr(WORKER_ATTR, worker_id(44))
+    recover_dead_worker(study, tracker, runs, pid=44, how="killed by SIGKILL")
+    [trial] = study.get_trials()
+    assert trial.state == TrialState.WAITING and "fail_reason" not in trial.user_attrs
+    again = _optuna.ask(study)
+    assert again.number == trial.number and again.suggest_float("x", 0, 1) == trial.params["x"]
+
+
 def test_a_run_whose_trial_ended_elsewhere_is_closed(setup) -> None:
     study, tracker, runs = setup
     trial, run_id = _started(study, tracker, runs, pid=33)

@@ -18,7 +18,7 @@ def _study(*trials: tuple[TrialState, float | None, dict]) -> optuna.Study:
         for key, v in attrs.items():
             trial.set_user_attr(key, v)
         if state == TrialState.WAITING:
-            assert _optuna.unask(trial)
+            assert _optuna.unask(study, trial._trial_id)
         elif state != TrialState.RUNNING:
             study.tell(trial, value, state=state)
     return study

@@ -64,6 +64,17 @@ def test_the_budget_counts_this_runs_trials_once_each(setup) -> None:
     assert Budget("new", trials=5, deadline=time.time() - 1).spent(study), "past the --timeout"
 
 
+def test_the_last_trials_are_asked_for_in_line_one_per_worker(setup) -> None:
+    """Asked ahead, the last of the budget would wait behind one worker's trial while another
+    worker found the budget spent: with 2 workers, one is asked ahead only while 2 are left."""
+    study, _ = setup
+    budget = Budget("me", trials=4, deadline=None, workers=2)
+    for expected in (True, True, True, False):
+        assert budget.enough_to_ask_ahead(study) is expected
+        _optuna.ask(study).set_user_attr("session", "me")
+    assert budget.spent(study) and budget.left(study) == 0
+
+
 def test_run_one_takes_a_trial_until_the_budget_is_spent(setup, signal_handlers) -> None:
     study, ctx = setup
     budget = Budget("me", trials=1, deadline=None)

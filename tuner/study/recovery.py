@@ -16,6 +16,7 @@ from tuner import _optuna, background
 from tuner.records import (
     PROCESS_TAG,
     REASON_ATTR,
+    RUN_ID_ATTR,
     TRIAL_NUMBER_TAG,
     WORKER_ATTR,
     WORKER_DIED,
@@ -68,10 +69,17 @@ def recover_dead_worker(
     study: optuna.Study, tracker: Tracker, runs: StudyRuns, pid: int, how: str
 ) -> None:
     """The trial a dead worker was running: failed and queued again at once (no need to wait
-    for its heartbeat to go stale), and its MLflow run KILLED. `how`: "killed by SIGKILL"."""
+    for its heartbeat to go stale), and its MLflow run KILLED. `how`: "killed by SIGKILL". One
+    it had asked for but not started (no run yet: asked ahead) goes back to the queue as it
+    was: nothing of it failed."""
     worker = worker_id(pid)
     for trial in _optuna.trials_in(study, (TrialState.RUNNING,)):
         if trial.user_attrs.get(WORKER_ATTR) != worker:
+            continue
+        if RUN_ID_ATTR not in trial.user_attrs:
+            if _optuna.unask(study, trial._trial_id):
+                log.info(f"[trial {trial.number}] asked for by the worker ({how}) but not "
+                         "started: queued again")  # fmt: skip
             continue
         if _optuna.fail_from_outside(study, trial, REASON_ATTR, f"worker {how}"):
             _optuna.retry_dead(study, trial)

@@ -97,9 +97,9 @@ def worker_plans(
 
     n = request.trials if request.trials is not None else spec.trials
     deadline = time.time() + request.timeout if request.timeout else None
-    budget = Budget(uuid.uuid4().hex[:12], n, deadline)
-    data_dir = resolve_data_dir(request.data_dir)
     slots = [(d, j) for d in request.devices for j in range(request.jobs_per_device)]
+    budget = Budget(uuid.uuid4().hex[:12], n, deadline, workers=len(slots))
+    data_dir = resolve_data_dir(request.data_dir)
     if len(slots) == 1:
         return [WorkerPlan("main", spec, stores, runs, data_dir, slots[0][0], budget)]
     claim = shared_lock()

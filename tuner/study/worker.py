@@ -59,14 +59,16 @@ class Budget:
     session: str  # the run's id, on each of its trials
     trials: int  # trials this run may start; a trial lost and retried counts once
     deadline: float | None  # time.time() after which no trial starts
+    workers: int = 1  # the run's workers, sharing it
 
     def expired(self) -> bool:
         """Past the run's --timeout: no trial starts."""
         return self.deadline is not None and time.time() >= self.deadline
 
-    def spent(self, study: optuna.Study) -> bool:
+    def left(self, study: optuna.Study) -> int:
+        """Trials this run may still start (0 past the --timeout)."""
         if self.expired():
-            return True
+            return 0
         trials = study.get_trials(deepcopy=False)
         retried = retried_numbers(trials)
         mine = [
@@ -76,7 +78,16 @@ class Budget:
             and t.state != TrialState.WAITING
             and t.number not in retried
         ]
-        return len(mine) >= self.trials
+        return max(0, self.trials - len(mine))
+
+    def spent(self, study: optuna.Study) -> bool:
+        return self.left(study) == 0
+
+    def enough_to_ask_ahead(self, study: optuna.Study) -> bool:
+        """The last trials (one per worker) are asked for in line, by whichever worker is
+        free: asked ahead, they would wait behind a busy worker's trial while another worker
+        found the budget spent and stopped."""
+        return self.left(study) >= self.workers
 
 
 @dataclass(frozen=True)
@@ -163,7 +174,8 @@ class Asked:
         tag = self.run.tag
         with interrupts.shielded(), self.heartbeat:  # a second Ctrl-C waits for the write
             try:
-                back = _optuna.unask(self.run.trial)
+                trial = self.run.trial
+                back = _optuna.unask(trial.study, trial._trial_id)
             except Exception as exc:
                 log.info(
                     f"{tag} asked ahead and not started, but it could not be queued again "
@@ -184,7 +196,7 @@ class Ahead:
     def ask(self, study: optuna.Study, ctx: StudyContext, budget: Budget, claim: Any) -> None:
         from tuner.objective import After
 
-        self._next = After(functools.partial(set_up, study, ctx, budget, claim))
+        self._next = After(functools.partial(set_up, study, ctx, budget, claim, ahead=True))
         ctx.recorder.put(self._next)
 
     def take(self) -> Asked | None:
@@ -213,15 +225,19 @@ class Ahead:
             asked.give_back()
 
 
-def set_up(study: optuna.Study, ctx: StudyContext, budget: Budget, claim: Any) -> Asked | None:
+def set_up(
+    study: optuna.Study, ctx: StudyContext, budget: Budget, claim: Any, ahead: bool = False
+) -> Asked | None:
     """Turn budget into a trial, one worker at a time (`claim`): the budget checked, stale
     trials failed (as `study.optimize` does before each trial), `ask`, its heartbeat and
-    attributes; then its point drawn. None: the budget is spent, or a signal waits."""
+    attributes; then its point drawn. None: the budget is spent (`ahead`: too little is
+    left to ask ahead), or a signal waits."""
     from tuner.objective import TrialRun
 
     with contextlib.ExitStack() as beating:
         with claim:
-            if interrupts.pending() or budget.spent(study):
+            left = budget.enough_to_ask_ahead if ahead else lambda s: not budget.spent(s)
+            if interrupts.pending() or not left(study):
                 return None
             fail_stale(study)
             trial = _optuna.ask(study)
