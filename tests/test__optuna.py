@@ -185,7 +185,7 @@ def test_trials_read_without_the_orm_are_optunas_every_field(storage_url: str) -
 
 
 def test_the_study_cache_reads_through_it(tmp_path: Path, monkeypatch) -> None:
-    from tuner.store_errors import PatientStorage
+    from tuner._optuna import PatientStorage
 
     calls = []
     read = _optuna.read_trials

@@ -9,7 +9,8 @@ from tuner import report
 from tuner.bench import Packed, Row
 from tuner.ensemble import EnsembleReport, Member
 from tuner.records import Outcome
-from tuner.study.summary import Failure, RunSummary, Status
+from tuner.study.status import Status
+from tuner.study.summary import Failure, RunSummary
 
 
 def _trial(number: int, value: float) -> optuna.trial.FrozenTrial:

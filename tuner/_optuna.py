@@ -10,18 +10,19 @@ fails the trials of workers that died. Each private name used is here, with why.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import warnings
 from collections.abc import Callable, Container, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import optuna
 import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
-from tuner import background
+from tuner import _tables, background
+from tuner.store_errors import patiently, shown
 
 log = logging.getLogger(__name__)
 
@@ -153,104 +154,6 @@ def claim_user_attr(
     return storage.get_study_user_attrs(study_id)[key]
 
 
-@dataclass(frozen=True)
-class Overview:
-    """What `tuner study status` shows, read without loading the study's trials."""
-
-    states: dict[TrialState, int]  # trials by Optuna state
-    tagged: dict[TrialState, int]  # of those, whose user attribute `tag_key` is `tag_value`
-    top: tuple[FrozenTrial, ...]  # the best completed trials, best first (a tie: the earlier)
-    user_attrs: dict[str, Any]  # the study's
-
-
-def _tables() -> dict[str, sqlalchemy.TableClause]:
-    """The few columns of Optuna's tables that a summary reads (its schema, private: what
-    `optuna.storages._rdb.models` declares), as plain tables: importing those ORM models
-    costs a summary a sixth of a second."""
-    t, c = sqlalchemy.table, sqlalchemy.column
-    return {
-        "studies": t("studies", c("study_id"), c("study_name")),
-        # PostgreSQL keeps the state as an enum type of its own, which takes no text: the
-        # column is declared as Optuna's model declares it (binds and reads `TrialState`)
-        "trials": t("trials", c("trial_id"), c("number"), c("study_id"),
-                    c("state", sqlalchemy.Enum(TrialState))),
-        "values": t("trial_values", c("trial_id"), c("objective"), c("value")),
-        "params": t("trial_params", c("trial_id"), c("param_name"), c("param_value"),
-                    c("distribution_json")),
-        "trial_attrs": t("trial_user_attributes", c("trial_id"), c("key"), c("value_json")),
-        "study_attrs": t("study_user_attributes", c("study_id"), c("key"), c("value_json")),
-    }  # fmt: skip
-
-
-def overview(
-    engine: sqlalchemy.engine.Engine, name: str, top: int, tag_key: str, tag_value: str
-) -> Overview | None:
-    """A maximized study's counts, its `top` trials and its attributes, in a handful of
-    queries on Optuna's tables; None where there is no such study. `optuna.load_study` then
-    `get_trials` builds every trial of the study (seconds at 1,000 trials), and opening an
-    `RDBStorage` imports alembic to check the schema (a quarter of a second): a read-only
-    summary needs neither."""
-    from optuna.distributions import json_to_distribution
-
-    tb = _tables()
-    studies, trials, values = tb["studies"], tb["trials"], tb["values"]
-    count = sqlalchemy.func.count
-    with engine.connect() as db:
-        where = studies.c.study_name == name
-        study_id = db.scalar(sqlalchemy.select(studies.c.study_id).where(where))
-        if study_id is None:
-            return None
-        in_study = trials.c.study_id == study_id
-        by_state = sqlalchemy.select(trials.c.state, count()).where(in_study)
-        states = dict(db.execute(by_state.group_by(trials.c.state)).all())
-        attrs = tb["trial_attrs"]
-        tagged_query = (
-            sqlalchemy.select(trials.c.state, count())
-            .join(attrs, trials.c.trial_id == attrs.c.trial_id)
-            .where(in_study, attrs.c.key == tag_key)
-            .where(attrs.c.value_json == json.dumps(tag_value))
-            .group_by(trials.c.state)
-        )
-        tagged = dict(db.execute(tagged_query).all())
-        best = db.execute(
-            sqlalchemy.select(trials.c.trial_id, trials.c.number, values.c.value)
-            .join(values, values.c.trial_id == trials.c.trial_id)
-            .where(in_study, trials.c.state == TrialState.COMPLETE)
-            .where(values.c.objective == 0)
-            .order_by(values.c.value.desc(), trials.c.number)
-            .limit(top)
-        ).all()
-        p = tb["params"]
-        rows = db.execute(
-            sqlalchemy.select(p.c.trial_id, p.c.param_name, p.c.param_value,
-                              p.c.distribution_json)
-            .where(p.c.trial_id.in_([trial_id for trial_id, _, _ in best]))
-        ).all()  # fmt: skip
-        a = tb["study_attrs"]
-        study_attrs = db.execute(
-            sqlalchemy.select(a.c.key, a.c.value_json).where(a.c.study_id == study_id)
-        ).all()
-    params: dict[int, dict[str, Any]] = {trial_id: {} for trial_id, _, _ in best}
-    distributions: dict[int, dict[str, Any]] = {trial_id: {} for trial_id, _, _ in best}
-    for trial_id, param, internal, distribution_json in rows:
-        distribution = json_to_distribution(distribution_json)
-        params[trial_id][param] = distribution.to_external_repr(internal)
-        distributions[trial_id][param] = distribution
-    ranked = []
-    for trial_id, number, value in best:
-        frozen = optuna.trial.create_trial(
-            value=value, params=params[trial_id], distributions=distributions[trial_id]
-        )
-        frozen.number = number
-        ranked.append(frozen)
-    return Overview(
-        states,
-        tagged,
-        tuple(ranked),
-        {key: json.loads(value) for key, value in study_attrs},
-    )
-
-
 def read_trials(
     storage: optuna.storages.RDBStorage,
     study_id: int,
@@ -357,14 +260,14 @@ def best_trials(study: optuna.Study, k: int, having: str) -> list[FrozenTrial]:
     """A maximized study's `k` best completed trials that have the user attribute `having`,
     best first (a tie: the earlier), read alone: the ids by one query on Optuna's tables,
     then each trial (`get_trial`), instead of every trial of the study."""
-    tb = _tables()
+    tb = _tables.tables()
     trials, values, attrs = tb["trials"], tb["values"], tb["trial_attrs"]
     query = (
         sqlalchemy.select(trials.c.trial_id)
         .join(values, values.c.trial_id == trials.c.trial_id)
         .join(attrs, attrs.c.trial_id == trials.c.trial_id)
         .where(trials.c.study_id == study._study_id)
-        .where(trials.c.state == TrialState.COMPLETE)
+        .where(trials.c.state == "COMPLETE")
         .where(values.c.objective == 0, attrs.c.key == having)
         .order_by(values.c.value.desc(), trials.c.number)
         .limit(k)
@@ -377,9 +280,51 @@ def best_trials(study: optuna.Study, k: int, having: str) -> list[FrozenTrial]:
 def trial_states(study: optuna.Study) -> dict[int, TrialState]:
     """Every trial's number and state, in one query on the trials table (no trial is built):
     a snapshot to check MLflow runs against."""
-    trials = _tables()["trials"]
+    trials = _tables.tables()["trials"]
     query = sqlalchemy.select(trials.c.number, trials.c.state).where(
         trials.c.study_id == study._study_id
     )
     with _backend(study).engine.connect() as db:
-        return {number: state for number, state in db.execute(query).all()}
+        return {number: TrialState[state] for number, state in db.execute(query).all()}
+
+
+# -- the storage every tuner process uses -------------------------------------------------------
+
+
+class PatientStorage(optuna.storages.RDBStorage):
+    """Optuna's RDB storage, whose calls wait out a locked SQLite file (`patiently`) instead
+    of failing the trial after the driver's timeout."""
+
+    def _get_trials(
+        self,
+        study_id: int,
+        states: Container[TrialState] | None,
+        included_trial_ids: set[int],
+        trial_id_greater_than: int,
+    ) -> list[FrozenTrial]:
+        """What the study's cache (`_CachedStorage`) reads through: the same trials as
+        Optuna's, read without its ORM (`read_trials`), patiently."""
+        return patiently(
+            lambda: read_trials(self, study_id, states, included_trial_ids, trial_id_greater_than),
+            f"the Optuna storage {shown(self.url)}",
+        )
+
+
+def _patient(name: str) -> Callable[..., object]:
+    method = getattr(optuna.storages.RDBStorage, name)
+
+    @functools.wraps(method)
+    def wrapper(self: PatientStorage, *args: object, **kwargs: object) -> object:
+        return patiently(
+            lambda: method(self, *args, **kwargs), f"the Optuna storage {shown(self.url)}"
+        )
+
+    return wrapper
+
+
+for _name in (*optuna.storages.BaseStorage.__abstractmethods__, "record_heartbeat",
+              "_get_stale_trial_ids", "get_trial_user_attrs", "get_trial_system_attrs",
+              "get_best_trial", "get_n_trials",
+              "get_trial_id_from_study_id_trial_number"):  # fmt: skip
+    if hasattr(optuna.storages.RDBStorage, _name):
+        setattr(PatientStorage, _name, _patient(_name))

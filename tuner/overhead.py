@@ -107,7 +107,7 @@ class OverheadRow:
     record_ms: float  # median recording of a completed trial, beside the next one's training
     save_ms: float  # of which the weights and predictions
     ask_ms: float  # median `ask` + `suggest`
-    status_s: float  # `tuner study status` as a whole process (median of 3)
+    status_s: float  # `tuner study status` as a whole process (median of 3, after a first)
     start_s: float  # `study run` until its first trial trains
     fill_s: float  # how long the study took to fill (not a target)
 
@@ -192,7 +192,7 @@ def measure(folder: Path, data: Path, size: int, cfg: OverheadConfig) -> Overhea
         save_ms=1000 * statistics.median(clock.saves),
         ask_ms=1000 * time_asks(spec, stores, cfg.asks),
         record_ms=1000 * statistics.median(clock.records),
-        status_s=statistics.median(time_status(spec, stores, folder) for _ in range(3)),
+        status_s=time_status(spec, stores, folder),
         start_s=(clock.first_train or clock.started) - clock.started,
         fill_s=fill_s,
     )
@@ -349,20 +349,19 @@ def time_asks(spec: StudySpec, stores: Stores, asks: int) -> float:
     return statistics.median(times)
 
 
-def time_status(spec: StudySpec, stores: Stores, folder: Path) -> float:
-    """`tuner study status NAME` as a user runs it: a new process, imports and all."""
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("TUNER_STORAGE", "MLFLOW_TRACKING_URI")
-    }
-    tick = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-m", "tuner", "study", "status", spec.name, "--mlruns", "mlruns"],
-        cwd=folder,
-        env=env,
-        check=True,
-        capture_output=True,
-    )
-    return time.perf_counter() - tick
+def time_status(spec: StudySpec, stores: Stores, folder: Path, times: int = 3) -> float:
+    """`tuner study status NAME` as a user runs it, the median of `times`: a new process,
+    imports and all, after a first run that is not timed (Python's bytecode written, as on a
+    user's machine: PYTHONDONTWRITEBYTECODE is dropped)."""
+    drop = ("TUNER_STORAGE", "MLFLOW_TRACKING_URI", "PYTHONDONTWRITEBYTECODE")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    command = [sys.executable, "-m", "tuner", "study", "status", spec.name, "--mlruns", "mlruns"]
+    seconds = []
+    for _ in range(times + 1):
+        tick = time.perf_counter()
+        subprocess.run(command, cwd=folder, env=env, check=True, capture_output=True)
+        seconds.append(time.perf_counter() - tick)
+    return statistics.median(seconds[1:])
 
 
 # -- the reference: the bare training loop ------------------------------------------------------

@@ -1,6 +1,7 @@
 """The words of the trade, each spelled once: how a trial ends (`Outcome`), the one map from an
 outcome to Optuna's state, MLflow's status and the console's word, and every key tuner writes
-to an Optuna trial or study and to an MLflow run. Imports Optuna only: `study status` stays fast.
+to an Optuna trial or study and to an MLflow run. Imports nothing heavy: `study status` reads
+Optuna's tables without importing Optuna (a quarter of a second), so states go by name here.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ import os
 import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from optuna.trial import FrozenTrial, TrialState
+if TYPE_CHECKING:
+    from optuna.trial import FrozenTrial, TrialState
 
 
 class Outcome(enum.StrEnum):
@@ -31,39 +33,46 @@ class Outcome(enum.StrEnum):
         return cls.of_state(trial.state, trial.user_attrs.get(REASON_ATTR))
 
     @classmethod
-    def of_state(cls, state: TrialState, reason: str | None = None) -> Outcome:
-        """The outcome of a trial in Optuna state `state` with the fail reason `reason`."""
+    def of_state(cls, state: TrialState | str, reason: str | None = None) -> Outcome:
+        """The outcome of a trial in Optuna state `state` (or its name) with the fail reason
+        `reason`."""
         if reason == DIVERGED:
             return cls.DIVERGED
-        return _FROM_STATE.get(state, cls.FAILED)
+        return _FROM_STATE.get(getattr(state, "name", state), cls.FAILED)
 
 
 @dataclass(frozen=True)
 class Record:
     """How one outcome is written down in each place."""
 
-    optuna: TrialState
+    state: str  # Optuna's `TrialState`, by name
     mlflow: str  # run status
     word: str  # on the console, in `study status` and in the `tuner.state` tag
 
+    @property
+    def optuna(self) -> TrialState:
+        from optuna.trial import TrialState
+
+        return TrialState[self.state]
+
 
 RECORDS: dict[Outcome, Record] = {
-    Outcome.COMPLETE: Record(TrialState.COMPLETE, "FINISHED", "complete"),
-    Outcome.PRUNED: Record(TrialState.PRUNED, "FINISHED", "pruned"),
+    Outcome.COMPLETE: Record("COMPLETE", "FINISHED", "complete"),
+    Outcome.PRUNED: Record("PRUNED", "FINISHED", "pruned"),
     # PRUNED with a violated constraint, not FAIL: TPE learns only from finished trials, and
     # ranks infeasible ones below every feasible one
-    Outcome.DIVERGED: Record(TrialState.PRUNED, "FAILED", "diverged"),
-    Outcome.FAILED: Record(TrialState.FAIL, "FAILED", "failed"),
-    Outcome.KILLED: Record(TrialState.FAIL, "KILLED", "killed"),
-    Outcome.RUNNING: Record(TrialState.RUNNING, "RUNNING", "running"),
-    Outcome.WAITING: Record(TrialState.WAITING, "SCHEDULED", "waiting"),
+    Outcome.DIVERGED: Record("PRUNED", "FAILED", "diverged"),
+    Outcome.FAILED: Record("FAIL", "FAILED", "failed"),
+    Outcome.KILLED: Record("FAIL", "KILLED", "killed"),
+    Outcome.RUNNING: Record("RUNNING", "RUNNING", "running"),
+    Outcome.WAITING: Record("WAITING", "SCHEDULED", "waiting"),
 }
 _FROM_STATE = {
-    TrialState.COMPLETE: Outcome.COMPLETE,
-    TrialState.PRUNED: Outcome.PRUNED,
-    TrialState.FAIL: Outcome.FAILED,
-    TrialState.RUNNING: Outcome.RUNNING,
-    TrialState.WAITING: Outcome.WAITING,
+    "COMPLETE": Outcome.COMPLETE,
+    "PRUNED": Outcome.PRUNED,
+    "FAIL": Outcome.FAILED,
+    "RUNNING": Outcome.RUNNING,
+    "WAITING": Outcome.WAITING,
 }
 # what `study status` counts, in this order (killed trials are FAIL in Optuna: failed)
 COUNTED = (

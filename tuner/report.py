@@ -14,7 +14,8 @@ if TYPE_CHECKING:
     from tuner.overhead import OverheadConfig, OverheadRow, Reference
     from tuner.stores import Stores
     from tuner.study.setup import Created
-    from tuner.study.summary import RunSummary, Status
+    from tuner.study.status import Status
+    from tuner.study.summary import RunSummary
 
 
 def created(name: str, result: Created, stores: Stores) -> str:

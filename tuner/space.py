@@ -1,15 +1,17 @@
-"""The search space as data: Optuna distributions; the one place that knows conditionals."""
+"""The search space as data: Optuna distributions; the one place that knows conditionals.
+Optuna is imported where a distribution is made: `study status` decodes points without it."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
-
-import optuna
-from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
+from typing import TYPE_CHECKING, Any
 
 from tuner.spec import Augment, Depth, FloatRange, Optimizer, SpaceSpec
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.distributions import BaseDistribution, FloatDistribution
 
 
 @dataclass(frozen=True)
@@ -42,11 +44,15 @@ def lr_name(optimizer: str) -> str:
 
 
 def _float(r: FloatRange) -> FloatDistribution:
+    from optuna.distributions import FloatDistribution
+
     return FloatDistribution(r.low, r.high, log=r.log)
 
 
 def fixed_distributions(space: SpaceSpec) -> dict[str, BaseDistribution]:
     """Parameters every trial draws, whatever else it drew."""
+    from optuna.distributions import CategoricalDistribution
+
     return {
         "depth": CategoricalDistribution(space.depth),
         "batch_norm": CategoricalDistribution(space.batch_norm),
@@ -63,6 +69,8 @@ def conditional_distributions(space: SpaceSpec) -> dict[str, dict[str, BaseDistr
 
 
 def _draw(trial: optuna.Trial, name: str, dist: BaseDistribution) -> Any:
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
     if isinstance(dist, CategoricalDistribution):
         return trial.suggest_categorical(name, dist.choices)
     assert isinstance(dist, FloatDistribution)

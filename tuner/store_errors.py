@@ -5,18 +5,15 @@ one writer in at a time)."""
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import os
 import threading
 import time
 import traceback
-from collections.abc import Callable, Container, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import optuna
 import sqlalchemy
-from optuna.trial import FrozenTrial, TrialState
 
 from tuner.errors import ConfigError
 
@@ -168,46 +165,3 @@ def patiently(call: Callable[[], object], what: str) -> object:
             return result
         time.sleep(delay)
         delay = min(delay * 2, 2.0)
-
-
-class PatientStorage(optuna.storages.RDBStorage):
-    """Optuna's RDB storage, whose calls wait out a locked SQLite file (`patiently`) instead
-    of failing the trial after the driver's timeout."""
-
-    def _get_trials(
-        self,
-        study_id: int,
-        states: Container[TrialState] | None,
-        included_trial_ids: set[int],
-        trial_id_greater_than: int,
-    ) -> list[FrozenTrial]:
-        """What the study's cache (`_CachedStorage`) reads through: the same trials as
-        Optuna's, read without its ORM (`_optuna.read_trials`), patiently."""
-        from tuner import _optuna
-
-        return patiently(
-            lambda: _optuna.read_trials(
-                self, study_id, states, included_trial_ids, trial_id_greater_than
-            ),
-            f"the Optuna storage {shown(self.url)}",
-        )
-
-
-def _patient(name: str) -> Callable[..., object]:
-    method = getattr(optuna.storages.RDBStorage, name)
-
-    @functools.wraps(method)
-    def wrapper(self: PatientStorage, *args: object, **kwargs: object) -> object:
-        return patiently(
-            lambda: method(self, *args, **kwargs), f"the Optuna storage {shown(self.url)}"
-        )
-
-    return wrapper
-
-
-for _name in (*optuna.storages.BaseStorage.__abstractmethods__, "record_heartbeat",
-              "_get_stale_trial_ids", "get_trial_user_attrs", "get_trial_system_attrs",
-              "get_best_trial", "get_n_trials",
-              "get_trial_id_from_study_id_trial_number"):  # fmt: skip
-    if hasattr(optuna.storages.RDBStorage, _name):
-        setattr(PatientStorage, _name, _patient(_name))

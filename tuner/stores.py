@@ -15,20 +15,22 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import optuna
 import sqlalchemy
 
 from tuner import interrupts
 from tuner.errors import ConfigError, StoreError
 from tuner.store_errors import (
     ERRNO_CAUSES,
-    PatientStorage,
     full,
     raised_in,
     shown,
     store_cause,
 )
+
+if TYPE_CHECKING:
+    import optuna  # imported where a storage is opened: `study status` reads without it
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +204,8 @@ def _tune_sqlite(connection: object, record: object) -> None:
 
 
 def build_optuna_schema(url: str, pooled: bool = True) -> None:
+    import optuna
+
     kwargs = {} if pooled else {"engine_kwargs": {"poolclass": sqlalchemy.pool.NullPool}}
     optuna.storages.RDBStorage(url, **kwargs).engine.dispose()
 
@@ -290,6 +294,10 @@ def _open_storage(stores: Stores, heartbeat: int, grace: int) -> optuna.storages
         try:
             if server_database(url):  # the tables first, on connections closed after use:
                 build_optuna_schema(url, pooled=False)  # a lost race leaves none open
+            import optuna
+
+            from tuner._optuna import PatientStorage
+
             return PatientStorage(
                 url,
                 engine_kwargs=engine_options(url),

@@ -109,7 +109,7 @@ def test_status_read_by_queries_agrees_with_the_whole_study(study_stores) -> Non
     from tuner.records import DIVERGED, REASON_ATTR
     from tuner.spec import parse
     from tuner.study.setup import create, open_study
-    from tuner.study.summary import study_status
+    from tuner.study.status import study_status
 
     from ..conftest import TINY_STUDY
 
@@ -146,7 +146,7 @@ def test_status_of_a_study_that_is_not_there_says_how_to_make_it(tmp_path) -> No
     from tuner.errors import TunerError
     from tuner.spec import parse
     from tuner.stores import resolve
-    from tuner.study.summary import study_status
+    from tuner.study.status import study_status
 
     from ..conftest import TINY_STUDY
 

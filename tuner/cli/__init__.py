@@ -133,7 +133,7 @@ def run(
 @store_options
 def status(name: str, top: int, stores: Any) -> None:
     """Trials by state, the best trial, and the current top trials."""
-    from tuner.study.summary import study_status
+    from tuner.study.status import study_status
 
     spec = spec_module.load(name)
     click.echo(report.status(spec.name, study_status(spec, stores, top), stores.optuna_url))

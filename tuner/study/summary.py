@@ -13,12 +13,8 @@ from typing import TYPE_CHECKING
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from tuner import _optuna
-from tuner.errors import TunerError
 from tuner.records import (
     COUNTED,
-    DIVERGED,
-    PARENT_ATTR,
     REASON_ATTR,
     RUN_ID_ATTR,
     SESSION_ATTR,
@@ -26,9 +22,6 @@ from tuner.records import (
     Outcome,
     retry_origin,
 )
-from tuner.spec import StudySpec
-from tuner.store_errors import patiently, shown
-from tuner.stores import Stores, engine_options, sqlite_file
 
 if TYPE_CHECKING:
     from tuner.tracking import Tracker
@@ -53,47 +46,6 @@ def ranked(
         if t.state == TrialState.COMPLETE and (not with_run or RUN_ID_ATTR in t.user_attrs)
     ]
     return sorted(complete, key=lambda t: (-t.value, t.number))[:k]
-
-
-@dataclass(frozen=True)
-class Status:
-    counts: dict[Outcome, int]
-    top: tuple[FrozenTrial, ...]  # best first
-    parent_run_id: str | None
-
-    @property
-    def best(self) -> FrozenTrial | None:
-        return self.top[0] if self.top else None
-
-
-def study_status(spec: StudySpec, stores: Stores, top: int = 5) -> Status:
-    """Counts, the top trials and the parent run, read in a few queries (not the study's every
-    trial: a second at 1,000 trials)."""
-    import sqlalchemy
-
-    url = stores.optuna_url
-    path = sqlite_file(url)
-    found = None
-    if path is None or path.exists():  # reading a SQLite file that is not there would make it
-        engine = sqlalchemy.create_engine(url, **engine_options(url))
-        try:
-            found = patiently(
-                lambda: _optuna.overview(engine, spec.name, top, REASON_ATTR, DIVERGED),
-                f"the Optuna storage {shown(url)}",
-            )
-        except sqlalchemy.exc.OperationalError as exc:
-            if "no such table" not in str(exc):  # a SQLite file with no study in it yet
-                raise
-        finally:
-            engine.dispose()
-    if found is None:
-        raise TunerError(f"no study {spec.name!r} in {shown(url)}; run `tuner study create` first")
-    tally = dict.fromkeys(COUNTED, 0)
-    for state, n in found.states.items():
-        diverged = found.tagged.get(state, 0)
-        tally[Outcome.of_state(state)] += n - diverged
-        tally[Outcome.DIVERGED] += diverged
-    return Status(tally, found.top, found.user_attrs.get(PARENT_ATTR))
 
 
 @dataclass(frozen=True)

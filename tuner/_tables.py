@@ -1,0 +1,123 @@
+"""Optuna's tables, read as plain tables: what `tuner study status` shows, without importing
+Optuna (a quarter of a second of a one-second command) or its ORM models, and without loading
+every trial. The schema is Optuna's (private: what `optuna.storages._rdb.models` declares);
+tests compare every answer here with Optuna's own, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy
+
+# Optuna's `TrialState` names. PostgreSQL keeps a state as an enum type of its own
+# (`trialstate`), which takes no text: the column is declared as that enum.
+STATES = ("RUNNING", "COMPLETE", "PRUNED", "FAIL", "WAITING")
+
+
+def tables() -> dict[str, sqlalchemy.TableClause]:
+    """The few columns of Optuna's tables that tuner reads directly."""
+    t, c = sqlalchemy.table, sqlalchemy.column
+    return {
+        "studies": t("studies", c("study_id"), c("study_name")),
+        "trials": t("trials", c("trial_id"), c("number"), c("study_id"),
+                    c("state", sqlalchemy.Enum(*STATES, name="trialstate"))),
+        "values": t("trial_values", c("trial_id"), c("objective"), c("value")),
+        "params": t("trial_params", c("trial_id"), c("param_name"), c("param_value"),
+                    c("distribution_json")),
+        "trial_attrs": t("trial_user_attributes", c("trial_id"), c("key"), c("value_json")),
+        "study_attrs": t("study_user_attributes", c("study_id"), c("key"), c("value_json")),
+    }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """A completed trial as a summary shows it."""
+
+    number: int
+    value: float
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Overview:
+    """A study's counts, its best trials and its attributes."""
+
+    states: dict[str, int]  # trials by Optuna state name
+    tagged: dict[str, int]  # of those, whose user attribute `tag_key` is `tag_value`
+    top: tuple[Ranked, ...]  # the best completed trials, best first (a tie: the earlier)
+    user_attrs: dict[str, Any]  # the study's
+
+
+def overview(
+    engine: sqlalchemy.engine.Engine, name: str, top: int, tag_key: str, tag_value: str
+) -> Overview | None:
+    """A maximized study's counts, its `top` trials and its attributes, in a handful of
+    queries; None where there is no such study. `optuna.load_study` then `get_trials` builds
+    every trial of the study, and opening an `RDBStorage` imports alembic to check the
+    schema: a read-only summary needs neither."""
+    tb = tables()
+    studies, trials, values = tb["studies"], tb["trials"], tb["values"]
+    count = sqlalchemy.func.count
+    with engine.connect() as db:
+        where = studies.c.study_name == name
+        study_id = db.scalar(sqlalchemy.select(studies.c.study_id).where(where))
+        if study_id is None:
+            return None
+        in_study = trials.c.study_id == study_id
+        by_state = sqlalchemy.select(trials.c.state, count()).where(in_study)
+        states = dict(db.execute(by_state.group_by(trials.c.state)).all())
+        attrs = tb["trial_attrs"]
+        tagged_query = (
+            sqlalchemy.select(trials.c.state, count())
+            .join(attrs, trials.c.trial_id == attrs.c.trial_id)
+            .where(in_study, attrs.c.key == tag_key)
+            .where(attrs.c.value_json == json.dumps(tag_value))
+            .group_by(trials.c.state)
+        )
+        tagged = dict(db.execute(tagged_query).all())
+        best = db.execute(
+            sqlalchemy.select(trials.c.trial_id, trials.c.number, values.c.value)
+            .join(values, values.c.trial_id == trials.c.trial_id)
+            .where(in_study, trials.c.state == "COMPLETE")
+            .where(values.c.objective == 0)
+            .order_by(values.c.value.desc(), trials.c.number)
+            .limit(top)
+        ).all()
+        p = tb["params"]
+        rows = db.execute(
+            sqlalchemy.select(p.c.trial_id, p.c.param_name, p.c.param_value,
+                              p.c.distribution_json)
+            .where(p.c.trial_id.in_([trial_id for trial_id, _, _ in best]))
+        ).all()  # fmt: skip
+        a = tb["study_attrs"]
+        study_attrs = db.execute(
+            sqlalchemy.select(a.c.key, a.c.value_json).where(a.c.study_id == study_id)
+        ).all()
+    params: dict[int, dict[str, Any]] = {trial_id: {} for trial_id, _, _ in best}
+    for trial_id, param, internal, distribution_json in rows:
+        params[trial_id][param] = external(internal, distribution_json)
+    return Overview(
+        states,
+        tagged,
+        tuple(Ranked(number, value, params[trial_id]) for trial_id, number, value in best),
+        {key: json.loads(value) for key, value in study_attrs},
+    )
+
+
+def external(internal: float, distribution_json: str) -> Any:
+    """A stored parameter's value as the trial drew it: Optuna's
+    `json_to_distribution(distribution_json).to_external_repr(internal)` for the three
+    distributions tuner draws from (anything else is handed to Optuna)."""
+    distribution = json.loads(distribution_json)
+    kind, attributes = distribution.get("name"), distribution.get("attributes", {})
+    if kind == "CategoricalDistribution":
+        return attributes["choices"][int(internal)]
+    if kind == "FloatDistribution":
+        return float(internal)
+    if kind == "IntDistribution":
+        return int(internal)
+    from optuna.distributions import json_to_distribution
+
+    return json_to_distribution(distribution_json).to_external_repr(internal)

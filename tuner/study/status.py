@@ -1,0 +1,55 @@
+"""`tuner study status`: counts, the best trials and the parent run, read with a few queries
+on Optuna's tables (`_tables`), importing neither Optuna nor the tracking side: a status at
+1,000 trials takes about as long as starting Python with SQLAlchemy and pydantic."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tuner._tables import Ranked, overview
+from tuner.errors import TunerError
+from tuner.records import COUNTED, DIVERGED, PARENT_ATTR, REASON_ATTR, Outcome
+from tuner.spec import StudySpec
+from tuner.store_errors import patiently, shown
+from tuner.stores import Stores, engine_options, sqlite_file
+
+
+@dataclass(frozen=True)
+class Status:
+    counts: dict[Outcome, int]
+    top: tuple[Ranked, ...]  # best first
+    parent_run_id: str | None
+
+    @property
+    def best(self) -> Ranked | None:
+        return self.top[0] if self.top else None
+
+
+def study_status(spec: StudySpec, stores: Stores, top: int = 5) -> Status:
+    """Counts, the top trials and the parent run, read in a few queries (not the study's every
+    trial: a second at 1,000 trials)."""
+    import sqlalchemy
+
+    url = stores.optuna_url
+    path = sqlite_file(url)
+    found = None
+    if path is None or path.exists():  # reading a SQLite file that is not there would make it
+        engine = sqlalchemy.create_engine(url, **engine_options(url))
+        try:
+            found = patiently(
+                lambda: overview(engine, spec.name, top, REASON_ATTR, DIVERGED),
+                f"the Optuna storage {shown(url)}",
+            )
+        except sqlalchemy.exc.OperationalError as exc:
+            if "no such table" not in str(exc):  # a SQLite file with no study in it yet
+                raise
+        finally:
+            engine.dispose()
+    if found is None:
+        raise TunerError(f"no study {spec.name!r} in {shown(url)}; run `tuner study create` first")
+    tally = dict.fromkeys(COUNTED, 0)
+    for state, n in found.states.items():
+        diverged = found.tagged.get(state, 0)
+        tally[Outcome.of_state(state)] += n - diverged
+        tally[Outcome.DIVERGED] += diverged
+    return Status(tally, found.top, found.user_attrs.get(PARENT_ATTR))
