@@ -171,11 +171,12 @@ def overhead(rows: list[OverheadRow], reference: Reference, cfg: OverheadConfig)
         f"epoch; a GPU epoch on tuner's path: {GPU_EPOCH_SECONDS * 1000:.0f} ms",
         "epoch ms: mean time on the training thread in tuner's per-epoch callback (max: the "
         "dearest epoch); trial ms: median time on the training thread per "
-        "trial outside its epochs (ask, parameters, MLflow run, hand-over); record ms: "
-        "recording a completed trial (weights, MLflow, Optuna), in the background while the "
-        "next trial trains, of which save ms: the weights and predictions; ask ms: `ask` + "
-        "`suggest`; status s: `tuner study status` as a new process; start s: `study run` "
-        "until its first trial trains",
+        "trial outside its epochs (taking the trial asked ahead, its MLflow run, the "
+        "hand-over); record ms: recording a completed trial (weights, MLflow, Optuna), in "
+        "the background while the next trial trains, of which save ms: the weights and "
+        "predictions; ask ms: `ask` + `suggest`, done for the next trial beside the training "
+        "(the first trial is asked in line); status s: `tuner study status` as a new process "
+        "(median of 3, after a first); start s: `study run` until its first trial trains",
         OVERHEAD_TARGETS,
     ]
     return "\n".join(lines)
