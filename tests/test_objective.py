@@ -65,6 +65,12 @@ def test_a_complete_trial_is_recorded_everywhere(ctx: StudyContext, shown) -> No
     assert stored.data.metrics["final_val_acc"] == pytest.approx(trial.value)
     assert stored.data.tags["tuner.weights_sha256"]
     assert trial.user_attrs["mlflow_run_id"] == run.run_id
+    history = [s.val_acc for s in ending.result.history]
+    assert stored.data.metrics["objective"] == pytest.approx(trial.value)
+    assert stored.data.metrics["best_val_acc"] == pytest.approx(max(history))
+    assert stored.data.metrics["epochs_trained"] == 2 and stored.data.params["state"] == "complete"
+    assert stored.info.run_name == f"0000 {run.params.label()}"  # e.g. `0000 vgg11-bn sgd`
+    assert float(stored.data.params["log10_lr"]) == pytest.approx(math.log10(run.params.lr))
     files = {a.path for a in ctx.tracker.client.list_artifacts(run.run_id, "model")}
     assert files == {"model/state_dict.pt", "model/architecture.json"}
     out = shown.readouterr().out
@@ -84,6 +90,11 @@ def test_a_pruned_trial_says_where_it_stopped(ctx: StudyContext, shown) -> None:
     assert stored.info.status == "FINISHED" and stored.data.tags["tuner.state"] == "pruned"
     assert stored.data.tags["tuner.pruned_at_epoch"] == "1"
     assert "[trial 0] pruned after epoch 1" in shown.readouterr().out
+    # no `final_val_acc`: compared on `objective`, it is the value Optuna holds for it
+    assert "final_val_acc" not in stored.data.metrics
+    assert stored.data.metrics["objective"] == pytest.approx(trial.intermediate_values[1])
+    assert stored.data.metrics["epochs_trained"] == 1 and stored.data.params["state"] == "pruned"
+    assert stored.info.run_name.endswith(" [pruned]")
 
 
 def _raising(exc: BaseException):
@@ -120,6 +131,10 @@ def test_each_ending_is_written_the_same_to_optuna_mlflow_and_the_console(
     assert stored.data.tags["tuner.fail_reason"].startswith(reason)
     assert stored.data.tags["tuner.epochs_run"] == "1"
     assert f"[trial 0] {word}" in shown.readouterr().out
+    assert stored.data.params["state"] == word and stored.info.run_name.endswith(f" [{word}]")
+    metrics = {k: stored.data.metrics.get(k) for k in ("objective", "best_val_acc")}
+    assert metrics == {"objective": 0.1 if case == "diverged" else None, "best_val_acc": 0.1}
+    assert stored.data.metrics["epochs_trained"] == 1
     assert (ending.stop is raised) == (status == "KILLED"), "a stop is raised again after"
     if case == "diverged":
         assert trial.constraints == {"diverged": 1.0}, "the sampler is told to avoid it"

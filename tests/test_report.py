@@ -74,3 +74,26 @@ def test_the_bench_table_has_a_row_per_measurement() -> None:
     assert lines[2].split() == ["vgg16-bn", "tuner", "eager", "b512", "5.614", "638", "1.31",
                                 "0.3", "2.25"]  # fmt: skip
     assert lines[-1].split() == ["2", "741", "1.12"]
+
+
+def test_status_json_is_the_same_status_for_scripts() -> None:
+    import json
+
+    counts = {Outcome.COMPLETE: 2, Outcome.PRUNED: 1, Outcome.DIVERGED: 0, Outcome.FAILED: 0,
+              Outcome.RUNNING: 0, Outcome.WAITING: 1}  # fmt: skip
+    top = (_trial(3, 0.75), _trial(1, 0.5))
+    data = json.loads(report.status_json("vgg", Status(counts, top, "p"), "sqlite:///x.db"))
+    assert data["counts"] == {"complete": 2, "pruned": 1, "diverged": 0, "failed": 0,
+                              "running": 0, "waiting": 1}  # fmt: skip
+    assert data["best"]["number"] == 3 and data["best"]["val_acc"] == 0.75
+    assert [t["number"] for t in data["top"]] == [3, 1] and data["parent_run_id"] == "p"
+    assert data["best"]["params"]["optimizer"] == "sgd"
+
+
+def test_status_watch_prints_again_each_round(capsys) -> None:
+    from tuner.cli import watch_status
+
+    shown = iter(["first", "second"])
+    watch_status(lambda: next(shown), 0.0, rounds=2)
+    out = capsys.readouterr().out
+    assert out.index("first") < out.index("second") and "Ctrl-C stops" in out

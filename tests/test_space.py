@@ -62,3 +62,15 @@ def test_distributions_match_the_spec() -> None:
     conditional = space.conditional_distributions(SPACE)
     assert conditional["adam"]["lr_adam"].high == 3.0e-3
     assert conditional["sgd"]["lr_sgd"].high == 0.5
+
+
+def test_a_point_has_a_short_label_and_log10_twins_of_its_log_scale_parameters() -> None:
+    spec = parse({**TINY_STUDY, "space": {**TINY_STUDY["space"],
+                  "weight_decay": {"low": 1e-6, "high": 1e-2, "log": True}}})  # fmt: skip
+    point = space.TrialParams("vgg16", True, 0.25, "nesterov", 0.01, 1e-4, "flip")
+    assert point.label() == "vgg16-bn nesterov"
+    twins = space.log10_twins(point, spec.space)
+    lr_is_log = spec.space.optimizer["nesterov"].lr.log
+    assert twins == {"log10_weight_decay": pytest.approx(-4.0),
+                     **({"log10_lr": pytest.approx(-2.0)} if lr_is_log else {})}  # fmt: skip
+    assert "log10_dropout" not in twins, "a linear parameter has none"

@@ -9,6 +9,7 @@ import concurrent.futures
 import contextlib
 import functools
 import logging
+import math
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -39,7 +40,7 @@ from tuner.records import (
     Outcome,
     retry_origin,
 )
-from tuner.space import TrialParams, suggest
+from tuner.space import TrialParams, log10_twins, suggest
 from tuner.spec import StudySpec
 from tuner.store_errors import store_cause
 from tuner.stores import store_error
@@ -255,6 +256,7 @@ class TrialRun:
         self.accumulation = int(trial.user_attrs.get(ACCUMULATION_ATTR, 1))
         self.run: TrialRunRef | None = None
         self.epochs = 0  # the last epoch that finished
+        self.val_accs: list[float] = []  # each epoch's, as reported to the pruner
         self.weights_sha256: str | None = None
         self.pruned_after: int | None = None  # set by the epoch writer when the pruner says so
         self.deciding = False  # the pruner's answer for the last decision epoch is awaited
@@ -300,9 +302,10 @@ class TrialRun:
             micro = spec.train.batch_size // self.accumulation
             note += f" at batch {micro} × {self.accumulation} steps"
         log.info(f"{self.tag} start: {params.describe()}{note}")
-        drawn = {**params.as_dict(), ACCUMULATION_ATTR: self.accumulation}
+        drawn = {**params.as_dict(), **log10_twins(params, spec.space),
+                 ACCUMULATION_ATTR: self.accumulation}  # fmt: skip
         self.run = self.ctx.tracker.start_trial(
-            self.ctx.runs, spec.name, trial.number, drawn, spec.trial_settings()
+            self.ctx.runs, spec.name, trial.number, drawn, spec.trial_settings(), params.label()
         )
         trial.set_user_attr(RUN_ID_ATTR, self.run.run_id)
 
@@ -339,6 +342,7 @@ class TrialRun:
                 self.deciding = False
             self.stop_if_pruned()
             self.epochs = stats.epoch
+            self.val_accs.append(stats.val_acc)
             decide = stats.epoch in self.ctx.decisions
             assert self.run is not None
             record = EpochRecord(self.trial, self.run.run_id, stats.epoch, stats.metrics(),
@@ -433,7 +437,26 @@ class TrialRun:
             reason=tag and tag[:REASON_CHARS],
             details=ending.details,
             weights_sha256=self.weights_sha256,
+            summary=self.summary(ending.outcome, value),
+            name=self.run.name if self.run is not None else None,
         )
+
+    def summary(self, outcome: Outcome, value: float | None) -> dict[str, float]:
+        """The metrics every trial run logs alike, to compare trials on one axis: `objective`
+        (what Optuna holds: the value of a completed trial, the last value a pruned or
+        diverged one reported; none for a failed one), `best_val_acc` and `epochs_trained`.
+        A pruned trial has no `final_val_acc`: on that axis alone it would be drawn best."""
+        epochs = self.pruned_after if outcome is Outcome.PRUNED and self.pruned_after else None
+        reported = self.val_accs[: epochs or len(self.val_accs)]
+        metrics = {"epochs_trained": float(len(reported))}
+        finite = [v for v in reported if math.isfinite(v)]
+        if finite:
+            metrics["best_val_acc"] = max(finite)
+        if value is not None:
+            metrics["objective"] = value
+        elif outcome in (Outcome.PRUNED, Outcome.DIVERGED) and finite:
+            metrics["objective"] = finite[-1]
+        return metrics
 
     def _requeue(self) -> str:
         """Queue the same parameters once more, as they were (the trial was lost to a store)."""
@@ -485,7 +508,9 @@ class TrialRun:
             if self.run_id is not None:
                 why = "hung past limits.trial_timeout; the worker process was ended"
                 end = self.ctx.tracker.end_trial
-                end(self.run_id, Outcome.FAILED, reason=TIMEOUT, epochs=self.epochs, details=why)
+                end(self.run_id, Outcome.FAILED, reason=TIMEOUT, epochs=self.epochs, details=why,
+                    summary=self.summary(Outcome.FAILED, None),
+                    name=self.run.name if self.run is not None else None)  # fmt: skip
 
 
 def _console(ending: Ending, value: float | None, epochs: int) -> str:

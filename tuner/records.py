@@ -114,6 +114,11 @@ SPEC_JSON_ATTR = "spec"  # the resolved study file the study was created with: i
 SETTINGS_PREFIX = "settings:"  # + a SETTINGS_ATTR value: the fixed settings it stands for
 OBJECTIVE_ATTR = "objective"
 
+# -- MLflow trial run parameters and metrics, besides the drawn point and the settings ----------
+STATE_PARAM = "state"  # the outcome's word: parallel coordinates and filters can use it
+LOG10_PREFIX = "log10_"  # a log-scale parameter's twin, for axes that read right
+SUMMARY_METRICS = ("objective", "best_val_acc", "epochs_trained")  # every trial logs them
+
 # -- MLflow tags --------------------------------------------------------------------------------
 ROLE_TAG = "tuner.role"  # study | trial | ensemble
 STATE_TAG = "tuner.state"  # an outcome's word (trial runs)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tuner.records import RECORDS, Outcome
 
@@ -68,7 +68,8 @@ def status(name: str, result: Status, where: str) -> str:
         return "\n".join([*lines, "no completed trials yet"])
     lines.append(f"\nbest: trial {result.best.number}, val_acc {result.best.value:.4f}")
     lines += [
-        f"  {key:<13} {value}" for key, value in decode(result.best.params).as_dict().items()
+        f"  {key:<13} {_rounded(value)}"
+        for key, value in decode(result.best.params).as_dict().items()
     ]
     lines.append(f"\ntop {len(result.top)}:")
     lines.append(
@@ -84,6 +85,33 @@ def status(name: str, result: Status, where: str) -> str:
             f"{p.augment}"
         )
     return "\n".join(lines)
+
+
+def _rounded(value: object) -> str:
+    """A float to 3 significant digits (`0.0235`, `3.84e-05`); anything else as it is."""
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def status_json(name: str, result: Status, where: str) -> str:
+    """`study status --json`: the same as `status`, for scripts (values unrounded)."""
+    import json
+
+    from tuner.space import decode
+
+    def trial(t: Any) -> dict[str, Any]:
+        return {"number": t.number, "val_acc": t.value, "params": decode(t.params).as_dict()}
+
+    return json.dumps(
+        {
+            "study": name,
+            "storage": where,
+            "counts": {RECORDS[o].word: n for o, n in result.counts.items()},
+            "best": trial(result.best) if result.best is not None else None,
+            "top": [trial(t) for t in result.top],
+            "parent_run_id": result.parent_run_id,
+        },
+        indent=2,
+    )
 
 
 def ensemble(result: EnsembleReport) -> str:

@@ -3,6 +3,7 @@ Optuna is imported where a distribution is made: `study status` decodes points w
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,10 @@ class TrialParams:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def label(self) -> str:
+        """What the trial is, in a few characters: `vgg16-bn nesterov` (its run's name)."""
+        return f"{self.depth}{'-bn' if self.batch_norm else ''} {self.optimizer}"
+
     def describe(self) -> str:
         """One line: `vgg16-bn sgd lr=5.00e-02 wd=5.0e-04 dropout=0.10 aug=crop_flip`."""
         bn = "bn" if self.batch_norm else "no-bn"
@@ -36,6 +41,18 @@ class TrialParams:
             f"{self.depth}-{bn} {self.optimizer} lr={self.lr:.2e} wd={self.weight_decay:.1e} "
             f"dropout={self.dropout:.2f} aug={self.augment}"
         )
+
+
+def log10_twins(params: TrialParams, space: SpaceSpec) -> dict[str, float]:
+    """The parameters drawn on a log scale, as log10 (`log10_lr`): MLflow's parallel
+    coordinates draw every axis linear, where 1e-5 and 1e-3 sit on top of each other."""
+    ranges = {"lr": space.optimizer[params.optimizer].lr, "weight_decay": space.weight_decay,
+              "dropout": space.dropout}  # fmt: skip
+    return {
+        f"log10_{name}": math.log10(getattr(params, name))
+        for name, r in ranges.items()
+        if r.log and getattr(params, name) > 0
+    }
 
 
 def lr_name(optimizer: str) -> str:

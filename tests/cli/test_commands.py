@@ -116,6 +116,15 @@ def test_status_shows_states_and_the_best_trial(study_dir: Path, fake_cifar: Pat
     assert f"best: trial {best.number}, val_acc {best.value:.4f}" in out.stdout
     complete = sum(t.state.name == "COMPLETE" for t in trials)
     assert f"\ntop {min(5, complete)}:\n" in out.stdout
+    assert re.search(r"^  dropout +\d\.\d{1,3}(e-\d+)?$", out.stdout, re.MULTILINE), "rounded"
+
+    scripted = tuner(study_dir, fake_cifar, "study", "status", "tiny", "--json", "--top", "2")
+    assert scripted.returncode == 0, scripted.stderr
+    data = json.loads(scripted.stdout)
+    assert data["counts"]["complete"] == complete and data["study"] == "tiny"
+    assert data["best"]["number"] == best.number and data["best"]["val_acc"] == best.value
+    assert data["best"]["params"]["dropout"] == best.params["dropout"], "unrounded"
+    assert [t["number"] for t in data["top"]][:1] == [best.number] and len(data["top"]) <= 2
 
 
 @pytest.mark.slow

@@ -123,6 +123,8 @@ def test_create_makes_the_study_once_and_hands_back_its_ids(stores) -> None:
     parent = first.tracker.client.get_run(first.runs.parent_run_id)
     assert parent.info.experiment_id == first.runs.experiment_id
     assert parent.data.tags["tuner.role"] == "study"
+    study = open_study(spec, stores)
+    assert study.metric_names == ["val_acc"], "optuna-dashboard's name for the objective"
 
 
 def test_open_study_needs_it_created(stores) -> None:

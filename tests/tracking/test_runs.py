@@ -49,20 +49,40 @@ def test_trial_run_states_map_to_mlflow_statuses(
     spec = parse({**TINY_STUDY, "name": "states"})
     experiment_id = tracker.experiment_id("states", create=True)
     runs = StudyRuns(experiment_id, tracker.create_parent(experiment_id, spec, "sqlite://"))
-    run_id = tracker.start_trial(runs, "states", 3, {"depth": "vgg11"}, spec.trial_settings())
-    run_id = run_id.run_id
+    ref = tracker.start_trial(runs, "states", 3, {"depth": "vgg11"}, spec.trial_settings(),
+                              "vgg11 sgd")  # fmt: skip
+    run_id = ref.run_id
+    assert ref.name == "0003 vgg11 sgd", "the number first: the runs table cuts names short"
     tracker.log_epochs(run_id, [(1, {"val_acc": 0.5})])
-    tracker.end_trial(run_id, outcome, reason="why" if status != "FINISHED" else None, epochs=1)
+    summary = {"objective": 0.5, "best_val_acc": 0.5, "epochs_trained": 1.0}
+    tracker.end_trial(run_id, outcome, reason="why" if status != "FINISHED" else None, epochs=1,
+                      summary=summary, name=ref.name)  # fmt: skip
     run = tracker.client.get_run(run_id)
     assert run.info.status == status
     assert run.data.tags["tuner.state"] == outcome.value
+    assert run.data.params["state"] == outcome.value, "a parameter too: to filter and plot by"
     assert run.data.tags["mlflow.parentRunId"] == runs.parent_run_id
     assert run.data.params["train.epochs"] == "2" and run.data.params["depth"] == "vgg11"
-    assert run.info.run_name == "states-trial-0003"
+    assert {k: run.data.metrics[k] for k in summary} == summary
+    marker = "" if outcome is Outcome.COMPLETE else f" [{outcome.value}]"
+    assert run.info.run_name == f"0003 vgg11 sgd{marker}"
     key = "tuner.pruned_at_epoch" if outcome is Outcome.PRUNED else "tuner.epochs_run"
     assert run.data.tags[key] == "1"
     if status != "FINISHED":
         assert run.data.tags["tuner.fail_reason"] == "why"
+
+
+def test_a_run_closed_twice_keeps_its_first_state(tracker: Tracker) -> None:
+    """A trial failed from outside and then recorded by its worker (or the other way round):
+    the second close does not fail on the `state` parameter, which MLflow will not change."""
+    spec = parse({**TINY_STUDY, "name": "twice"})
+    experiment_id = tracker.experiment_id("twice", create=True)
+    runs = StudyRuns(experiment_id, tracker.create_parent(experiment_id, spec, "sqlite://"))
+    run_id = tracker.start_trial(runs, "twice", 0, {}, {}).run_id
+    tracker.end_trial(run_id, Outcome.KILLED, reason="worker died")
+    tracker.end_trial(run_id, Outcome.FAILED, reason="timeout")
+    run = tracker.client.get_run(run_id)
+    assert run.data.params["state"] == "killed" and run.info.status == "FAILED"
 
 
 def test_orphaned_runs_are_found_by_status(tracker: Tracker) -> None:

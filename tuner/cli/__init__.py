@@ -130,13 +130,53 @@ def run(
 @study.command("status")
 @click.argument("name")
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print it as JSON, for scripts.")
+@click.option(
+    "--watch",
+    type=click.FloatRange(min=0.5),
+    is_flag=False,
+    flag_value=5.0,
+    default=None,
+    metavar="[SECONDS]",
+    help="Print it again every SECONDS (5 if not given) until Ctrl-C.",
+)
 @store_options
-def status(name: str, top: int, stores: Any) -> None:
+def status(name: str, top: int, as_json: bool, watch: float | None, stores: Any) -> None:
     """Trials by state, the best trial, and the current top trials."""
     from tuner.study.status import study_status
 
     spec = spec_module.load(name)
-    click.echo(report.status(spec.name, study_status(spec, stores, top), stores.optuna_url))
+
+    def show() -> str:
+        result = study_status(spec, stores, top)
+        render = report.status_json if as_json else report.status
+        return render(spec.name, result, stores.optuna_url)
+
+    if watch is None:
+        click.echo(show())
+        return
+    watch_status(show, watch)
+
+
+def watch_status(show: Any, seconds: float, rounds: int | None = None) -> None:
+    """`show()` every `seconds`, on a cleared terminal (where stdout is one), until Ctrl-C
+    (or `rounds` times): then it returns quietly."""
+    import time
+
+    clear = sys.stdout.isatty()
+    done = 0
+    try:
+        while rounds is None or done < rounds:
+            text = show()
+            stamp = time.strftime("%H:%M:%S")
+            if clear:
+                click.echo("\x1b[2J\x1b[H", nl=False)
+            click.echo(f"{text}\n\n{stamp}: again every {seconds:g} s; Ctrl-C stops")
+            done += 1
+            if rounds is None or done < rounds:
+                time.sleep(seconds)  # the refresh interval the user asked for
+    except KeyboardInterrupt:
+        click.echo("")
 
 
 @cli.command("ensemble")

@@ -147,6 +147,9 @@ def _stored(spec: StudySpec, storage: optuna.storages.RDBStorage) -> optuna.Stud
     return optuna.load_study(study_name=spec.name, storage=storage)
 
 
+METRIC_NAME = "val_acc"
+
+
 def _make(
     spec: StudySpec,
     stores: Stores,
@@ -177,6 +180,11 @@ def _make(
     }
     for key, value in attrs.items():
         study.set_user_attr(key, value)
+    # what optuna-dashboard and Optuna's plots call the objective ("Objective 0" without);
+    # experimental since Optuna 3.2, and said so on every call
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([METRIC_NAME])
 
     def claimed() -> str | None:
         return storage.get_study_user_attrs(study_id).get(PARENT_ATTR)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 import torch
 from mlflow.entities import Metric, Param, Run, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from tuner.errors import ConfigError, TunerError
@@ -31,6 +32,7 @@ from tuner.records import (
     REASON_TAG,
     RECORDS,
     ROLE_TAG,
+    STATE_PARAM,
     STATE_TAG,
     STORAGE_TAG,
     STUDY_TAG,
@@ -79,6 +81,7 @@ class TrialRunRef:
 
     run_id: str
     artifact_uri: str  # where its artifacts go: known from the start, never looked up
+    name: str = ""  # as the runs table shows it: `0007 vgg16-bn nesterov`
 
 
 @dataclass(frozen=True)
@@ -299,8 +302,12 @@ class Tracker:
         number: int,
         params: Mapping[str, Any],
         settings: Mapping[str, Any],
+        label: str = "",
     ) -> TrialRunRef:
-        """A trial's run, nested under the parent: its parameters and the fixed settings."""
+        """A trial's run, nested under the parent: its parameters and the fixed settings. Its
+        name is the trial's number, then `label` (what the trial is): the runs table cuts a
+        long name short, and the number first tells the trials apart."""
+        name = f"{number:04d} {label}".strip()
         tags = {
             MLFLOW_PARENT_RUN_ID: runs.parent_run_id,
             ROLE_TAG: Role.TRIAL,
@@ -308,13 +315,11 @@ class Tracker:
             TRIAL_NUMBER_TAG: str(number),
             **provenance(),
         }
-        run = self.client.create_run(
-            runs.experiment_id, tags=tags, run_name=f"{study_name}-trial-{number:04d}"
-        )
+        run = self.client.create_run(runs.experiment_id, tags=tags, run_name=name)
         run_id = run.info.run_id
         logged = {**params, **flatten("", settings), "optuna_trial_number": number}
         self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in logged.items()])
-        return TrialRunRef(run_id, run.info.artifact_uri)
+        return TrialRunRef(run_id, run.info.artifact_uri, name)
 
     def log_epochs(self, run_id: str, epochs: Iterable[tuple[int, Mapping[str, float]]]) -> None:
         """Several epochs' metrics of one run, in one call: (epoch, {name: value}) each."""
@@ -349,9 +354,15 @@ class Tracker:
         epochs: int | None = None,
         details: str | None = None,
         weights_sha256: str | None = None,
+        summary: Mapping[str, float] | None = None,
+        name: str | None = None,
     ) -> None:
-        """Close a trial's run with the status its outcome maps to (`records.RECORDS`)."""
-        tags = [RunTag(STATE_TAG, RECORDS[outcome].word)]
+        """Close a trial's run with the status its outcome maps to (`records.RECORDS`): the
+        summary metrics every trial logs alike (`summary_metrics`), the outcome as a tag and
+        as the parameter `state` (to filter and plot by), and, for a trial that did not
+        complete, its word after its `name` (`0007 vgg16-bn sgd [pruned]`)."""
+        word = RECORDS[outcome].word
+        tags = [RunTag(STATE_TAG, word)]
         if weights_sha256:
             tags.append(RunTag(WEIGHTS_SHA256_TAG, weights_sha256))
         if reason:
@@ -360,13 +371,24 @@ class Tracker:
             tags.append(
                 RunTag(PRUNED_AT_TAG if outcome is Outcome.PRUNED else EPOCHS_TAG, str(epochs))
             )
-        metrics = [Metric("final_val_acc", value, now(), 0)] if value is not None else []
+        stamp = now()
+        metrics = [Metric("final_val_acc", value, stamp, 0)] if value is not None else []
+        metrics += [Metric(k, v, stamp, 0) for k, v in (summary or {}).items()]
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
+        try:
+            self.client.log_batch(run_id, params=[Param(STATE_PARAM, word)])
+        except MlflowException as exc:  # recorded already, as another outcome: the first stays
+            if exc.error_code != "INVALID_PARAMETER_VALUE":
+                raise
         if details:
             # a courtesy: the status and the reason are what must be recorded, and a full
             # artifact store (the likely cause of the error) must not stop them
             with contextlib.suppress(Exception):
                 self.client.log_text(run_id, details, "error.txt")
+        if name and outcome is not Outcome.COMPLETE:
+            # not as the `mlflow.runName` tag in the batch above: with it, MLflow's SQL store
+            # waited 30 s for a second connection from tuner's pool, then failed the batch
+            self.client.update_run(run_id, name=f"{name} [{word}]")
         self.client.set_terminated(run_id, RECORDS[outcome].mlflow)
 
     def running_trial_runs(self, experiment_id: str) -> list[Run]:
