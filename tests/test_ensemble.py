@@ -56,6 +56,31 @@ def test_fewer_completed_trials_than_asked_are_ensembled(trained, stores, fake_c
     assert len(report.members) == 3 and report.top_k == 10
 
 
+def test_a_signal_as_the_ensemble_run_is_made_closes_it(
+    trained, stores, fake_cifar, signal_handlers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM right as the run is made (the moment `scoring …` is printed, when a user or a
+    scheduler stops it): the run is closed as KILLED with the reason, never left RUNNING."""
+    import signal
+
+    from tuner import interrupts
+    from tuner.tracking import Tracker
+
+    made: list[str] = []
+    real = Tracker.start_ensemble
+
+    def start_then_sigterm(self, runs, k):
+        made.append(real(self, runs, k))
+        signal.raise_signal(signal.SIGTERM)
+        return made[-1]
+
+    monkeypatch.setattr(Tracker, "start_ensemble", start_then_sigterm)
+    with pytest.raises(interrupts.Terminated):
+        evaluate_top(SPEC, stores, k=2, data_dir=fake_cifar, device=torch.device("cpu"))
+    run = create(SPEC, stores).tracker.client.get_run(made[0])
+    assert run.info.status == "KILLED" and run.data.tags["tuner.fail_reason"] == "terminated"
+
+
 def test_a_study_without_completed_trials_says_what_to_do(stores, fake_cifar) -> None:
     empty = parse({**TINY_STUDY, "name": "ens-empty"})
     create(empty, stores)

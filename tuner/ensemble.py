@@ -92,9 +92,13 @@ def evaluate_top(
     tracker, runs = Tracker(stores), study_runs(study)
     tracker.check_study_runs(runs, spec.name)
     reconcile_runs(study, tracker, runs)  # what an ensemble or worker that died left RUNNING
-    run_id = tracker.start_ensemble(runs, k)
-    log.info(f"scoring {len(chosen)} members on {len(test)} test images on {device} …")
+    run_id = None
     try:
+        # a signal that comes while the run is made waits until `run_id` is known (it is
+        # raised at the end of the block, inside this `try`), so that the run is closed
+        with interrupts.shielded():
+            run_id = tracker.start_ensemble(runs, k)
+        log.info(f"scoring {len(chosen)} members on {len(test)} test images on {device} …")
         members, probs = score_members(tracker, chosen, test, spec.train.batch_size * 2)
         labels = test.labels.cpu().numpy()
         mean = np.mean(probs, axis=0)
@@ -105,8 +109,10 @@ def evaluate_top(
     except BaseException as exc:
         stopped = isinstance(exc, KeyboardInterrupt)
         why = interrupts.reason(exc) if stopped else f"error: {type(exc).__name__}: {exc}"
-        with contextlib.suppress(Exception):  # the error that ended it is the one to report
-            tracker.end_run(run_id, Outcome.KILLED if stopped else Outcome.FAILED, why[:500])
+        if run_id is not None:
+            with contextlib.suppress(Exception):  # the error that ended it is the one to report
+                end = tracker.end_run
+                end(run_id, Outcome.KILLED if stopped else Outcome.FAILED, why[:500])
         raise
     return report
 
