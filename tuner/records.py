@@ -120,6 +120,10 @@ LOG10_PREFIX = "log10_"  # a log-scale parameter's twin, for axes that read righ
 SUMMARY_METRICS = ("objective", "best_val_acc", "epochs_trained")  # every trial logs them
 
 # -- MLflow tags --------------------------------------------------------------------------------
+# the experiment's kind: MLflow 3's UI opens a "custom model development" experiment on its
+# runs, where it would open a GenAI one (or one it cannot tell) on traces
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 ROLE_TAG = "tuner.role"  # study | trial | ensemble
 STATE_TAG = "tuner.state"  # an outcome's word (trial runs)
 REASON_TAG = "tuner.fail_reason"

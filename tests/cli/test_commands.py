@@ -166,7 +166,21 @@ def test_ui_binds_loopback_unless_told_otherwise(
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     started = []
-    monkeypatch.setattr(subprocess, "call", lambda command, env: started.append(command) or 0)
+
+    class Server:  # what `serve` asks of the server's process
+        pid = 2**30  # above any pid: stopping its group finds none
+
+        def __init__(self, command, env, start_new_session):
+            started.append(command)
+            assert start_new_session, "a session of its own: Ctrl-C stops it with its workers"
+
+        def wait(self, timeout=None):
+            return 0
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", Server)
     import socket
 
     with socket.socket() as probe:  # a port free now (5000 may be taken on a CI machine)

@@ -125,6 +125,10 @@ def test_create_makes_the_study_once_and_hands_back_its_ids(stores) -> None:
     assert parent.data.tags["tuner.role"] == "study"
     study = open_study(spec, stores)
     assert study.metric_names == ["val_acc"], "optuna-dashboard's name for the objective"
+    experiment = first.tracker.client.get_experiment(first.runs.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development", (
+        "MLflow's UI opens it on its runs, not on GenAI traces"
+    )
 
 
 def test_open_study_needs_it_created(stores) -> None:

@@ -292,12 +292,17 @@ def overhead(sizes: str, trials: int, asks: int, epoch_seconds: float, keep: str
     "authentication, to the network.",
 )
 @click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True)
+@click.option("--open", "open_browser", is_flag=True, help="Open it in a browser.")
+@click.option("--verbose", is_flag=True, help="Show the server's log (every request).")
+@click.argument("name", required=False)
 @store_options
-def ui(host: str, port: int, stores: Any) -> None:
-    """Start the MLflow UI on the study's tracking store."""
+def ui(
+    host: str, port: int, open_browser: bool, verbose: bool, name: str | None, stores: Any
+) -> None:
+    """Start the MLflow UI on the study's tracking store; with NAME, at that study's runs."""
     from tuner.ui import serve
 
-    sys.exit(serve(stores, host, port))
+    sys.exit(serve(stores, host, port, name, open_browser=open_browser, verbose=verbose))
 
 
 # What a Ctrl-C, SIGTERM or SIGHUP left behind, by command; each "again" is true (the set-up

@@ -26,6 +26,8 @@ from tuner.models import Architecture
 from tuner.records import (
     BEST_TAG_PREFIX,
     EPOCHS_TAG,
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
     MEMBERS_TAG,
     PROCESS_TAG,
     PRUNED_AT_TAG,
@@ -115,6 +117,11 @@ class Tracker:
                     "or give the study another name"
                 )
             if found is not None:
+                if create and found.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+                    # made before tuner said what it is (once; `create` paths only)
+                    self.client.set_experiment_tag(
+                        found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND
+                    )
                 return found.experiment_id
             if not create:
                 raise TunerError(f"no MLflow experiment {name!r} at {self.stores.tracking_uri}")
@@ -133,7 +140,11 @@ class Tracker:
         from mlflow.exceptions import MlflowException
 
         try:
-            return self.client.create_experiment(name, artifact_location=self.stores.artifact_root)
+            return self.client.create_experiment(
+                name,
+                artifact_location=self.stores.artifact_root,
+                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+            )
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
