@@ -179,3 +179,23 @@ def test_train_config_takes_the_fixed_settings_and_the_drawn_point() -> None:
     config = objective.train_config(SPEC, params, seed=5, accumulation=2)
     assert (config.optimizer, config.lr, config.augment) == ("adam", 1e-3, "flip")
     assert (config.epochs, config.batch_size, config.seed, config.accumulation) == (2, 32, 5, 2)
+
+
+def test_a_hung_trial_is_recorded_from_the_watchdog_as_a_timeout(ctx: StudyContext) -> None:
+    """`record_hang` (the watchdog thread, before the process ends): failed in Optuna, its run
+    FAILED with the reason, the epochs it had and the same summary metrics as any trial."""
+    study = optuna.create_study(direction="maximize")
+    run = TrialRun(ctx, study.ask())
+    run.start()
+    run.on_epoch(EpochStats(1, 2.3, 2.3, 0.25, 0.01, 0.1))
+    run.record_hang()
+    assert study.trials[0].state == TrialState.FAIL
+    assert study.trials[0].user_attrs["fail_reason"] == "timeout"
+    stored = mlflow_run(ctx, run)
+    assert stored.info.status == "FAILED" and stored.data.tags["tuner.fail_reason"] == "timeout"
+    assert stored.data.tags["tuner.epochs_run"] == "1" and stored.info.run_name.endswith(
+        "[failed]"
+    )
+    assert stored.data.metrics["best_val_acc"] == 0.25 and "objective" not in stored.data.metrics
+    error = ctx.tracker.client.download_artifacts(run.run_id, "error.txt")
+    assert "hung past limits.trial_timeout" in Path(error).read_text()

@@ -256,7 +256,8 @@ class TrialRun:
         self.accumulation = int(trial.user_attrs.get(ACCUMULATION_ATTR, 1))
         self.run: TrialRunRef | None = None
         self.epochs = 0  # the last epoch that finished
-        self.val_accs: list[float] = []  # each epoch's, as reported to the pruner
+        # each epoch's, as reported to the pruner (never one after its decision to prune)
+        self.val_accs: list[float] = []
         self.weights_sha256: str | None = None
         self.pruned_after: int | None = None  # set by the epoch writer when the pruner says so
         self.deciding = False  # the pruner's answer for the last decision epoch is awaited
@@ -426,11 +427,11 @@ class TrialRun:
         log.info(f"{self.tag} {_console(ending, value, self.epochs)}{retried}")
 
     def _end_run(self, ending: Ending, value: float | None) -> None:
-        if self.run_id is None:
+        if self.run is None:
             return
         tag = ending.summary or ending.reason
         self.ctx.tracker.end_trial(
-            self.run_id,
+            self.run.run_id,
             ending.outcome,
             value=value,
             epochs=self.epochs,
@@ -438,7 +439,7 @@ class TrialRun:
             details=ending.details,
             weights_sha256=self.weights_sha256,
             summary=self.summary(ending.outcome, value),
-            name=self.run.name if self.run is not None else None,
+            name=self.run.name,
         )
 
     def summary(self, outcome: Outcome, value: float | None) -> dict[str, float]:
@@ -446,10 +447,8 @@ class TrialRun:
         (what Optuna holds: the value of a completed trial, the last value a pruned or
         diverged one reported; none for a failed one), `best_val_acc` and `epochs_trained`.
         A pruned trial has no `final_val_acc`: on that axis alone it would be drawn best."""
-        epochs = self.pruned_after if outcome is Outcome.PRUNED and self.pruned_after else None
-        reported = self.val_accs[: epochs or len(self.val_accs)]
-        metrics = {"epochs_trained": float(len(reported))}
-        finite = [v for v in reported if math.isfinite(v)]
+        metrics = {"epochs_trained": float(len(self.val_accs))}
+        finite = [v for v in self.val_accs if math.isfinite(v)]
         if finite:
             metrics["best_val_acc"] = max(finite)
         if value is not None:
@@ -505,12 +504,8 @@ class TrialRun:
         finally:
             with contextlib.suppress(Exception):  # its epochs, as far as the writer gets
                 self.ctx.epochs.flush(timeout=HANG_FLUSH_SECONDS)
-            if self.run_id is not None:
-                why = "hung past limits.trial_timeout; the worker process was ended"
-                end = self.ctx.tracker.end_trial
-                end(self.run_id, Outcome.FAILED, reason=TIMEOUT, epochs=self.epochs, details=why,
-                    summary=self.summary(Outcome.FAILED, None),
-                    name=self.run.name if self.run is not None else None)  # fmt: skip
+            why = "hung past limits.trial_timeout; the worker process was ended"
+            self._end_run(Ending(Outcome.FAILED, TIMEOUT, why), None)
 
 
 def _console(ending: Ending, value: float | None, epochs: int) -> str:

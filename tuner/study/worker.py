@@ -236,8 +236,8 @@ def set_up(
 
     with contextlib.ExitStack() as beating:
         with claim:
-            left = budget.enough_to_ask_ahead if ahead else lambda s: not budget.spent(s)
-            if interrupts.pending() or not left(study):
+            room = budget.enough_to_ask_ahead(study) if ahead else not budget.spent(study)
+            if interrupts.pending() or not room:
                 return None
             fail_stale(study)
             trial = _optuna.ask(study)
