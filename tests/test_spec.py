@@ -172,3 +172,39 @@ def test_a_huge_file_is_refused_before_it_is_read(tmp_path: Path) -> None:
         f.write("# " + "x" * (2 << 20) + "\n")
     with pytest.raises(SpecError, match=r"huge.yaml: 2,097,155 bytes is not a study file"):
         spec.load(str(path))
+
+
+GOOD_BASELINE = {"name": "known-good", "depth": "vgg11", "batch_norm": True, "dropout": 0.1,
+                 "optimizer": "nesterov", "lr": 0.05, "weight_decay": 5e-4,
+                 "augment": "crop_flip"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("change", "phrase"),
+    [
+        ({"lr": 0.9}, "lr=0.9 is outside [0.001, 0.5]"),
+        ({"depth": "vgg13", "batch_norm": "yes"}, "batch_norm"),
+        ({"optimizer": "adam"}, "lr=0.05 is outside [1e-05, 0.003]"),
+        ({"weight_decay": 0.0}, "weight_decay=0.0 is outside"),
+    ],
+)
+def test_a_baseline_outside_the_space_is_refused_naming_it(change: dict, phrase: str) -> None:
+    raw = {**TINY_STUDY, "baselines": [{**GOOD_BASELINE, **change}]}
+    with pytest.raises(SpecError, match="baseline") as caught:
+        spec.parse(raw, source="studies/tiny.yaml")
+    assert phrase in str(caught.value)
+
+
+def test_baselines_need_distinct_names() -> None:
+    raw = {**TINY_STUDY, "baselines": [GOOD_BASELINE, {**GOOD_BASELINE, "lr": 0.1}]}
+    with pytest.raises(SpecError, match="distinct names"):
+        spec.parse(raw)
+
+
+def test_the_smoke_study_baselines_show_every_path() -> None:
+    """A diverging, a stuck and a pruned recipe next to a good one (each inside the space)."""
+    loaded = spec.load("vgg-cifar-smoke", ROOT / "studies")
+    assert [b.name for b in loaded.baselines] == [
+        "known-good", "lr-too-high", "adam-no-bn", "lr-too-low"
+    ]  # fmt: skip
+    assert loaded.pruner.type == "median" and loaded.pruner.n_startup_trials == 2

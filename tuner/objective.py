@@ -29,6 +29,7 @@ from tuner.models import VGG, Architecture
 from tuner.pruning import decision_epochs
 from tuner.records import (
     ACCUMULATION_ATTR,
+    BASELINE_ATTR,
     DIVERGED,
     OUT_OF_MEMORY,
     PRUNED_AT_ATTR,
@@ -299,6 +300,9 @@ class TrialRun:
         assert params is not None
         retry = retry_origin(trial.user_attrs, _optuna.frozen(trial).system_attrs)
         note = f" (retry of trial {retry})" if retry is not None else ""
+        baseline = trial.user_attrs.get(BASELINE_ATTR)
+        label = params.label() + (f" [{baseline}]" if baseline else "")
+        note += f" (baseline {baseline!r})" if baseline else ""
         if self.accumulation > 1:
             micro = spec.train.batch_size // self.accumulation
             note += f" at batch {micro} × {self.accumulation} steps"
@@ -306,7 +310,7 @@ class TrialRun:
         drawn = {**params.as_dict(), **log10_twins(params, spec.space),
                  ACCUMULATION_ATTR: self.accumulation}  # fmt: skip
         self.run = self.ctx.tracker.start_trial(
-            self.ctx.runs, spec.name, trial.number, drawn, spec.trial_settings(), params.label()
+            self.ctx.runs, spec.name, trial.number, drawn, spec.trial_settings(), label
         )
         trial.set_user_attr(RUN_ID_ATTR, self.run.run_id)
 

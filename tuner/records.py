@@ -100,6 +100,7 @@ SESSION_ATTR = "session"  # which `tuner study run` ran the trial (its budget co
 ACCUMULATION_ATTR = "grad_accumulation"  # on the retry of a trial that ran out of memory
 RETRY_OF_ATTR = "retry_of"  # on that retry: the trial it repeats
 PRUNED_AT_ATTR = "pruned_at_epoch"
+BASELINE_ATTR = "baseline"  # a trial enqueued from the study file's `baselines`: its name
 SETTINGS_ATTR = "settings_sha256"  # the fixed settings the trial trained with (see SETTINGS_KEYS)
 SAMPLER_SEED_ATTR = "sampler_seed"  # the seed of the sampler that drew the trial's point
 # system attributes Optuna's heartbeat retry sets (RetryHeartbeatStaleTrialCallback)

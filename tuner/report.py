@@ -53,7 +53,10 @@ def run_summary(name: str, summary: RunSummary) -> str:
         lines.append("workers: " + "; ".join(summary.workers))
     if summary.best is not None:
         lines.append(f"best so far: trial {summary.best.number}, val_acc {summary.best.value:.4f}")
-    lines.append(f"see: tuner study status {name}  |  tuner ui  |  tuner ensemble {name} --top 5")
+    see = [f"tuner study status {name}", f"tuner report {name}", f"tuner ui {name}"]
+    if summary.completed >= 2:
+        see.append(f"tuner ensemble {name} --top {min(5, summary.completed)}")
+    lines.append("see: " + "  |  ".join(see))
     return "\n".join(lines)
 
 

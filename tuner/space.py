@@ -101,6 +101,16 @@ def suggest(trial: optuna.Trial, space: SpaceSpec) -> TrialParams:
     return decode(drawn)
 
 
+def encode(point: Any) -> dict[str, Any]:
+    """A point (`TrialParams` or a baseline) → Optuna's flat params, as `suggest` draws them."""
+    flat = {
+        name: getattr(point, name)
+        for name in ("depth", "batch_norm", "dropout", "optimizer", "weight_decay", "augment")
+    }
+    flat[lr_name(point.optimizer)] = point.lr
+    return flat
+
+
 def decode(params: Mapping[str, Any]) -> TrialParams:
     """Optuna's flat `trial.params` → `TrialParams` (also for trials loaded back from storage)."""
     optimizer = params["optimizer"]

@@ -140,6 +140,43 @@ class NoPrunerSpec(_Frozen):
     type: Literal["none"]
 
 
+class BaselineSpec(_Frozen):
+    """A fixed point of the space, tried before the sampler draws any: a known-good recipe
+    the study must beat, or a known failure the study should show."""
+
+    name: Annotated[str, Strict(), Field(min_length=1, max_length=40)]
+    depth: Depth
+    batch_norm: Bool
+    dropout: Float
+    optimizer: Optimizer
+    lr: Float
+    weight_decay: Float
+    augment: Augment
+
+
+def _outside(b: BaselineSpec, space: SpaceSpec) -> list[str]:
+    """What of baseline `b` lies outside the search space (Optuna would sample it anyway)."""
+    found = [
+        f"{key}={getattr(b, key)!r} is not among {list(choices)}"
+        for key, choices in (
+            ("depth", space.depth),
+            ("batch_norm", space.batch_norm),
+            ("augment", space.augment),
+            ("optimizer", tuple(space.optimizer)),
+        )
+        if getattr(b, key) not in choices
+    ]
+    ranges = [("dropout", space.dropout), ("weight_decay", space.weight_decay)]
+    if b.optimizer in space.optimizer:
+        ranges.append(("lr", space.optimizer[b.optimizer].lr))
+    found += [
+        f"{key}={getattr(b, key)!r} is outside [{r.low}, {r.high}]"
+        for key, r in ranges
+        if not r.low <= getattr(b, key) <= r.high
+    ]
+    return found
+
+
 SamplerSpec = Annotated[TPESamplerSpec | RandomSamplerSpec, Field(discriminator="type")]
 PrunerSpec = Annotated[
     HyperbandPrunerSpec | MedianPrunerSpec | NoPrunerSpec, Field(discriminator="type")
@@ -161,7 +198,21 @@ class StudySpec(_Frozen):
     sampler: SamplerSpec = TPESamplerSpec(type="tpe")
     pruner: PrunerSpec = HyperbandPrunerSpec(type="hyperband")
     limits: LimitsSpec = LimitsSpec()
+    baselines: tuple[BaselineSpec, ...] = ()  # enqueued as the study's first trials
     _source: str = PrivateAttr(default="")  # the file it was read from, for messages
+
+    @model_validator(mode="after")
+    def _check_baselines(self) -> StudySpec:
+        names = [b.name for b in self.baselines]
+        if len(set(names)) < len(names):
+            raise ValueError(f"baselines need distinct names, got {names}")
+        for b in self.baselines:
+            outside = _outside(b, self.space)
+            if outside:
+                raise ValueError(
+                    f"baseline {b.name!r} lies outside the search space: {'; '.join(outside)}"
+                )
+        return self
 
     @property
     def source(self) -> str:

@@ -17,6 +17,7 @@ from tuner import _optuna
 from tuner.errors import SpecError, TunerError
 from tuner.pruning import make_pruner
 from tuner.records import (
+    BASELINE_ATTR,
     EXPERIMENT_ATTR,
     OBJECTIVE_ATTR,
     PARENT_ATTR,
@@ -127,8 +128,11 @@ def create(spec: StudySpec, stores: Stores, *, allow_changed_settings: bool = Fa
             tracker.check_study_runs(runs, spec.name)
             check_contract(study, spec, allow_changed_settings)
             created = False
+            enqueue_baselines(optuna.load_study(study_name=spec.name, storage=storage), spec)
         else:  # new, or its set-up was interrupted (or is under way on another node)
             runs, created = _make(spec, stores, storage, tracker, study)
+            if created:  # not by each node that lost the race to make the study
+                enqueue_baselines(optuna.load_study(study_name=spec.name, storage=storage), spec)
         for url in (stores.optuna_url, stores.tracking_uri):
             use_wal(url)
     warning = local_artifacts_warning(
@@ -137,6 +141,20 @@ def create(spec: StudySpec, stores: Stores, *, allow_changed_settings: bool = Fa
     if warning:
         log.info(warning)
     return Created(created, runs, tracker)
+
+
+def enqueue_baselines(study: optuna.Study, spec: StudySpec) -> None:
+    """The study file's baselines, as the first trials the workers take; each once: one whose
+    point the study has already (in any state) is not queued again."""
+    from tuner.space import encode
+
+    for baseline in spec.baselines:
+        before = len(study.get_trials(deepcopy=False))
+        study.enqueue_trial(
+            encode(baseline), user_attrs={BASELINE_ATTR: baseline.name}, skip_if_exists=True
+        )
+        if len(study.get_trials(deepcopy=False)) > before:
+            log.info(f"baseline {baseline.name!r} queued")
 
 
 def _stored(spec: StudySpec, storage: optuna.storages.RDBStorage) -> optuna.Study | None:

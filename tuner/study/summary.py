@@ -66,6 +66,7 @@ class RunSummary:
     workers: tuple[str, ...] = ()  # how each worker process ended (several workers)
     retried: dict[int, int] = field(default_factory=dict)  # lost trial → the trial retrying it
     queued: tuple[int, ...] = ()  # asked ahead, not started (the run stopped): back in the queue
+    completed: int = 0  # completed trials in the whole study (what an ensemble can take)
 
     @property
     def nothing_finished(self) -> bool:
@@ -100,6 +101,7 @@ def summarize(
         workers=tuple(workers),
         retried=retried,
         queued=queued,
+        completed=sum(t.state == TrialState.COMPLETE for t in trials),
     )
 
 
