@@ -3,17 +3,19 @@ this process or in a pool of workers, and sum up what this run did."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from optuna.trial import TrialState
 
-from tuner import _optuna, interrupts
+from tuner import _optuna, background, interrupts
 from tuner.spec import StudySpec
 from tuner.stores import Stores, store_error
 from tuner.study.pool import run_pool, shared_lock
@@ -62,7 +64,7 @@ def run_study(spec: StudySpec, stores: Stores, request: RunRequest) -> RunSummar
     exits: list[str] = []
     tracker.parent_running(runs.parent_run_id, True)
     try:
-        with watchdog(study, tracker, runs):
+        with watchdog(study, tracker, runs), painting(study, tracker, runs):
             if len(plans) == 1:
                 work(plans[0])
             else:
@@ -70,6 +72,25 @@ def run_study(spec: StudySpec, stores: Stores, request: RunRequest) -> RunSummar
     finally:
         _wind_up(study, tracker, runs, stores)
     return summarize(study, plans[0].budget.session, time.perf_counter() - started, exits)
+
+
+@contextlib.contextmanager
+def painting(study: optuna.Study, tracker: Tracker, runs: StudyRuns) -> Iterator[None]:
+    """The parent run's pictures are drawn again while the study runs, whenever trials have
+    finished (`Painter`), in a thread of this process: the workers' processes never draw."""
+    from tuner.study.pictures import PAINT_EVERY, Painter
+
+    with background.repeating(
+        Painter(study, tracker, runs.parent_run_id),
+        PAINT_EVERY,
+        "tuner-painter",
+        failed=lambda exc: (
+            f"could not draw the study's pictures ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200]}); trying again"
+        ),
+        join_timeout=60,
+    ):
+        yield
 
 
 def _wind_up(study: optuna.Study, tracker: Tracker, runs: StudyRuns, stores: Stores) -> None:

@@ -1,10 +1,9 @@
 """Sum a study up: trials by outcome, the best and the top trials, what one `study run` did,
-and the parent run's counts and plots."""
+and the parent run's counts and pictures."""
 
 from __future__ import annotations
 
 import logging
-import warnings
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -106,36 +105,10 @@ def summarize(
 
 
 def update_parent(study: optuna.Study, tracker: Tracker, parent_run_id: str) -> None:
-    """Trial counts, the best value so far, and Optuna's history and importance plots."""
+    """Trial counts, the best value so far, and the study's pictures (`pictures.paint`)."""
+    from tuner.study.pictures import paint
+
     trials = study.get_trials(deepcopy=False)
     best = ranked(trials, 1)
-    figures = plots(study)
-    try:
-        tracker.summarize_parent(parent_run_id, counts(trials), best[0] if best else None, figures)
-    finally:
-        import matplotlib.pyplot as plt
-
-        for figure in figures.values():
-            plt.close(figure)
-
-
-def plots(study: optuna.Study) -> dict[str, object]:
-    """Optuna's optimization history and (from two completed trials) parameter importances."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from optuna.visualization import matplotlib as ovm
-
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    figures: dict[str, object] = {}
-    if not complete:
-        return figures
-    figures["optimization_history"] = ovm.plot_optimization_history(study).figure
-    if len(complete) >= 2:
-        try:
-            with warnings.catch_warnings():  # PED-ANOVA warns on a handful of trials
-                warnings.simplefilter("ignore", UserWarning)
-                figures["param_importances"] = ovm.plot_param_importances(study).figure
-        except (ValueError, RuntimeError) as exc:  # too few distinct points to rank
-            log.debug("no importance plot yet: %s", exc)
-    return figures
+    tracker.summarize_parent(parent_run_id, counts(trials), best[0] if best else None)
+    paint(study, tracker, parent_run_id)

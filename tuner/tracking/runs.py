@@ -287,9 +287,8 @@ class Tracker:
         run_id: str,
         counts: Mapping[Outcome, int],
         best: FrozenTrial | None,
-        figures: Mapping[str, Any],
     ) -> None:
-        """Trial counts, the best value and its parameters, and Optuna's plots."""
+        """Trial counts, the best value and its parameters."""
         finished = sum(counts.values())
         metrics = [Metric(f"trials_{o}", n, now(), finished) for o, n in counts.items()]
         tags = []
@@ -298,11 +297,12 @@ class Tracker:
             tags = [RunTag(f"{BEST_TAG_PREFIX}trial", str(best.number))]
             tags += [RunTag(f"{BEST_TAG_PREFIX}{k}", str(v)) for k, v in best.params.items()]
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
-        for name, figure in figures.items():
-            # Optuna's plots put long parameter names outside the axes: keep them in the picture
-            self.client.log_figure(
-                run_id, figure, f"plots/{name}.png", save_kwargs={"bbox_inches": "tight"}
-            )
+
+    def log_bytes(self, run_id: str, artifact_path: str, data: bytes) -> None:
+        """A small artifact that replaces the one before whole: a reader (the UI) never sees
+        half of it."""
+        uri = self.client.get_run(run_id).info.artifact_uri
+        write_artifact(self.client, run_id, uri, artifact_path, lambda f: f.write(data))
 
     # -- trial runs -----------------------------------------------------------------------------
 
