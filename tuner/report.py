@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from tuner.ensemble import EnsembleReport
     from tuner.overhead import OverheadConfig, OverheadRow, Reference
     from tuner.stores import Stores
+    from tuner.study.page import Written
     from tuner.study.setup import Created
     from tuner.study.status import Status
     from tuner.study.summary import RunSummary
@@ -27,6 +28,16 @@ def created(name: str, result: Created, stores: Stores) -> str:
             stores.describe(),
             f"  MLflow experiment {runs.experiment_id}, parent run {runs.parent_run_id}",
             f"next: tuner study run {name}",
+        ]
+    )
+
+
+def report_written(written: Written) -> str:
+    return "\n".join(
+        [
+            f"wrote {written.html} (self-contained: open it in a browser, attach it to a PR)",
+            f"  and {written.markdown} (its pictures beside it)",
+            f"logged to the parent run {written.logged_to} under report/",
         ]
     )
 

@@ -123,3 +123,29 @@ def decode(params: Mapping[str, Any]) -> TrialParams:
         weight_decay=float(params["weight_decay"]),
         augment=params["augment"],
     )
+
+
+def with_one_lr(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """Completed trials with their optimizer's `lr_<optimizer>` renamed `lr`, on one log axis
+    spanning every optimizer's range: Optuna's importances, parallel coordinates and slice
+    leave out a parameter that some trials lack, so the learning rate, drawn per optimizer,
+    would be missing from "what mattered"."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    ranges = [d for t in complete for n, d in t.distributions.items() if n.startswith("lr_")]
+    if not ranges:
+        return complete
+    lr = FloatDistribution(
+        min(d.low for d in ranges), max(d.high for d in ranges),  # type: ignore[attr-defined]
+        log=all(d.log for d in ranges),  # type: ignore[attr-defined]
+    )  # fmt: skip
+    flat = []
+    for t in complete:
+        params = {("lr" if n.startswith("lr_") else n): v for n, v in t.params.items()}
+        dists = {("lr" if n.startswith("lr_") else n): (lr if n.startswith("lr_") else d)
+                 for n, d in t.distributions.items()}  # fmt: skip
+        flat.append(create_trial(value=t.value, params=params, distributions=dists,
+                                 user_attrs=t.user_attrs))  # fmt: skip
+    return flat

@@ -199,6 +199,26 @@ def ensemble(name: str, k: int, stores: Any, data_dir: Path, device: Any) -> Non
     click.echo(report.ensemble(evaluate_top(spec, stores, k=k, data_dir=data_dir, device=device)))
 
 
+@cli.command("report")
+@click.argument("name")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("reports"),
+    show_default=True,
+    help="Folder for NAME.html (self-contained), NAME.md and its pictures.",
+)
+@click.option("--top", type=click.IntRange(min=1), default=10, show_default=True)
+@store_options
+def report_(name: str, out: Path, top: int, stores: Any) -> None:
+    """The study on one page (best trials, pictures, what mattered, failure modes, ensembles,
+    provenance), written to --out and logged to the study's parent run."""
+    from tuner.study.page import make_report
+
+    spec = spec_module.load(name)
+    click.echo(report.report_written(make_report(spec, stores, out, top)))
+
+
 @cli.group("bench", invoke_without_command=True)
 @bench_options
 @click.pass_context

@@ -65,14 +65,26 @@ def _makers(
     if complete:
         makers["optimization_history"] = lambda: plots.plot_optimization_history(study)
     if len(complete) >= 2:
-        makers["param_importances"] = lambda: plots.plot_param_importances(study)
-        makers["parallel_coordinate"] = lambda: plots.plot_parallel_coordinate(study)
-        makers["slice"] = lambda: plots.plot_slice(study)
+        flat = one_lr_view(study)
+        makers["param_importances"] = lambda: plots.plot_param_importances(flat)
+        makers["parallel_coordinate"] = lambda: plots.plot_parallel_coordinate(flat)
+        makers["slice"] = lambda: plots.plot_slice(flat)
     if any(t.intermediate_values for t in trials):
         makers["intermediate_values"] = lambda: plots.plot_intermediate_values(study)
     if any(t.datetime_complete for t in trials):
         makers["timeline"] = timeline
     return [(name, makers[name]) for name in CAPTIONS if name in makers]
+
+
+def one_lr_view(study: optuna.Study) -> optuna.Study:
+    """The completed trials in a study of their own (in memory), with one `lr` parameter
+    (`space.with_one_lr`)."""
+    from tuner.space import with_one_lr
+
+    view = optuna.create_study(study_name=study.study_name, direction="maximize")
+    view.set_metric_names(["val_acc"])
+    view.add_trials(with_one_lr(study.get_trials(deepcopy=False)))
+    return view
 
 
 def _drawn(name: str, make: Callable[[], Any]) -> Any | None:
@@ -97,8 +109,12 @@ def figures(study: optuna.Study) -> Iterator[tuple[str, Figure]]:
     trials = study.get_trials(deepcopy=False)
     for name, make in _makers(study, ovm, lambda: worker_timeline(trials)):
         drawn = _drawn(name, make)
-        if drawn is not None:
-            yield name, drawn if hasattr(drawn, "savefig") else _figure_of(drawn)
+        if drawn is None:
+            continue
+        figure = drawn if hasattr(drawn, "savefig") else _figure_of(drawn)
+        if name == "parallel_coordinate":  # Optuna's default size crowds 8 axes together
+            figure.set_size_inches(12, 5.5)
+        yield name, figure
 
 
 def _figure_of(axes: Any) -> Figure:

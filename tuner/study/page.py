@@ -1,0 +1,393 @@
+"""`tuner report NAME`: the study on one page, HTML (self-contained: the pictures inlined) and
+markdown (the pictures beside it), written locally and logged to the parent run. It holds the
+best trials and the baselines, the pictures, what mattered (importances, with their spread over
+resamples of the trials), the failure modes seen, the ensembles scored, and the provenance."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import json
+import logging
+import statistics
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from tuner.records import (
+    BASELINE_ATTR,
+    GIT_COMMIT_TAG,
+    PRUNED_AT_ATTR,
+    REASON_ATTR,
+    RECORDS,
+    ROLE_TAG,
+    RUN_ID_ATTR,
+    TORCH_VERSION_TAG,
+    VERSION_TAG,
+    Outcome,
+    Role,
+)
+from tuner.space import decode, with_one_lr
+from tuner.spec import StudySpec
+from tuner.stores import shown
+from tuner.study.pictures import CAPTIONS, Picture, one_lr_view, pictures
+from tuner.study.setup import open_study, study_runs
+from tuner.study.summary import counts, ranked
+
+if TYPE_CHECKING:
+    from tuner.stores import Stores
+    from tuner.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+FOLDER = "report"  # on the parent run
+CHANCE = 0.1  # CIFAR-10: ten classes
+STUCK_MARGIN = 0.05  # a trial whose best validation accuracy stays within this of chance
+RESAMPLES = 10  # bootstrap resamples of the completed trials for the importances' spread
+
+
+@dataclass(frozen=True)
+class Row:
+    """One trial as the page shows it."""
+
+    number: int
+    outcome: str
+    objective: float | None  # what Optuna holds (the last reported value, if pruned)
+    best_val_acc: float | None
+    epochs: int
+    what: str  # `vgg16-bn sgd lr=… wd=… dropout=… aug=…`
+    baseline: str | None
+    run_id: str | None
+
+
+@dataclass(frozen=True)
+class Importance:
+    name: str
+    value: float  # on all completed trials
+    mean: float  # over resamples
+    spread: float  # their standard deviation
+
+
+@dataclass(frozen=True)
+class Ensemble:
+    run_id: str
+    name: str
+    test_acc: float
+    best_member_test_acc: float | None
+    members: str
+
+
+@dataclass(frozen=True)
+class Page:
+    name: str
+    made: str  # when, UTC
+    counts: dict[str, int]
+    best: tuple[Row, ...]
+    baselines: tuple[Row, ...]
+    importances: tuple[Importance, ...]
+    failures: tuple[str, ...]  # one sentence each
+    ensembles: tuple[Ensemble, ...]
+    pictures: tuple[Picture, ...]
+    provenance: dict[str, str]
+    spec: dict[str, Any]
+
+
+def _row(trial: FrozenTrial) -> Row:
+    values = [v for _, v in sorted(trial.intermediate_values.items())]
+    finite = [v for v in values if v == v]  # NaN is not a score
+    try:
+        what = decode(trial.params).describe()
+    except KeyError:  # a trial that failed before its point was drawn
+        what = "(no point drawn)"
+    return Row(
+        number=trial.number,
+        outcome=RECORDS[Outcome.of(trial)].word,
+        objective=trial.value if trial.value is not None else (values[-1] if values else None),
+        best_val_acc=max(finite) if finite else None,
+        epochs=len(values),
+        what=what,
+        baseline=trial.user_attrs.get(BASELINE_ATTR),
+        run_id=trial.user_attrs.get(RUN_ID_ATTR),
+    )
+
+
+def importances(study: optuna.Study, seed: int = 0) -> tuple[Importance, ...]:
+    """Optuna's parameter importances on the completed trials (one `lr`), and their mean and
+    spread over `RESAMPLES` bootstrap resamples of those trials: with few trials, a ranking
+    that a resample turns over is noise."""
+    flat = with_one_lr(study.get_trials(deepcopy=False))
+    if len(flat) < 3:
+        return ()
+    with warnings.catch_warnings():  # PED-ANOVA warns when a few trials tie
+        warnings.simplefilter("ignore", UserWarning)
+        return _importances(study, flat, seed)
+
+
+def _importances(
+    study: optuna.Study, flat: list[FrozenTrial], seed: int
+) -> tuple[Importance, ...]:
+    import random
+
+    whole = optuna.importance.get_param_importances(one_lr_view(study))
+    draws: dict[str, list[float]] = {name: [] for name in whole}
+    rng = random.Random(seed)
+    for _ in range(RESAMPLES):
+        view = optuna.create_study(direction="maximize")
+        view.add_trials([rng.choice(flat) for _ in flat])
+        try:
+            found = optuna.importance.get_param_importances(view)
+        except (ValueError, RuntimeError, ZeroDivisionError):  # a resample with one point
+            continue
+        for name in draws:
+            draws[name].append(found.get(name, 0.0))
+    return tuple(
+        Importance(name, value, statistics.fmean(draws[name] or [value]),
+                   statistics.pstdev(draws[name]) if len(draws[name]) > 1 else 0.0)
+        for name, value in whole.items()
+    )  # fmt: skip
+
+
+def failure_modes(trials: list[FrozenTrial]) -> tuple[str, ...]:
+    """The ways trials failed, one sentence each: diverged, stuck at chance, pruned at epoch k,
+    failed for a reason."""
+    found = []
+    by = {t.number: _row(t) for t in trials}
+    diverged = [t.number for t in trials if Outcome.of(t) is Outcome.DIVERGED]
+    if diverged:
+        found.append(f"{_count(diverged)} diverged (the loss became NaN or infinite): "
+                     + _examples(diverged, by))  # fmt: skip
+    # trained long enough to learn something (completed, or 2 epochs and more), yet did not
+    stuck = [
+        t.number for t in trials
+        if Outcome.of(t) in (Outcome.COMPLETE, Outcome.PRUNED)
+        and (t.state == TrialState.COMPLETE or by[t.number].epochs >= 2)
+        and (by[t.number].best_val_acc or 0.0) <= CHANCE + STUCK_MARGIN
+    ]  # fmt: skip
+    if stuck:
+        found.append(f"{_count(stuck)} stuck at chance (best validation accuracy ≤ "
+                     f"{CHANCE + STUCK_MARGIN:.2f}): " + _examples(stuck, by))  # fmt: skip
+    pruned = Counter(
+        int(t.user_attrs.get(PRUNED_AT_ATTR, len(t.intermediate_values)))
+        for t in trials
+        if Outcome.of(t) is Outcome.PRUNED
+    )
+    if pruned:
+        at = ", ".join(f"{n} at epoch {k}" for k, n in sorted(pruned.items()))
+        found.append(f"{_count(list(pruned.elements()))} pruned: {at}")
+    reasons = Counter(
+        str(t.user_attrs.get(REASON_ATTR, "unknown"))
+        for t in trials
+        if Outcome.of(t) is Outcome.FAILED
+    )
+    for reason, n in reasons.most_common():
+        found.append(f"{n} failed: {reason}")
+    return tuple(found)
+
+
+def _count(numbers: list[int]) -> str:
+    return f"{len(numbers)} trial{'s' if len(numbers) != 1 else ''}"
+
+
+def _examples(numbers: list[int], by: dict[int, Row], shown: int = 5) -> str:
+    listed = "; ".join(f"trial {n} ({by[n].what})" for n in numbers[:shown])
+    return listed + (f"; and {len(numbers) - shown} more" if len(numbers) > shown else "")
+
+
+def gather(spec: StudySpec, stores: Stores, tracker: Tracker, top: int = 10) -> Page:
+    """Everything the page shows, read from the stores."""
+    import mlflow
+    import torch
+
+    study = open_study(spec, stores)
+    runs = study_runs(study)
+    trials = study.get_trials(deepcopy=False)
+    parent = tracker.client.get_run(runs.parent_run_id)
+    ensembles = tracker.client.search_runs(
+        [runs.experiment_id],
+        filter_string=f"tags.`{ROLE_TAG}` = '{Role.ENSEMBLE}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=20,
+    )
+    tags = parent.data.tags
+    return Page(
+        name=spec.name,
+        made=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        counts={RECORDS[o].word: n for o, n in counts(trials).items()},
+        best=tuple(_row(t) for t in ranked(trials, top)),
+        baselines=tuple(_row(t) for t in trials if BASELINE_ATTR in t.user_attrs),
+        importances=importances(study, spec.seed),
+        failures=failure_modes([t for t in trials if t.state != TrialState.WAITING]),
+        ensembles=tuple(
+            Ensemble(
+                r.info.run_id,
+                r.info.run_name or r.info.run_id,
+                r.data.metrics.get("test_acc", float("nan")),
+                r.data.metrics.get("best_member_test_acc"),
+                r.data.params.get("trial_numbers", ""),
+            )
+            for r in ensembles
+        ),
+        pictures=tuple(pictures(study)),
+        provenance={
+            "tuner": tags.get(VERSION_TAG, "?"),
+            "git commit": tags.get(GIT_COMMIT_TAG, "(not in a git checkout)"),
+            "torch (study created with)": tags.get(TORCH_VERSION_TAG, "?"),
+            "torch / optuna / mlflow (report)": (
+                f"{torch.__version__} / {optuna.__version__} / {mlflow.__version__}"
+            ),
+            "Optuna storage": shown(stores.optuna_url),
+            "MLflow tracking": shown(stores.tracking_uri),
+            "MLflow experiment / parent run": f"{runs.experiment_id} / {runs.parent_run_id}",
+            "study file": spec.source,
+        },
+        spec=spec.to_dict(),
+    )
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    return "–" if value is None or value != value else f"{value:.{digits}f}"
+
+
+def _table(rows: tuple[Row, ...]) -> tuple[list[str], list[list[str]]]:
+    head = ["trial", "state", "objective", "best val_acc", "epochs", "what", "MLflow run"]
+    body = [
+        [str(r.number), r.outcome, _num(r.objective), _num(r.best_val_acc), str(r.epochs),
+         r.what + (f" [baseline {r.baseline}]" if r.baseline else ""), r.run_id or "–"]
+        for r in rows
+    ]  # fmt: skip
+    return head, body
+
+
+def _sections(page: Page) -> list[tuple[str, list[str], list[list[str]] | None]]:
+    """The page as (title, paragraphs, table rows with a header first, or None)."""
+    counted = ", ".join(f"{n} {word}" for word, n in page.counts.items() if n)
+    best = page.best[0] if page.best else None
+    summary = [f"{sum(page.counts.values())} trials: {counted or 'none yet'}."]
+    if best is not None:
+        summary.append(f"Best: trial {best.number}, validation accuracy {_num(best.objective)} "
+                       f"({best.what}).")  # fmt: skip
+    sections: list[tuple[str, list[str], list[list[str]] | None]] = [("Summary", summary, None)]
+    head, body = _table(page.best)
+    sections.append((f"Best {len(page.best)} trials", [], [head, *body] if body else None))
+    if page.baselines:
+        head, body = _table(page.baselines)
+        note = []
+        if best is not None:
+            top = max((r.objective or 0.0) for r in page.baselines)
+            note = [f"The best baseline reached {_num(top)}; the study's best "
+                    f"{_num(best.objective)} ({(best.objective or 0) - top:+.4f})."]  # fmt: skip
+        sections.append(("Baselines (from the study file)", note, [head, *body]))
+    if page.importances:
+        rows = [["parameter", "importance", f"mean of {RESAMPLES} resamples", "spread (sd)"]]
+        rows += [[i.name, f"{i.value:.3f}", f"{i.mean:.3f}", f"± {i.spread:.3f}"]
+                 for i in page.importances]  # fmt: skip
+        note = ["A parameter whose spread is as large as its importance is not known to "
+                "matter yet: the study has too few trials to tell."]  # fmt: skip
+        sections.append(("What mattered", note, rows))
+    sections.append(("Failure modes seen", list(page.failures) or ["None."], None))
+    if page.ensembles:
+        rows = [["run", "test accuracy", "best member", "gain", "members (trials)"]]
+        for e in page.ensembles:
+            gain = None if e.best_member_test_acc is None else e.test_acc - e.best_member_test_acc
+            rows.append([e.name, _num(e.test_acc), _num(e.best_member_test_acc),
+                         "–" if gain is None else f"{gain:+.4f}", e.members])  # fmt: skip
+        sections.append(("Ensembles", [], rows))
+    else:
+        k = max(2, min(5, len(page.best)))
+        hint = f"None yet: `tuner ensemble {page.name} --top {k}`."
+        sections.append(("Ensembles", [hint], None))
+    rows = [["", ""]] + [[k, v] for k, v in page.provenance.items()]
+    sections.append(("Provenance", [f"Made {page.made}."], rows))
+    return sections
+
+
+def to_html(page: Page) -> str:
+    """One self-contained page: the pictures are inlined as data, no file beside it."""
+    e = html.escape
+    parts = [f"<h1>Study {e(page.name)}</h1>"]
+    for title, paragraphs, rows in _sections(page):
+        parts.append(f"<h2>{e(title)}</h2>")
+        parts += [f"<p>{e(p)}</p>" for p in paragraphs]
+        if rows:
+            head, *body = rows
+            parts.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>")
+            parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in body]
+            parts.append("</table>")
+        if title.startswith("Best"):
+            for p in page.pictures:
+                data = base64.b64encode(p.png).decode()
+                img = f"<img alt='{e(p.name)}' src='data:image/png;base64,{data}'>"
+                caption = f"<figcaption>{e(CAPTIONS[p.name])}</figcaption>"
+                parts.append(f"<figure>{img}{caption}</figure>")
+    spec = e(json.dumps(page.spec, indent=2))
+    parts.append(
+        f"<details><summary>The study file, resolved</summary><pre>{spec}</pre></details>"
+    )
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
+             "padding:3px 8px;text-align:left;font-size:90%}img{max-width:100%}"
+             "figcaption{color:#555;font-size:90%}")  # fmt: skip
+    head = f"<meta charset='utf-8'><title>Study {e(page.name)}</title><style>{style}</style>"
+    return f"<!doctype html><html><head>{head}</head><body>{''.join(parts)}</body></html>\n"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def to_markdown(page: Page, pictures_dir: str) -> str:
+    """The same page in markdown; the pictures are files in `pictures_dir` (relative)."""
+    lines = [f"# Study {page.name}", ""]
+    for title, paragraphs, rows in _sections(page):
+        lines += [f"## {title}", ""]
+        for p in paragraphs:
+            lines += [p, ""]
+        if rows:
+            head, *body = rows
+            lines.append("| " + " | ".join(_cell(h) for h in head) + " |")
+            lines.append("|" + "---|" * len(head))
+            lines += ["| " + " | ".join(_cell(c) for c in r) + " |" for r in body]
+            lines.append("")
+        if title.startswith("Best"):
+            for p in page.pictures:
+                lines += [f"![{p.name}]({pictures_dir}/{p.name}.png)", "", f"*{CAPTIONS[p.name]}*",
+                          ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Written:
+    html: Path
+    markdown: Path
+    logged_to: str  # the parent run
+
+
+def make_report(spec: StudySpec, stores: Stores, out: Path, top: int = 10) -> Written:
+    """Gather the page, write `out/NAME.html`, `out/NAME.md` and its pictures, and log the
+    same on the parent run under `report/`."""
+    from tuner.tracking import Tracker
+
+    tracker = Tracker(stores)
+    log.info(f"reading study {spec.name!r}, drawing its pictures and importances …")
+    page = gather(spec, stores, tracker, top)
+    out.mkdir(parents=True, exist_ok=True)
+    folder = f"{spec.name}-pictures"
+    (out / folder).mkdir(exist_ok=True)
+    for p in page.pictures:
+        (out / folder / f"{p.name}.png").write_bytes(p.png)
+    html_path, md_path = out / f"{spec.name}.html", out / f"{spec.name}.md"
+    html_text, md_text = to_html(page), to_markdown(page, folder)
+    html_path.write_text(html_text)
+    md_path.write_text(md_text)
+    parent = study_runs(open_study(spec, stores)).parent_run_id
+    tracker.log_bytes(parent, f"{FOLDER}/report.html", html_text.encode())
+    tracker.log_bytes(parent, f"{FOLDER}/report.md", to_markdown(page, "pictures").encode())
+    for p in page.pictures:
+        tracker.log_bytes(parent, f"{FOLDER}/pictures/{p.name}.png", p.png)
+    return Written(html_path, md_path, parent)
