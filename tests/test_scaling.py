@@ -154,3 +154,28 @@ def test_each_process_seeds_its_own_sampler() -> None:
 def test_tpe_counts_the_trials_of_other_nodes_as_running_lies() -> None:
     sampler = make_sampler(parse(TINY_STUDY), 0)
     assert sampler._constant_liar is True
+
+
+def test_the_progress_note_gives_the_runs_pace_and_what_is_left() -> None:
+    import datetime
+
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    from tuner.records import SESSION_ATTR
+    from tuner.study.worker import Budget, progress_note
+
+    study = optuna.create_study(direction="maximize")
+    start = datetime.datetime(2026, 11, 24, 8, 0, 0)
+    for n, state in enumerate([TrialState.COMPLETE, TrialState.PRUNED, TrialState.COMPLETE]):
+        trial = create_trial(state=state, value=0.5 if state == TrialState.COMPLETE else None,
+                             user_attrs={SESSION_ATTR: "s1" if n < 2 else "other"})  # fmt: skip
+        trial.datetime_start = start + datetime.timedelta(seconds=10 * n)
+        trial.datetime_complete = trial.datetime_start + datetime.timedelta(seconds=10)
+        study.add_trial(trial)
+    budget = Budget("s1", trials=8, deadline=None)
+    now = start.timestamp() + 40  # 2 of this run's trials finished in 40 s: 20 s each
+    assert progress_note(budget, study, now) == "  (2/8 done, about 2 min 00 s left)"
+    soon = Budget("s1", trials=8, deadline=now + 30)
+    assert progress_note(soon, study, now) == "  (2/8 done, about 30 s left)"
+    assert progress_note(Budget("s1", trials=2, deadline=None), study, now) == "  (2/2 done)"

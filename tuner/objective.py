@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 
 from tuner import _optuna, interrupts
 from tuner.background import Drain
+from tuner.console import StepBar
 from tuner.data import TrainVal
 from tuner.devices import is_out_of_memory, release_memory
 from tuner.errors import StoreError
@@ -46,7 +47,15 @@ from tuner.spec import StudySpec
 from tuner.store_errors import store_cause
 from tuner.stores import store_error
 from tuner.tracking import StudyRuns, Tracker, TrialOutputs, TrialRunRef
-from tuner.train import Diverged, EpochStats, TrainConfig, TrainResult, train, wants_compile
+from tuner.train import (
+    Diverged,
+    EpochStats,
+    TrainConfig,
+    TrainResult,
+    steps_per_epoch,
+    train,
+    wants_compile,
+)
 
 log = logging.getLogger(__name__)
 REASON_CHARS = 500  # a fail reason longer than this is cut (the whole text is in error.txt)
@@ -63,6 +72,8 @@ class StudyContext:
     tracker: Tracker
     runs: StudyRuns
     sampler_seed: int = 0  # of the worker's sampler, recorded on each of its trials
+    # after a trial's line: how far the run is, and its ETA (`worker.progress_note`)
+    progress: Callable[[optuna.Study], str] = lambda study: ""
 
     @property
     def device(self) -> torch.device:
@@ -326,8 +337,21 @@ class TrialRun:
             accumulation=self.accumulation,
             compile=wants_compile(spec.train.compile, device),
         )
-        with interrupts.time_limit(spec.limits.trial_timeout, self.record_hang):
-            return train(model, self.ctx.data, config, self.on_epoch, self.stop_if_pruned)
+        bar = StepBar(steps_per_epoch(len(self.ctx.data.train), spec.train.batch_size), self.tag)
+
+        def on_epoch(stats: EpochStats) -> None:
+            bar.end_epoch()
+            self.on_epoch(stats)
+
+        def between_steps() -> None:
+            bar.step()
+            self.stop_if_pruned()
+
+        try:
+            with interrupts.time_limit(spec.limits.trial_timeout, self.record_hang):
+                return train(model, self.ctx.data, config, on_epoch, between_steps)
+        finally:
+            bar.close()
 
     @property
     def architecture(self) -> Architecture:
@@ -428,7 +452,8 @@ class TrialRun:
         retried = self._retry_smaller() if ending.retry else ""
         retried += self._requeue() if ending.requeue else ""
         trial.study.tell(trial, value, state=RECORDS[outcome].optuna)
-        log.info(f"{self.tag} {_console(ending, value, self.epochs)}{retried}")
+        progress = self.ctx.progress(trial.study)
+        log.info(f"{self.tag} {_console(ending, value, self.epochs)}{retried}{progress}")
 
     def _end_run(self, ending: Ending, value: float | None) -> None:
         if self.run is None:

@@ -90,6 +90,37 @@ class Budget:
         return self.left(study) >= self.workers
 
 
+def progress_note(budget: Budget, study: optuna.Study, now: float | None = None) -> str:
+    """`  (3/8 done, about 1 min 20 s left)`: the run's finished trials, and the time its
+    trials left take at the pace of those finished (all workers together, pruning included;
+    no later than its --timeout)."""
+    mine = [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.user_attrs.get(SESSION_ATTR) == budget.session and t.state.is_finished()
+    ]
+    done = len(mine)
+    left = max(0, budget.trials - done)
+    if not mine or not left:
+        return f"  ({done}/{budget.trials} done)"
+    now = time.time() if now is None else now
+    began = min(t.datetime_start.timestamp() for t in mine if t.datetime_start)
+    seconds = (now - began) / done * left
+    if budget.deadline is not None:
+        seconds = min(seconds, max(0.0, budget.deadline - now))
+    return f"  ({done}/{budget.trials} done, about {_duration(seconds)} left)"
+
+
+def _duration(seconds: float) -> str:
+    """`45 s`, `3 min 20 s`, `2 h 05 min`."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
 @dataclass(frozen=True)
 class WorkerPlan:
     """Everything a worker needs (picklable: it crosses a `spawn`)."""
@@ -131,7 +162,8 @@ def work(plan: WorkerPlan) -> None:
     log.info(
         f"  {len(data.train)} training and {len(data.val)} validation images from {data.source}"
     )
-    ctx = StudyContext(plan.spec, data, tracker, plan.runs, plan.seed)
+    progress = functools.partial(progress_note, plan.budget)
+    ctx = StudyContext(plan.spec, data, tracker, plan.runs, plan.seed, progress)
     # alone in its process, a worker has nobody to wait for: a lock of its own does
     claim = plan.claim if plan.claim is not None else threading.Lock()
     _optuna.ready_pruner(study)  # before its first `prune` meets an ask on another thread
