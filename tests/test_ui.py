@@ -22,7 +22,8 @@ def test_a_tracking_server_is_its_own_ui(
     monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("started a UI"))
     console.show()
     assert ui.serve(resolve(tracking_uri="http://127.0.0.1:5000"), "127.0.0.1", 5000) == 0
-    assert "a server already: open http://127.0.0.1:5000" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "a server already:\n  open http://127.0.0.1:5000\n" in out
 
 
 def test_a_taken_port_exits_2_naming_the_port(
@@ -46,7 +47,8 @@ def test_a_taken_port_exits_2_naming_the_port(
 
 def test_the_ui_opens_on_the_studys_runs_in_the_model_training_view() -> None:
     assert ui.study_url("http://127.0.0.1:5000", "7") == (
-        "http://127.0.0.1:5000/#/experiments/7?workflowType=machine_learning"
+        "http://127.0.0.1:5000/#/experiments/7/runs?viewStateShareKey=tuner-trials"
+        "&workflowType=machine_learning"
     )
     assert ui.study_url("http://127.0.0.1:5000", None) == "http://127.0.0.1:5000"
 
@@ -95,8 +97,9 @@ def test_ctrl_c_to_tuner_alone_stops_the_server_and_its_workers(tmp_path, fake_c
     port = free_port()
     served = start(tmp_path, fake_cifar, "ui", "tiny", "--port", str(port))
     lines = wait_for_line(served, r"open http://")
-    assert re.search(rf"open http://127\.0\.0\.1:{port}/#/experiments/\d+\?workflowType="
-                     r"machine_learning", lines[-1]), lines  # fmt: skip
+    assert re.search(rf"open http://127\.0\.0\.1:{port}/#/experiments/\d+/runs\?"
+                     r"viewStateShareKey=tuner-trials&workflowType=machine_learning",
+                     "\n".join(lines)), lines  # fmt: skip
 
     def answers() -> bool:
         try:

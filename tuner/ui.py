@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 
 from tuner.errors import ConfigError
+from tuner.records import ROLE_TAG, Role
 from tuner.stores import REMOTE_SCHEMES, Stores, prepare_tracking
 
 log = logging.getLogger(__name__)
@@ -18,8 +21,42 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 STOP_SECONDS = 10  # the server gets this long to end after SIGTERM, then is killed
 HEALTH_SECONDS = 120  # --open waits this long for the server to answer (a loaded machine)
-# the runs of a model-training experiment: MLflow 3's UI reads the view from `workflowType`
-VIEW = "#/experiments/{id}?workflowType=machine_learning"
+# the runs of a model-training experiment: MLflow 3's UI reads the view from `workflowType`,
+# and the table's columns, sort and filter from a shared view stored as an experiment tag
+VIEW = "#/experiments/{id}/runs?viewStateShareKey={key}&workflowType=machine_learning"
+TRIALS_VIEW = "tuner-trials"
+SHARED_VIEW_TAG = "mlflow.sharedViewState."  # MLflow's prefix; the key follows
+COLUMNS = (
+    "metrics.`objective`",
+    "metrics.`best_val_acc`",
+    "metrics.`epochs_trained`",
+    "params.`state`",
+    "params.`depth`",
+    "params.`batch_norm`",
+    "params.`optimizer`",
+    "params.`lr`",
+    "params.`weight_decay`",
+    "params.`dropout`",
+    "params.`augment`",
+)
+
+
+def trials_view() -> dict[str, object]:
+    """The view `tuner ui NAME` opens: the study's trials, best first by `objective` (what
+    Optuna holds, pruned trials included), with the summary metrics and the parameters as
+    columns. The UI's own state, in the shape its "share view" writes."""
+    return {
+        "searchFilter": f"tags.`{ROLE_TAG}` = '{Role.TRIAL}'",
+        "orderByKey": "metrics.`objective`",
+        "orderByAsc": False,
+        "startTime": "ALL",
+        "lifecycleFilter": "Active",
+        "modelVersionFilter": "All Runs",
+        "datasetsFilter": [],
+        "selectedColumns": list(COLUMNS),
+        "columnOrder": ["attributes.`Run Name`", *COLUMNS],
+        "columnWidths": {"attributes.`Run Name`": 280},
+    }
 
 
 def command(stores: Stores, host: str, port: int, verbose: bool = False) -> list[str]:
@@ -57,19 +94,46 @@ def quiet_env(verbose: bool) -> dict[str, str]:
 
 
 def study_url(base: str, experiment_id: str | None) -> str:
-    """Where to open the UI: the study's runs, in the model-training view (MLflow 3 opens on
-    its GenAI pages otherwise); the front page without a study."""
+    """Where to open the UI: the study's trials (`trials_view`), in the model-training view
+    (MLflow 3 opens on its GenAI pages otherwise); the front page without a study."""
     if experiment_id is None:
         return base
-    return f"{base.rstrip('/')}/{VIEW.format(id=experiment_id)}"
+    return f"{base.rstrip('/')}/{VIEW.format(id=experiment_id, key=TRIALS_VIEW)}"
 
 
-def experiment_of(stores: Stores, study: str | None) -> str | None:
+@dataclass(frozen=True)
+class Where:
+    experiment_id: str
+    parent_run_id: str | None
+
+
+def study_where(stores: Stores, study: str | None) -> Where | None:
+    """The study's experiment, with the trials view stored on it (again each time: a view
+    tuner changed since is brought up to date), and its parent run."""
     if study is None:
         return None
     from tuner.tracking import Tracker
 
-    return Tracker(stores).experiment_id(study, create=False)
+    tracker = Tracker(stores)
+    experiment_id = tracker.experiment_id(study, create=False)
+    tracker.client.set_experiment_tag(
+        experiment_id, SHARED_VIEW_TAG + TRIALS_VIEW, json.dumps(trials_view())
+    )
+    parents = tracker.client.search_runs(
+        [experiment_id], filter_string=f"tags.`{ROLE_TAG}` = '{Role.STUDY}'", max_results=1
+    )
+    return Where(experiment_id, parents[0].info.run_id if parents else None)
+
+
+def where_lines(base: str, where: Where | None, served: bool = True) -> str:
+    """`open URL` of the trials, then the parent run's pictures and report; `served`: by
+    this command (Ctrl-C stops it)."""
+    url = study_url(base, where and where.experiment_id)
+    lines = [f"  open {url}" + ("  (Ctrl-C to stop)" if served else "")]
+    if where is not None and where.parent_run_id:
+        run = f"#/experiments/{where.experiment_id}/runs/{where.parent_run_id}/artifacts"
+        lines.append(f"  the study's pictures and report: {base.rstrip('/')}/{run}")
+    return "\n".join(lines)
 
 
 def serve(
@@ -85,8 +149,8 @@ def serve(
     server runs in a session of its own, and is stopped with its children whichever way
     `tuner ui` ends. A tracking server is its own UI already."""
     if stores.tracking_uri.split(":", 1)[0] in REMOTE_SCHEMES:
-        url = study_url(stores.tracking_uri, experiment_of(stores, study))
-        log.info(f"the tracking store is a server already: open {url}")
+        lines = where_lines(stores.tracking_uri, study_where(stores, study), served=False)
+        log.info(f"the tracking store is a server already:\n{lines}")
         return 0
     if host not in LOOPBACK:
         log.info(
@@ -95,8 +159,10 @@ def serve(
         )
     check_port_free(host, port)
     prepare_tracking(stores)
-    url = study_url(f"http://{host}:{port}", experiment_of(stores, study))
-    log.info(f"MLflow UI for {stores.tracking_uri}\n  open {url}  (Ctrl-C to stop)")
+    base = f"http://{host}:{port}"
+    where = study_where(stores, study)
+    url = study_url(base, where and where.experiment_id)
+    log.info(f"MLflow UI for {stores.tracking_uri}\n{where_lines(base, where)}")
     server = subprocess.Popen(
         command(stores, host, port, verbose), env=quiet_env(verbose), start_new_session=True
     )
