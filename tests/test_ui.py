@@ -118,3 +118,19 @@ def test_ctrl_c_to_tuner_alone_stops_the_server_and_its_workers(tmp_path, fake_c
     assert "GET /health" not in out + err, "no line per request"
     wait_until(lambda: not any(running(pid) for pid in below), "the server's processes to end")
     assert not answers()
+
+
+def test_the_trials_view_is_stored_on_the_experiment_for_the_url_to_open(stores, tracker) -> None:
+    import json
+
+    experiment = tracker.experiment_id("ui-view", create=True)
+    where = ui.study_where(stores, "ui-view")
+    assert where == ui.Where(experiment, None)  # no parent run yet
+    tags = tracker.client.get_experiment(experiment).tags
+    view = json.loads(tags["mlflow.sharedViewState.tuner-trials"])
+    assert view["orderByKey"] == "metrics.`objective`" and view["orderByAsc"] is False
+    assert view["searchFilter"] == "tags.`tuner.role` = 'trial'"
+    assert view["selectedColumns"][:3] == [
+        "metrics.`objective`", "metrics.`best_val_acc`", "metrics.`epochs_trained`"
+    ]  # fmt: skip
+    assert "viewStateShareKey=tuner-trials" in ui.where_lines("http://h:1", where)
