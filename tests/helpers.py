@@ -139,6 +139,17 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = 120) -
         time.sleep(0.1)
 
 
+def ui_answers(port: int) -> bool:
+    """The MLflow UI on loopback `port` answers its /health."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+            return True
+    except OSError:
+        return False
+
+
 def stored(cwd: Path, name: str) -> optuna.Study:
     """The study as Optuna stored it under `cwd/mlruns`."""
     return optuna.load_study(study_name=name, storage=f"sqlite:///{cwd}/mlruns/optuna.db")

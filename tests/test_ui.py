@@ -86,10 +86,9 @@ def test_ctrl_c_to_tuner_alone_stops_the_server_and_its_workers(tmp_path, fake_c
     import os
     import re
     import signal
-    import urllib.request
 
     from .conftest import write_study
-    from .helpers import running, start, tuner, wait_for_line, wait_until
+    from .helpers import running, start, tuner, ui_answers, wait_for_line, wait_until
     from .servers import free_port
 
     write_study(tmp_path)
@@ -101,14 +100,7 @@ def test_ctrl_c_to_tuner_alone_stops_the_server_and_its_workers(tmp_path, fake_c
                      r"viewStateShareKey=tuner-trials&workflowType=machine_learning",
                      "\n".join(lines)), lines  # fmt: skip
 
-    def answers() -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return True
-        except OSError:
-            return False
-
-    wait_until(answers, "the UI to answer")
+    wait_until(lambda: ui_answers(port), "the UI to answer")
     below = _descendants(served.pid)
     assert below, "the server runs under tuner"
     os.kill(served.pid, signal.SIGINT)
@@ -117,7 +109,7 @@ def test_ctrl_c_to_tuner_alone_stops_the_server_and_its_workers(tmp_path, fake_c
     assert "stopped the MLflow UI" in out and "Traceback" not in out + err
     assert "GET /health" not in out + err, "no line per request"
     wait_until(lambda: not any(running(pid) for pid in below), "the server's processes to end")
-    assert not answers()
+    assert not ui_answers(port)
 
 
 def test_the_trials_view_is_stored_on_the_experiment_for_the_url_to_open(stores, tracker) -> None:

@@ -78,7 +78,7 @@ def test_one_nested_mlflow_run_per_trial(study_dir: Path) -> None:
                 "train.epochs", "optuna_trial_number"} <= set(run.data.params)  # fmt: skip
         history = client.get_metric_history(run.info.run_id, "val_acc")
         assert [m.step for m in history] == list(range(1, len(trial.intermediate_values) + 1))
-        for metric in ("train_loss", "val_loss", "lr", "epoch_seconds"):
+        for metric in ("train_loss", "val_loss", "lr_schedule", "epoch_seconds"):
             assert metric in run.data.metrics
         if trial.state.name == "COMPLETE":
             assert run.info.status == "FINISHED"

@@ -69,7 +69,9 @@ def _makers(
         makers["param_importances"] = lambda: plots.plot_param_importances(flat)
         makers["parallel_coordinate"] = lambda: plots.plot_parallel_coordinate(flat)
         makers["slice"] = lambda: plots.plot_slice(flat)
-    if any(t.intermediate_values for t in trials):
+    # Optuna draws the epochs of complete, pruned and running trials only (else it logs)
+    shown = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    if any(t.intermediate_values for t in trials if t.state in shown):
         makers["intermediate_values"] = lambda: plots.plot_intermediate_values(study)
     if any(t.datetime_complete for t in trials):
         makers["timeline"] = timeline

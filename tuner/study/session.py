@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 from tuner import _optuna, background, interrupts
 from tuner.spec import StudySpec
 from tuner.stores import Stores, store_error
+from tuner.study.pictures import paint
 from tuner.study.pool import run_pool, shared_lock
 from tuner.study.recovery import recover_stale, watchdog
 from tuner.study.setup import create, open_study
@@ -95,7 +96,8 @@ def painting(study: optuna.Study, tracker: Tracker, runs: StudyRuns) -> Iterator
 
 def _wind_up(study: optuna.Study, tracker: Tracker, runs: StudyRuns, stores: Stores) -> None:
     """Recover what dead workers left, sum the study up on its parent run, and close it unless
-    another `study run` still works on it. A store that fails here is one line: the error
+    another `study run` still works on it; then draw its pictures. A store that fails here is
+    one line, and so are pictures that cannot be drawn or written (a full disk): the error
     that ended the run (if any) is the one raised."""
     try:
         recover_stale(study, tracker, runs, starting=False)
@@ -108,6 +110,11 @@ def _wind_up(study: optuna.Study, tracker: Tracker, runs: StudyRuns, stores: Sto
         if error is None:
             raise
         log.info(f"the study could not be summed up: {error}")
+        return
+    try:
+        paint(study, tracker, runs.parent_run_id)
+    except Exception as exc:  # the pictures are a view of the study, not part of it
+        log.info(f"the study's pictures could not be drawn: {type(exc).__name__}: {exc}")
 
 
 def worker_plans(

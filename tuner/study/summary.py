@@ -105,10 +105,7 @@ def summarize(
 
 
 def update_parent(study: optuna.Study, tracker: Tracker, parent_run_id: str) -> None:
-    """Trial counts, the best value so far, and the study's pictures (`pictures.paint`)."""
-    from tuner.study.pictures import paint
-
+    """Trial counts and the best value so far (the pictures: `pictures.paint`)."""
     trials = study.get_trials(deepcopy=False)
     best = ranked(trials, 1)
     tracker.summarize_parent(parent_run_id, counts(trials), best[0] if best else None)
-    paint(study, tracker, parent_run_id)
