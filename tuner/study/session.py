@@ -96,9 +96,9 @@ def painting(study: optuna.Study, tracker: Tracker, runs: StudyRuns) -> Iterator
 
 def _wind_up(study: optuna.Study, tracker: Tracker, runs: StudyRuns, stores: Stores) -> None:
     """Recover what dead workers left, sum the study up on its parent run, and close it unless
-    another `study run` still works on it; then draw its pictures. A store that fails here is
-    one line, and so are pictures that cannot be drawn or written (a full disk): the error
-    that ended the run (if any) is the one raised."""
+    another `study run` still works on it; then, if none does, draw its pictures. A store
+    that fails here is one line, and so are pictures that cannot be drawn or written (a full
+    disk): the error that ended the run (if any) is the one raised."""
     try:
         recover_stale(study, tracker, runs, starting=False)
         update_parent(study, tracker, runs.parent_run_id)
@@ -110,6 +110,8 @@ def _wind_up(study: optuna.Study, tracker: Tracker, runs: StudyRuns, stores: Sto
         if error is None:
             raise
         log.info(f"the study could not be summed up: {error}")
+        return
+    if others:  # the run that ends last draws them (each draws them while it runs)
         return
     try:
         paint(study, tracker, runs.parent_run_id)

@@ -23,9 +23,14 @@ def git_commit() -> str | None:
 @functools.cache
 def provenance() -> dict[str, str]:
     """Tags for every run (computed once per process)."""
-    import torch
+    import importlib.metadata
+    import sys
 
-    tags = {VERSION_TAG: __version__, TORCH_VERSION_TAG: torch.__version__}
+    # torch's own version (with its build, `+cu130`) where it is imported; else the installed
+    # distribution's, read without importing torch (2 s) for `study create` and the like
+    torch = sys.modules.get("torch")
+    torch_version = torch.__version__ if torch else importlib.metadata.version("torch")
+    tags = {VERSION_TAG: __version__, TORCH_VERSION_TAG: torch_version}
     commit = git_commit()
     if commit:
         tags[GIT_COMMIT_TAG] = commit

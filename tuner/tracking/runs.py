@@ -16,13 +16,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
-import torch
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from tuner.errors import ConfigError, TunerError
-from tuner.models import Architecture
 from tuner.records import (
     BEST_TAG_PREFIX,
     EPOCHS_TAG,
@@ -56,8 +54,10 @@ from tuner.tracking.client import PatientClient, check_tracking
 from tuner.tracking.provenance import provenance
 
 if TYPE_CHECKING:
+    import torch
     from optuna.trial import FrozenTrial
 
+    from tuner.models import Architecture
     from tuner.spec import StudySpec
 
 log = logging.getLogger(__name__)
@@ -349,6 +349,8 @@ class Tracker:
             return write_artifact(self.client, run.run_id, run.artifact_uri, path, dump)
 
         labels = outputs.val_labels
+        import torch  # here, not at the top: `study create`, `ui` and `report` never need it
+
         digest = write(WEIGHTS, lambda f: torch.save(dict(outputs.state_dict), f))
         write(VAL_PREDICTIONS, lambda f: np.savez_compressed(f, probs=probs, labels=labels))
         text = json.dumps(outputs.architecture.to_dict(), indent=2).encode()
@@ -417,6 +419,8 @@ class Tracker:
         """A trial's architecture and its weights file, checked against the recorded SHA-256."""
         folder = into / run_id
         arch_file = Path(self.client.download_artifacts(run_id, ARCHITECTURE, str(folder)))
+        from tuner.models import Architecture  # torch: only where weights are read
+
         arch = Architecture.from_dict(json.loads(arch_file.read_text()))
         expected = self.client.get_run(run_id).data.tags.get(WEIGHTS_SHA256_TAG)
         what = f"the weights of trial {trial_number}"
