@@ -97,22 +97,27 @@ def test_the_interactive_page_holds_each_chart_and_plotly_once(study: optuna.Stu
     assert page.count("plotly.js v") == 1, "plotly.js inlined once, not once per chart"
 
 
-class _Tracker:
-    def __init__(self) -> None:
-        self.logged: list[str] = []
+def test_paint_logs_every_picture_on_the_parent_run(study: optuna.Study) -> None:
+    logged: list[str] = []
 
-    def log_bytes(self, run_id: str, path: str, data: bytes) -> None:
-        self.logged.append(path)
+    class Tracker:
+        def log_bytes(self, run_id: str, path: str, data: bytes) -> None:
+            assert run_id == "parent" and data
+            logged.append(path)
+
+    drawn = pictures.paint(study, Tracker(), "parent")  # type: ignore[arg-type]
+    assert {f"plots/{p.name}.png" for p in drawn} <= set(logged)
+    assert "plots/timeline.png" in logged
 
 
-def test_the_painter_draws_again_only_when_trials_have_finished(study: optuna.Study) -> None:
-    tracker = _Tracker()
-    painter = pictures.Painter(study, tracker, "parent")  # type: ignore[arg-type]
+def test_the_painter_draws_again_only_when_trials_have_finished(
+    study: optuna.Study, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    painted: list[int] = []
+    monkeypatch.setattr(pictures, "paint", lambda s, t, r: painted.append(len(s.trials)))
+    painter = pictures.Painter(study, None, "parent")  # type: ignore[arg-type]
     painter()
-    first = list(tracker.logged)
-    assert "plots/timeline.png" in first and "plots/param_importances.png" in first
-    painter()
-    assert tracker.logged == first, "nothing finished since: nothing drawn"
+    painter()  # nothing finished since: nothing drawn
     study.add_trial(_trial(7, TrialState.COMPLETE, 20, 30, "h:2", [0.5, 0.6]))
     painter()
-    assert len(tracker.logged) == 2 * len(first)
+    assert painted == [7, 8]
