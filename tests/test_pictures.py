@@ -110,14 +110,30 @@ def test_paint_logs_every_picture_on_the_parent_run(study: optuna.Study) -> None
     assert "plots/timeline.png" in logged
 
 
-def test_the_painter_draws_again_only_when_trials_have_finished(
+def test_the_painter_draws_again_only_when_trials_have_finished_and_time_allows(
     study: optuna.Study, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    clock = [1000.0]
     painted: list[int] = []
-    monkeypatch.setattr(pictures, "paint", lambda s, t, r: painted.append(len(s.trials)))
+
+    def paint(s: optuna.Study, t: object, r: str) -> None:  # a painting that takes 1 s
+        clock[0] += 1.0
+        painted.append(len(s.trials))
+
+    monkeypatch.setattr(pictures.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(pictures, "paint", paint)
     painter = pictures.Painter(study, None, "parent")  # type: ignore[arg-type]
     painter()
+    clock[0] += 100
     painter()  # nothing finished since: nothing drawn
+    assert painted == [7]
     study.add_trial(_trial(7, TrialState.COMPLETE, 20, 30, "h:2", [0.5, 0.6]))
     painter()
     assert painted == [7, 8]
+    study.add_trial(_trial(8, TrialState.COMPLETE, 30, 40, "h:2", [0.5, 0.6]))
+    clock[0] += pictures.SHARE - 1  # not yet: a 1 s painting buys SHARE s of training
+    painter()
+    assert painted == [7, 8]
+    clock[0] += 1
+    painter()
+    assert painted == [7, 8, 9]

@@ -69,6 +69,8 @@ def command(stores: Stores, host: str, port: int, verbose: bool = False) -> list
         "ui",
         "--backend-store-uri",
         stores.tracking_uri,
+        "--registry-store-uri",  # what it defaults to, said: else MLflow prints that it is
+        stores.tracking_uri,
         "--host",
         host,
         "--port",

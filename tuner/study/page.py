@@ -201,8 +201,9 @@ def _examples(numbers: list[int], by: dict[int, Row], shown: int = 5) -> str:
 
 def gather(spec: StudySpec, stores: Stores, tracker: Tracker, top: int = 10) -> Page:
     """Everything the page shows, read from the stores."""
+    import importlib.metadata
+
     import mlflow
-    import torch
 
     study = open_study(spec, stores)
     runs = study_runs(study)
@@ -239,7 +240,8 @@ def gather(spec: StudySpec, stores: Stores, tracker: Tracker, top: int = 10) -> 
             "git commit": tags.get(GIT_COMMIT_TAG, "(not in a git checkout)"),
             "torch (study created with)": tags.get(TORCH_VERSION_TAG, "?"),
             "torch / optuna / mlflow (report)": (
-                f"{torch.__version__} / {optuna.__version__} / {mlflow.__version__}"
+                f"{importlib.metadata.version('torch')} / {optuna.__version__} / "
+                f"{mlflow.__version__}"
             ),
             "Optuna storage": shown(stores.optuna_url),
             "MLflow tracking": shown(stores.tracking_uri),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import io
 import logging
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -26,7 +27,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FOLDER = "plots"  # on the parent run
-PAINT_EVERY = 30.0  # seconds between looks at the study while it runs (drawn only if it grew)
+PAINT_EVERY = 60.0  # seconds between looks at the study while it runs (drawn only if it grew)
+# a painting that took t seconds is followed by none for SHARE * t: drawing takes at most
+# 1/SHARE of the run's time (on a 2-core CPU, 2-6 s of drawing slowed the epoch beside it)
+SHARE = 20
 # what each picture shows, in the order the report shows them
 CAPTIONS = {
     "optimization_history": "Validation accuracy of each completed trial, and the best so far.",
@@ -226,19 +230,25 @@ def paint(study: optuna.Study, tracker: Tracker, parent_run_id: str) -> list[Pic
 
 
 class Painter:
-    """Paints the parent run's pictures while a study runs: every `PAINT_EVERY` seconds, if
-    trials finished since the last painting (the pictures of a long study stay current)."""
+    """Paints the parent run's pictures while a study runs: at most every `PAINT_EVERY`
+    seconds, if trials finished since the last painting, and never more than 1/`SHARE` of the
+    time (the pictures of a long study stay current; a short one is drawn at its end)."""
 
     def __init__(self, study: optuna.Study, tracker: Tracker, parent_run_id: str) -> None:
         self.study, self.tracker, self.parent_run_id = study, tracker, parent_run_id
         self.painted_at: int | None = None  # finished trials when last painted
+        self.not_before = 0.0  # time.monotonic() before which it does not paint again
 
     def finished(self) -> int:
         return sum(t.state.is_finished() for t in self.study.get_trials(deepcopy=False))
 
     def __call__(self) -> None:
+        if time.monotonic() < self.not_before:
+            return
         finished = self.finished()
         if finished == self.painted_at:
             return
+        started = time.monotonic()
         paint(self.study, self.tracker, self.parent_run_id)
         self.painted_at = finished
+        self.not_before = time.monotonic() + SHARE * (time.monotonic() - started)
