@@ -121,9 +121,7 @@ def study_where(stores: Stores, study: str | None) -> Where | None:
     tracker.client.set_experiment_tag(
         experiment_id, SHARED_VIEW_TAG + TRIALS_VIEW, json.dumps(trials_view())
     )
-    parents = tracker.client.search_runs(
-        [experiment_id], filter_string=f"tags.`{ROLE_TAG}` = '{Role.STUDY}'", max_results=1
-    )
+    parents = tracker.parent_runs(experiment_id)
     return Where(experiment_id, parents[0].info.run_id if parents else None)
 
 

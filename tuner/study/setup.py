@@ -128,7 +128,7 @@ def create(spec: StudySpec, stores: Stores, *, allow_changed_settings: bool = Fa
             tracker.check_study_runs(runs, spec.name)
             check_contract(study, spec, allow_changed_settings)
             created = False
-            enqueue_baselines(optuna.load_study(study_name=spec.name, storage=storage), spec)
+            enqueue_baselines(study, spec)
         else:  # new, or its set-up was interrupted (or is under way on another node)
             runs, created = _make(spec, stores, storage, tracker, study)
             if created:  # not by each node that lost the race to make the study

@@ -218,7 +218,8 @@ class Tracker:
                 return None
             raise
 
-    def _parents(self, experiment_id: str) -> list[Run]:
+    def parent_runs(self, experiment_id: str) -> list[Run]:
+        """The experiment's study runs (one, unless a set-up was cut short or raced)."""
         return self.client.search_runs(
             [experiment_id], filter_string=f"tags.`{ROLE_TAG}` = '{Role.STUDY}'"
         )
@@ -243,7 +244,7 @@ class Tracker:
         (another Optuna storage, or trial runs under it that this study does not know) is
         refused. `claimed()`: the parent the study has now (another node may have just
         made it)."""
-        for parent in self._parents(experiment_id):
+        for parent in self.parent_runs(experiment_id):
             run_id = parent.info.run_id
             storage = parent.data.tags.get(STORAGE_TAG)
             ours = storage == shown(optuna_url)
@@ -265,7 +266,7 @@ class Tracker:
         """Once the study's parent is claimed: the other parents of this storage with no trial
         under them (left by a set-up that was cut short, or by the nodes that lost the claim)
         are deleted."""
-        for parent in self._parents(experiment_id):
+        for parent in self.parent_runs(experiment_id):
             run_id = parent.info.run_id
             if run_id == keep or parent.data.tags.get(STORAGE_TAG) != shown(optuna_url):
                 continue
