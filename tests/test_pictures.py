@@ -101,9 +101,9 @@ def test_paint_logs_every_picture_on_the_parent_run(study: optuna.Study) -> None
     logged: list[str] = []
 
     class Tracker:
-        def log_bytes(self, run_id: str, path: str, data: bytes) -> None:
-            assert run_id == "parent" and data
-            logged.append(path)
+        def log_files(self, run_id: str, files: dict[str, bytes]) -> None:
+            assert run_id == "parent" and all(files.values())
+            logged.extend(files)
 
     drawn = pictures.paint(study, Tracker(), "parent")  # type: ignore[arg-type]
     assert {f"plots/{p.name}.png" for p in drawn} <= set(logged)

@@ -36,7 +36,7 @@ from tuner.records import (
 from tuner.space import decode, with_one_lr
 from tuner.spec import StudySpec
 from tuner.stores import shown
-from tuner.study.pictures import CAPTIONS, Picture, one_lr_view, pictures
+from tuner.study.pictures import CAPTIONS, Picture, in_memory, pictures
 from tuner.study.setup import open_study, study_runs
 from tuner.study.summary import counts, ranked
 
@@ -96,6 +96,7 @@ class Page:
     pictures: tuple[Picture, ...]
     provenance: dict[str, str]
     spec: dict[str, Any]
+    parent_run_id: str  # where the page is logged
 
 
 def _row(trial: FrozenTrial) -> Row:
@@ -126,22 +127,20 @@ def importances(study: optuna.Study, seed: int = 0) -> tuple[Importance, ...]:
         return ()
     with warnings.catch_warnings():  # PED-ANOVA warns when a few trials tie
         warnings.simplefilter("ignore", UserWarning)
-        return _importances(study, flat, seed)
+        return _importances(flat, seed)
 
 
-def _importances(
-    study: optuna.Study, flat: list[FrozenTrial], seed: int
-) -> tuple[Importance, ...]:
+def _importances(flat: list[FrozenTrial], seed: int) -> tuple[Importance, ...]:
     import random
 
-    whole = optuna.importance.get_param_importances(one_lr_view(study))
+    whole = optuna.importance.get_param_importances(in_memory(flat))
     draws: dict[str, list[float]] = {name: [] for name in whole}
     rng = random.Random(seed)
     for _ in range(RESAMPLES):
-        view = optuna.create_study(direction="maximize")
-        view.add_trials([rng.choice(flat) for _ in flat])
         try:
-            found = optuna.importance.get_param_importances(view)
+            found = optuna.importance.get_param_importances(
+                in_memory([rng.choice(flat) for _ in flat])
+            )
         except (ValueError, RuntimeError, ZeroDivisionError):  # a resample with one point
             continue
         for name in draws:
@@ -249,6 +248,7 @@ def gather(spec: StudySpec, stores: Stores, tracker: Tracker, top: int = 10) -> 
             "study file": spec.source,
         },
         spec=spec.to_dict(),
+        parent_run_id=runs.parent_run_id,
     )
 
 
@@ -387,9 +387,10 @@ def make_report(spec: StudySpec, stores: Stores, out: Path, top: int = 10) -> Wr
     html_text, md_text = to_html(page), to_markdown(page, folder)
     html_path.write_text(html_text)
     md_path.write_text(md_text)
-    parent = study_runs(open_study(spec, stores)).parent_run_id
-    tracker.log_bytes(parent, f"{FOLDER}/report.html", html_text.encode())
-    tracker.log_bytes(parent, f"{FOLDER}/report.md", to_markdown(page, "pictures").encode())
-    for p in page.pictures:
-        tracker.log_bytes(parent, f"{FOLDER}/pictures/{p.name}.png", p.png)
-    return Written(html_path, md_path, parent)
+    files = {
+        f"{FOLDER}/report.html": html_text.encode(),
+        f"{FOLDER}/report.md": to_markdown(page, "pictures").encode(),
+        **{f"{FOLDER}/pictures/{p.name}.png": p.png for p in page.pictures},
+    }
+    tracker.log_files(page.parent_run_id, files)
+    return Written(html_path, md_path, page.parent_run_id)

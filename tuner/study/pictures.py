@@ -82,15 +82,22 @@ def _makers(
     return [(name, makers[name]) for name in CAPTIONS if name in makers]
 
 
+def in_memory(trials: Sequence[FrozenTrial], name: str | None = None) -> optuna.Study:
+    """`trials` in a study of their own, in memory, for Optuna's plots and importances."""
+    view = optuna.create_study(study_name=name, direction="maximize")
+    with warnings.catch_warnings():  # experimental since Optuna 3.2, and said so each time
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        view.set_metric_names(["val_acc"])
+    view.add_trials(trials)
+    return view
+
+
 def one_lr_view(study: optuna.Study) -> optuna.Study:
     """The completed trials in a study of their own (in memory), with one `lr` parameter
     (`space.with_one_lr`)."""
     from tuner.space import with_one_lr
 
-    view = optuna.create_study(study_name=study.study_name, direction="maximize")
-    view.set_metric_names(["val_acc"])
-    view.add_trials(with_one_lr(study.get_trials(deepcopy=False)))
-    return view
+    return in_memory(with_one_lr(study.get_trials(deepcopy=False)), study.study_name)
 
 
 def _drawn(name: str, make: Callable[[], Any]) -> Any | None:
@@ -221,11 +228,11 @@ def paint(study: optuna.Study, tracker: Tracker, parent_run_id: str) -> list[Pic
     """Draw the study's pictures and log them on its parent run (`plots/`), replacing those
     drawn before; what was drawn."""
     drawn = pictures(study)
-    for picture in drawn:
-        tracker.log_bytes(parent_run_id, f"{FOLDER}/{picture.name}.png", picture.png)
+    files = {f"{FOLDER}/{picture.name}.png": picture.png for picture in drawn}
     page = interactive(study)
     if page is not None:
-        tracker.log_bytes(parent_run_id, f"{FOLDER}/interactive.html", page.encode())
+        files[f"{FOLDER}/interactive.html"] = page.encode()
+    tracker.log_files(parent_run_id, files)
     return drawn
 
 

@@ -7,6 +7,7 @@ Runs are written through the client with explicit ids, so nothing depends on a p
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -299,11 +300,12 @@ class Tracker:
             tags += [RunTag(f"{BEST_TAG_PREFIX}{k}", str(v)) for k, v in best.params.items()]
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
 
-    def log_bytes(self, run_id: str, artifact_path: str, data: bytes) -> None:
-        """A small artifact that replaces the one before whole: a reader (the UI) never sees
-        half of it."""
+    def log_files(self, run_id: str, files: Mapping[str, bytes]) -> None:
+        """Small artifacts (artifact path → content), each replacing the one before whole: a
+        reader (the UI) never sees half of one."""
         uri = self.client.get_run(run_id).info.artifact_uri
-        write_artifact(self.client, run_id, uri, artifact_path, lambda f: f.write(data))
+        for path, data in files.items():
+            write_artifact(self.client, run_id, uri, path, functools.partial(_write, data))
 
     # -- trial runs -----------------------------------------------------------------------------
 
@@ -472,6 +474,10 @@ class Tracker:
             filter_string=f"tags.`{ROLE_TAG}` = '{role}' and attributes.status = 'RUNNING'",
             max_results=10_000,
         )
+
+
+def _write(data: bytes, file: BinaryIO) -> None:
+    file.write(data)
 
 
 def flatten(prefix: str, value: Any) -> dict[str, str]:
