@@ -7,7 +7,7 @@ from optuna.trial import TrialState
 
 from tuner import report
 from tuner.bench import Packed, Row
-from tuner.ensemble import EnsembleReport, Member
+from tuner.ensemble import EnsembleReport, EnsembleRequest, Member, Scores
 from tuner.records import Outcome
 from tuner.study.status import Status
 from tuner.study.summary import Failure, RunSummary
@@ -55,13 +55,31 @@ def test_status_prints_the_counts_it_was_given() -> None:
     assert empty.endswith("no completed trials yet")
 
 
-def test_the_ensemble_report_shows_members_and_the_gain() -> None:
-    members = (Member(3, "run3", 0.61, 0.60), Member(1, "run1", 0.58, 0.62))
-    text = report.ensemble(EnsembleReport(5, members, 1000, 0.655, 1.2345, "ens"))
-    assert "ensemble of the top 2 on 1000 test images:" in text
-    assert "     3    0.6100    0.6000  run3" in text
-    assert "best member test accuracy 0.6200" in text
-    assert "gain over best member     +3.50 points" in text and "MLflow run ens" in text
+def test_the_ensemble_report_shows_members_weights_and_the_gain() -> None:
+    members = (
+        Member(3, "run3", 0.75, 0.61, 0.60, 0.62),
+        Member(1, "run1", 0.25, 0.58, 0.62, 0.63),
+    )
+    single = Member(0, "run0", 0.0, 0.63, 0.59, 0.60)
+    result = EnsembleReport(
+        EnsembleRequest(5, "greedy", tta="flip"), members, 12, 500, 1000,
+        val=Scores(0.66, 1.1), test=Scores(0.655, 1.2345), single=single,
+        single_val=Scores(0.63, 1.3), single_test=Scores(0.59, 1.4),
+        val_tta=Scores(0.67, 1.05), test_tta=Scores(0.665, 1.2),
+        single_test_tta=Scores(0.60, 1.35),
+        run_id="ens",
+    )  # fmt: skip
+    text = report.ensemble(result)
+    assert "greedy ensemble of 2 from 12 completed trials" in text
+    assert "     3   0.750   1.00    0.6100    0.6000    0.6200  run3" in text
+    assert (
+        "     0   0.000   1.00    0.6300    0.5900    0.6000  run0  (best single trial; not"
+        in text
+    )
+    assert "ensemble + flip               0.6700    1.0500    0.6650     1.2000" in text
+    assert "best single (trial 0)         0.6300    1.3000    0.5900     1.4000" in text
+    assert "gain over the best single trial: +6.50 points (+6.50 with flip on both)" in text
+    assert "MLflow run ens" in text
 
 
 def test_the_bench_table_has_a_row_per_measurement() -> None:

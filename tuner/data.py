@@ -277,6 +277,13 @@ class TrainVal:
     val: Split
     source: Path
 
+    def merged(self) -> TrainVal:
+        """Train on both, hold nothing out (a refit: the configuration is chosen already)."""
+        images = torch.cat([self.train.images, self.val.images])
+        labels = torch.cat([self.train.labels, self.val.labels])
+        empty = Split(images[:0], labels[:0])
+        return TrainVal(Split(images, labels), empty, self.source)
+
 
 def _to_split(images: np.ndarray, labels: np.ndarray, device: torch.device) -> Split:
     return Split(torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device))

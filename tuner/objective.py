@@ -24,23 +24,31 @@ from tuner.background import Drain
 from tuner.console import StepBar
 from tuner.data import TrainVal
 from tuner.devices import is_out_of_memory, release_memory
-from tuner.errors import StoreError
+from tuner.errors import StoreError, TunerError
 from tuner.interrupts import TrialTimeout
 from tuner.models import VGG, Architecture
 from tuner.pruning import decision_epochs
 from tuner.records import (
     ACCUMULATION_ATTR,
     BASELINE_ATTR,
+    CARRIED_ATTRS,
     DIVERGED,
     OUT_OF_MEMORY,
     PRUNED_AT_ATTR,
     REASON_ATTR,
     RECORDS,
+    REFIT_EPOCHS_ATTR,
+    REFIT_OF_ATTR,
+    REFIT_OF_RUN_ATTR,
+    REFIT_OF_RUN_TAG,
+    REFIT_OF_TAG,
     RETRY_OF_ATTR,
     RUN_ID_ATTR,
     TIMEOUT,
     Outcome,
+    Role,
     retry_origin,
+    trial_role,
 )
 from tuner.space import TrialParams, log10_twins, suggest
 from tuner.spec import StudySpec
@@ -78,6 +86,11 @@ class StudyContext:
     @property
     def device(self) -> torch.device:
         return self.data.train.images.device
+
+    @functools.cached_property
+    def refit(self) -> bool:
+        """Its trials are refits (trained on train + validation, nothing held out)."""
+        return trial_role(self.spec.name) is Role.REFIT
 
     @functools.cached_property
     def epochs(self) -> Drain:
@@ -154,7 +167,7 @@ class EpochRecord:
     run_id: str
     epoch: int
     metrics: Mapping[str, float]
-    val_acc: float  # what the pruner compares
+    value: float | None  # what the pruner compares (val_acc); None: nothing to report (a refit)
     pruned: Callable[[int], None] | None = None  # a decision epoch: told if the pruner says so
 
 
@@ -168,7 +181,8 @@ def write_epochs(tracker: Tracker, records: list[EpochRecord]) -> None:
     for run_id, epochs in by_run.items():
         tracker.log_epochs(run_id, epochs)
     for record in records:
-        record.trial.report(record.val_acc, record.epoch)
+        if record.value is not None:
+            record.trial.report(record.value, record.epoch)
         if record.pruned is not None and record.trial.should_prune():
             record.pruned(record.epoch)
 
@@ -262,7 +276,12 @@ class TrialRun:
 
     def __init__(self, ctx: StudyContext, trial: optuna.Trial) -> None:
         self.ctx, self.trial = ctx, trial
-        self.tag = f"[trial {trial.number}]"
+        self.refit_of: int | None = trial.user_attrs.get(REFIT_OF_ATTR)  # a refit: its source
+        self.tag = (
+            f"[trial {trial.number}]"
+            if self.refit_of is None
+            else f"[refit of trial {self.refit_of}]"
+        )
         self.params: TrialParams | None = None
         self.draw_error: Exception | None = None  # what drawing the point ahead raised
         self.accumulation = int(trial.user_attrs.get(ACCUMULATION_ATTR, 1))
@@ -277,6 +296,16 @@ class TrialRun:
     @property
     def run_id(self) -> str | None:
         return self.run.run_id if self.run is not None else None
+
+    @functools.cached_property
+    def spec(self) -> StudySpec:
+        """The study file as this trial trains it: a refit trains for the epochs it was queued
+        with."""
+        spec = self.ctx.spec
+        epochs = self.trial.user_attrs.get(REFIT_EPOCHS_ATTR)
+        if not self.ctx.refit or epochs is None:
+            return spec
+        return spec.model_copy(update={"train": spec.train.model_copy(update={"epochs": epochs})})
 
     def attempt(self) -> Ending:
         """Start and train; whatever happens is an `Ending` (see `ENDINGS`)."""
@@ -296,13 +325,15 @@ class TrialRun:
         ahead, on the recorder's thread, for a trial asked ahead: what it raises there is
         kept, and raised by `start`, where it is the trial's ending (`ENDINGS`)."""
         try:
-            self.params = suggest(self.trial, self.ctx.spec.space)
+            if self.ctx.refit and self.refit_of is None:
+                raise TunerError("no refit was queued for it (another worker took the last)")
+            self.params = suggest(self.trial, self.spec.space)
         except Exception as exc:
             self.draw_error = exc
 
     def start(self) -> None:
         """Draw the point (unless drawn ahead); the MLflow run; the first line on the console."""
-        spec, trial = self.ctx.spec, self.trial
+        spec, trial = self.spec, self.trial
         if self.params is None and self.draw_error is None:
             self.draw()
         if self.draw_error is not None:
@@ -317,18 +348,39 @@ class TrialRun:
         if self.accumulation > 1:
             micro = spec.train.batch_size // self.accumulation
             note += f" at batch {micro} × {self.accumulation} steps"
-        log.info(f"{self.tag} start: {params.describe()}{note}")
         drawn = {**params.as_dict(), **log10_twins(params, spec.space),
                  ACCUMULATION_ATTR: self.accumulation}  # fmt: skip
-        self.run = self.ctx.tracker.start_trial(
-            self.ctx.runs, spec.name, trial.number, drawn, spec.trial_settings(), label
-        )
+        if self.refit_of is not None:
+            self.run = self._start_refit(drawn, label, note)
+        else:
+            log.info(f"{self.tag} start: {params.describe()}{note}")
+            self.run = self.ctx.tracker.start_trial(
+                self.ctx.runs, spec.name, trial.number, drawn, spec.trial_settings(), label
+            )
         trial.set_user_attr(RUN_ID_ATTR, self.run.run_id)
 
+    def _start_refit(self, drawn: dict, label: str, note: str) -> TrialRunRef:
+        """A refit's run: role `refit`, named and tagged with the search trial it retrains."""
+        spec, source = self.spec, self.refit_of
+        epochs = spec.train.epochs
+        log.info(f"{self.tag} start ({epochs} epochs on train + validation): "
+                 f"{self.params.describe()}{note}")  # fmt: skip
+        tags = {REFIT_OF_TAG: str(source)}
+        origin = self.trial.user_attrs.get(REFIT_OF_RUN_ATTR)
+        if origin:
+            tags[REFIT_OF_RUN_TAG] = origin
+        drawn = {**drawn, REFIT_OF_ATTR: source}
+        return self.ctx.tracker.start_trial(
+            self.ctx.runs, spec.name, self.trial.number, drawn, spec.trial_settings(), label,
+            role=Role.REFIT, tags=tags, name=f"refit {source:04d} {label} ({epochs} ep)",
+        )  # fmt: skip
+
     def _train(self) -> TrainResult:
-        spec, device = self.ctx.spec, self.ctx.device
-        # each trial gets its own seed: same study seed and trial number, same run
-        seed = spec.seed * 100_003 + self.trial.number
+        spec, device = self.spec, self.ctx.device
+        # each trial gets its own seed: same study seed and trial number, same run (a refit
+        # starts from the weights its search trial started from)
+        number = self.refit_of if self.refit_of is not None else self.trial.number
+        seed = spec.seed * 100_003 + number
         model = VGG(self.architecture, seed=seed).to(device)
         config = train_config(
             spec,
@@ -356,7 +408,7 @@ class TrialRun:
     @property
     def architecture(self) -> Architecture:
         p = self.params
-        return Architecture(p.depth, p.batch_norm, p.dropout, self.ctx.spec.train.width)
+        return Architecture(p.depth, p.batch_norm, p.dropout, self.spec.train.width)
 
     def on_epoch(self, stats: EpochStats) -> None:
         """The console; MLflow and Optuna through the epoch writer, which also asks the pruner
@@ -371,15 +423,16 @@ class TrialRun:
                 self.deciding = False
             self.stop_if_pruned()
             self.epochs = stats.epoch
-            self.val_accs.append(stats.val_acc)
-            decide = stats.epoch in self.ctx.decisions
+            if stats.val_acc is not None:
+                self.val_accs.append(stats.val_acc)
+            decide = stats.epoch in self.ctx.decisions and not self.ctx.refit
             assert self.run is not None
             record = EpochRecord(self.trial, self.run.run_id, stats.epoch, stats.metrics(),
                                  stats.val_acc, self._pruned if decide else None)  # fmt: skip
             writer.put(record)
-            log.info(f"{self.tag} {describe_epoch(stats, self.ctx.spec.train.epochs)}")
+            log.info(f"{self.tag} {describe_epoch(stats, self.spec.train.epochs)}")
             self.deciding = decide
-            if decide and stats.epoch == self.ctx.spec.train.epochs:
+            if decide and stats.epoch == self.spec.train.epochs:
                 writer.flush()  # the last epoch: nothing to train meanwhile
                 self.stop_if_pruned()
 
@@ -401,7 +454,9 @@ class TrialRun:
         if ending.result is not None:
             try:
                 self.weights_sha256 = self._save(ending.result)
-                value = ending.result.history[-1].val_acc
+                last = ending.result.history[-1]
+                # a refit has no validation images: its value is its last training loss
+                value = last.train_loss if self.ctx.refit else last.val_acc
             except Exception as exc:
                 if not _is_store_error(exc):
                     raise
@@ -453,7 +508,8 @@ class TrialRun:
         retried += self._requeue() if ending.requeue else ""
         trial.study.tell(trial, value, state=RECORDS[outcome].optuna)
         progress = self.ctx.progress(trial.study)
-        log.info(f"{self.tag} {_console(ending, value, self.epochs)}{retried}{progress}")
+        said = _console(ending, value, self.epochs, self.ctx.refit)
+        log.info(f"{self.tag} {said}{retried}{progress}")
 
     def _end_run(self, ending: Ending, value: float | None) -> None:
         if self.run is None:
@@ -462,7 +518,7 @@ class TrialRun:
         self.ctx.tracker.end_trial(
             self.run.run_id,
             ending.outcome,
-            value=value,
+            value=None if self.ctx.refit else value,  # `final_val_acc`
             epochs=self.epochs,
             reason=tag and tag[:REASON_CHARS],
             details=ending.details,
@@ -476,6 +532,9 @@ class TrialRun:
         (what Optuna holds: the value of a completed trial, the last value a pruned or
         diverged one reported; none for a failed one), `best_val_acc` and `epochs_trained`.
         A pruned trial has no `final_val_acc`: on that axis alone it would be drawn best."""
+        if self.ctx.refit:
+            refit = {"epochs_trained": float(self.epochs)}
+            return refit | ({"final_train_loss": value} if value is not None else {})
         metrics = {"epochs_trained": float(len(self.val_accs))}
         finite = [v for v in self.val_accs if math.isfinite(v)]
         if finite:
@@ -490,28 +549,39 @@ class TrialRun:
         """Queue the same parameters once more, as they were (the trial was lost to a store)."""
         self.trial.study.enqueue_trial(
             self.trial.params,
-            user_attrs={ACCUMULATION_ATTR: self.accumulation, RETRY_OF_ATTR: self.trial.number},
+            user_attrs={
+                **self._carried(),
+                ACCUMULATION_ATTR: self.accumulation,
+                RETRY_OF_ATTR: self.trial.number,
+            },  # fmt: skip
             skip_if_exists=False,
         )
         return "; queued again (not counted against the budget)"
 
+    def _carried(self) -> dict[str, object]:
+        """What a retry keeps of this trial: its baseline name, what it refits."""
+        attrs = self.trial.user_attrs
+        return {k: attrs[k] for k in CARRIED_ATTRS if k in attrs}
+
     def _save(self, result: TrainResult) -> str:
         """The trial's weights, architecture and predictions; the weights' SHA-256."""
         assert self.run is not None
-        labels = self.ctx.data.val.labels.cpu().numpy()
-        outputs = TrialOutputs(result.state_dict, self.architecture, result.val_probs, labels)
+        labels = self.ctx.data.val.labels.cpu().numpy() if not self.ctx.refit else None
+        probs = result.val_probs if not self.ctx.refit else None
+        outputs = TrialOutputs(result.state_dict, self.architecture, probs, labels)
         return self.ctx.tracker.save_trial_outputs(self.run, outputs)
 
     def _retry_smaller(self) -> str:
         """Queue the same parameters once more at half the batch, two micro-batches per step."""
         release_memory(self.ctx.device)  # the failed step's tensors died with its traceback
-        limits, batch = self.ctx.spec.limits, self.ctx.spec.train.batch_size
+        limits, batch = self.spec.limits, self.spec.train.batch_size
         micro = batch // (2 * self.accumulation)
         if not limits.retry_out_of_memory or self.accumulation > 1 or micro < 1:
             return "; not retried"
         self.trial.study.enqueue_trial(
             self.trial.params,
             user_attrs={
+                **self._carried(),
                 ACCUMULATION_ATTR: 2 * self.accumulation,
                 RETRY_OF_ATTR: self.trial.number,
             },
@@ -537,8 +607,10 @@ class TrialRun:
             self._end_run(Ending(Outcome.FAILED, TIMEOUT, why), None)
 
 
-def _console(ending: Ending, value: float | None, epochs: int) -> str:
+def _console(ending: Ending, value: float | None, epochs: int, refit: bool = False) -> str:
     word = RECORDS[ending.outcome].word
+    if ending.outcome is Outcome.COMPLETE and refit:
+        return f"{word}: train_loss {value:.4f}"  # nothing held out to score it on
     if ending.outcome is Outcome.COMPLETE:
         return f"{word}: val_acc {value:.4f}"
     if ending.outcome is Outcome.PRUNED:
@@ -568,8 +640,12 @@ def describe_epoch(stats: EpochStats, epochs: int) -> str:
         if stats.first_step_seconds is not None and stats.first_step_seconds >= 1
         else ""
     )
-    return (
-        f"epoch {stats.epoch}/{epochs}  train_loss {stats.train_loss:.3f}"
+    val = (
         f"  val_loss {stats.val_loss:.3f}  val_acc {stats.val_acc:.4f}"
+        if stats.val_loss is not None and stats.val_acc is not None
+        else ""
+    )
+    return (
+        f"epoch {stats.epoch}/{epochs}  train_loss {stats.train_loss:.3f}{val}"
         f"  ({stats.seconds:.1f} s{warmup})"
     )

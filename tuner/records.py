@@ -103,6 +103,12 @@ PRUNED_AT_ATTR = "pruned_at_epoch"
 BASELINE_ATTR = "baseline"  # a trial enqueued from the study file's `baselines`: its name
 SETTINGS_ATTR = "settings_sha256"  # the fixed settings the trial trained with (see SETTINGS_KEYS)
 SAMPLER_SEED_ATTR = "sampler_seed"  # the seed of the sampler that drew the trial's point
+# a refit (in the study's refit study): the search trial it retrains, and for how many epochs
+REFIT_OF_ATTR = "refit_of"
+REFIT_EPOCHS_ATTR = "refit_epochs"
+REFIT_OF_RUN_ATTR = "refit_of_run"  # the search trial's MLflow run
+# what a trial queued again (a retry) keeps of the one it repeats
+CARRIED_ATTRS = (BASELINE_ATTR, REFIT_OF_ATTR, REFIT_EPOCHS_ATTR, REFIT_OF_RUN_ATTR)
 # system attributes Optuna's heartbeat retry sets (RetryHeartbeatStaleTrialCallback)
 HEARTBEAT_RETRY_OF = "failed_trial"
 HEARTBEAT_RETRY_HISTORY = "retry_history"
@@ -114,6 +120,9 @@ SPEC_ATTR = "spec_sha256"
 SPEC_JSON_ATTR = "spec"  # the resolved study file the study was created with: its contract
 SETTINGS_PREFIX = "settings:"  # + a SETTINGS_ATTR value: the fixed settings it stands for
 OBJECTIVE_ATTR = "objective"
+# the refits of study NAME are the trials of the Optuna study NAME + REFIT_SUFFIX, in the same
+# storage: their own sampler and budget, none of the search's ranking, pruning or counts
+REFIT_SUFFIX = ".refit"
 
 # -- MLflow trial run parameters and metrics, besides the drawn point and the settings ----------
 STATE_PARAM = "state"  # the outcome's word: parallel coordinates and filters can use it
@@ -125,7 +134,7 @@ SUMMARY_METRICS = ("objective", "best_val_acc", "epochs_trained")  # every trial
 # runs, where it would open a GenAI one (or one it cannot tell) on traces
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
-ROLE_TAG = "tuner.role"  # study | trial | ensemble
+ROLE_TAG = "tuner.role"  # study | trial | refit | ensemble
 STATE_TAG = "tuner.state"  # an outcome's word (trial runs)
 REASON_TAG = "tuner.fail_reason"
 PRUNED_AT_TAG = "tuner.pruned_at_epoch"
@@ -140,12 +149,20 @@ VERSION_TAG = "tuner.version"  # provenance, on every run
 TORCH_VERSION_TAG = "torch.version"
 GIT_COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own tag: the UI links it
 PROCESS_TAG = "tuner.process"  # host:pid that writes a run outside trials (an ensemble)
+REFIT_OF_TAG = "tuner.refit_of"  # a refit run: the number of the search trial it retrains
+REFIT_OF_RUN_TAG = "tuner.refit_of_run"  # and that trial's run
 
 
 class Role(enum.StrEnum):
     STUDY = "study"
     TRIAL = "trial"
+    REFIT = "refit"  # a search trial's configuration retrained on train + validation
     ENSEMBLE = "ensemble"
+
+
+def trial_role(study_name: str) -> Role:
+    """What the trials of the Optuna study `study_name` are: search trials, or refits."""
+    return Role.REFIT if study_name.endswith(REFIT_SUFFIX) else Role.TRIAL
 
 
 def worker_id(pid: int | None = None) -> str:

@@ -11,9 +11,11 @@ if TYPE_CHECKING:
 
     from tuner.bench import Packed, Row
     from tuner.ensemble import EnsembleReport
+    from tuner.ensemble_bench import EnsembleBenchConfig, SeedRow
     from tuner.overhead import OverheadConfig, OverheadRow, Reference
     from tuner.stores import Stores
     from tuner.study.page import Written
+    from tuner.study.session import RefitSummary
     from tuner.study.setup import Created
     from tuner.study.status import Status
     from tuner.study.summary import RunSummary
@@ -42,7 +44,7 @@ def report_written(written: Written) -> str:
     )
 
 
-def run_summary(name: str, summary: RunSummary) -> str:
+def run_summary(name: str, summary: RunSummary, hints: bool = True) -> str:
     ran = ", ".join(f"{n} {RECORDS[o].word}" for o, n in sorted(summary.ran.items()))
     lines = [f"\nran {ran or 'no trials'} in {summary.seconds:.1f} s"]
     for f in summary.failures:
@@ -62,6 +64,8 @@ def run_summary(name: str, summary: RunSummary) -> str:
                      "the next `study run`")  # fmt: skip
     if summary.workers:
         lines.append("workers: " + "; ".join(summary.workers))
+    if not hints:  # a refit's: its best is not the study's
+        return "\n".join(lines)
     if summary.best is not None:
         lines.append(f"best so far: trial {summary.best.number}, val_acc {summary.best.value:.4f}")
     see = [f"tuner study status {name}", f"tuner report {name}", f"tuner ui {name}"]
@@ -131,17 +135,109 @@ def status_json(name: str, result: Status, where: str) -> str:
 def ensemble(result: EnsembleReport) -> str:
     from tuner.ensemble import member_table
 
-    return "\n".join(
-        [
-            f"\nensemble of the top {len(result.members)} on {result.test_images} test images:",
-            member_table(result.members),
-            f"\n{'ensemble test accuracy':<26}{result.accuracy:.4f}",
-            f"{'ensemble test log-loss':<26}{result.log_loss:.4f}",
-            f"{'best member test accuracy':<26}{result.best_member_accuracy:.4f}",
-            f"{'gain over best member':<26}{result.gain * 100:+.2f} points",
-            f"logged as MLflow run {result.run_id}",
-        ]
+    r = result.request
+    source = "refits of the " if r.source == "refit" else ""
+    chosen = (
+        "weights by greedy selection on the validation log-loss"
+        if r.method == "greedy"
+        else "the top by validation accuracy, equal weights"
     )
+    temps = ", a temperature fitted per member" if r.temperature else ""
+    lines = [
+        f"\n{r.method} ensemble of {len(result.members)} from {result.candidates} "
+        f"{source}completed trials ({chosen}{temps}):",
+        member_table(result),
+        "",
+        f"{'':<28}{'val_acc':>8}  {'val_loss':>8}  {'test_acc':>8}  {'test_loss':>9}",
+    ]
+
+    def row(label: str, val: Any, test: Any) -> str:
+        v = f"{'–':>8}  {'–':>8}"
+        if val is not None:
+            v = f"{val.accuracy:>8.4f}  {val.log_loss:>8.4f}"
+        return f"{label:<28}{v}  {test.accuracy:>8.4f}  {test.log_loss:>9.4f}"
+
+    single = result.single
+    lines.append(row("ensemble", result.val, result.test))
+    if result.test_tta is not None:
+        lines.append(row("ensemble + flip", result.val_tta, result.test_tta))
+    lines.append(row(f"best single (trial {single.trial_number})", result.single_val,
+                     result.single_test))  # fmt: skip
+    if result.single_test_tta is not None:
+        lines.append(row("best single + flip", None, result.single_test_tta))
+    gain = f"{result.gain * 100:+.2f} points"
+    if result.test_tta is not None and result.single_test_tta is not None:
+        flip = result.test_tta.accuracy - result.single_test_tta.accuracy
+        gain += f" ({flip * 100:+.2f} with flip on both)"
+    lines += [
+        f"gain over the best single trial: {gain}, on {result.test_images} test images",
+        f"(validation scores are on the {result.val_images} images the weights were chosen on: "
+        "optimistic" + ("; of the search trials refitted)" if r.source == "refit" else ")"),
+        f"logged as MLflow run {result.run_id}",
+    ]
+    return "\n".join(lines)
+
+
+def ensemble_bench(rows: list[SeedRow], cfg: EnsembleBenchConfig) -> str:
+    """One line per seed, then the mean and spread of each column; greedy against average."""
+    from tuner.devices import describe
+    from tuner.ensemble_bench import mean_and_spread
+
+    columns = [
+        ("single", "best single"),
+        ("single_flip", "+flip"),
+        ("average", f"top-{cfg.top} avg"),
+        ("average_flip", "+flip"),
+        ("greedy", "greedy"),
+        ("greedy_flip", "+flip"),
+    ]
+    head = f"{'seed':>6}  {'trials':>6}  " + "  ".join(f"{t:>11}" for _, t in columns)
+    lines = [
+        f"\nensemble selection: {len(rows)} studies of {cfg.trials} trials of {cfg.study!r} "
+        f"({cfg.epochs} epochs, width {cfg.width}, batch {cfg.batch_size}) on "
+        f"{describe(cfg.device)}",
+        f"test accuracy on {rows[0].test_images} test images; members and weights chosen on "
+        f"{cfg.val_size} validation images",
+        "",
+        head + f"  {'study s':>8}  greedy members:weights",
+    ]
+    for r in rows:
+        cells = "  ".join(f"{getattr(r, key):>11.4f}" for key, _ in columns)
+        lines.append(f"{r.seed:>6}  {r.completed:>6}  {cells}  {r.study_seconds:>8.0f}  "
+                     f"{r.greedy_weights}")  # fmt: skip
+    stats = {key: mean_and_spread([getattr(r, key) for r in rows]) for key, _ in columns}
+    lines.append(
+        f"{'mean':>6}  {'':>6}  " + "  ".join(f"{stats[k][0]:>11.4f}" for k, _ in columns)
+    )
+    lines.append(
+        f"{'± sd':>6}  {'':>6}  " + "  ".join(f"{stats[k][1]:>11.4f}" for k, _ in columns)
+    )
+    for plain in ("greedy", "greedy_flip"):
+        other = plain.replace("greedy", "average")
+        diffs = [getattr(r, plain) - getattr(r, other) for r in rows]
+        wins = sum(d > 0 for d in diffs), sum(d == 0 for d in diffs), sum(d < 0 for d in diffs)
+        mean, spread = mean_and_spread(diffs)
+        flip = " with flip" if plain.endswith("flip") else ""
+        lines.append(f"greedy − average{flip}: {mean * 100:+.2f} ± {spread * 100:.2f} points "
+                     f"(wins/ties/losses {wins[0]}/{wins[1]}/{wins[2]})")  # fmt: skip
+    gain, spread = mean_and_spread([r.greedy - r.single for r in rows])
+    lines.append(f"greedy − best single: {gain * 100:+.2f} ± {spread * 100:.2f} points")
+    return "\n".join(lines)
+
+
+def refit_summary(name: str, summary: RefitSummary, top: int) -> str:
+    """What `tuner refit` ran, and every refit the study has now."""
+    ran = summary.run
+    lines = [run_summary(name, ran, hints=False).rstrip()] if ran.ran else ["\nno refit to run"]
+    if summary.refits:
+        lines.append(f"refits of {name!r} (trained on train + validation):")
+        lines += [
+            f"  trial {source:>4}: {refit.epochs} epochs, MLflow run {refit.run_id}"
+            for source, refit in sorted(summary.refits.items())
+        ]
+        k = min(top, len(summary.refits))
+        lines.append(f"see: tuner ensemble {name} --from refit --top {k}")
+    return "\n".join(lines)
 
 
 def bench(

@@ -140,6 +140,14 @@ class NoPrunerSpec(_Frozen):
     type: Literal["none"]
 
 
+class RefitSpec(_Frozen):
+    """`tuner refit`'s defaults: how many of the best configurations to train again on train +
+    validation, and for how many epochs (None: the search's `train.epochs`)."""
+
+    top: PosInt = 5
+    epochs: PosInt | None = None
+
+
 class BaselineSpec(_Frozen):
     """A fixed point of the space, tried before the sampler draws any: a known-good recipe
     the study must beat, or a known failure the study should show."""
@@ -199,6 +207,7 @@ class StudySpec(_Frozen):
     pruner: PrunerSpec = HyperbandPrunerSpec(type="hyperband")
     limits: LimitsSpec = LimitsSpec()
     baselines: tuple[BaselineSpec, ...] = ()  # enqueued as the study's first trials
+    refit: RefitSpec = RefitSpec()
     _source: str = PrivateAttr(default="")  # the file it was read from, for messages
 
     @model_validator(mode="after")

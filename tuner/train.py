@@ -51,8 +51,8 @@ class TrainConfig:
 class EpochStats:
     epoch: int  # 1-based
     train_loss: float
-    val_loss: float
-    val_acc: float
+    val_loss: float | None  # None: no validation images (a refit trains on them)
+    val_acc: float | None
     lr: float  # at the end of the epoch
     seconds: float  # wall time of the epoch's training and validation
     first_step_seconds: float | None = None  # epoch 1 only: includes compiling, when on
@@ -60,11 +60,11 @@ class EpochStats:
     def metrics(self) -> dict[str, float]:
         metrics = {
             "train_loss": self.train_loss,
-            "val_loss": self.val_loss,
-            "val_acc": self.val_acc,
             "lr_schedule": self.lr,  # where the schedule is (params.lr: its peak)
             "epoch_seconds": self.seconds,
         }
+        if self.val_loss is not None and self.val_acc is not None:
+            metrics |= {"val_loss": self.val_loss, "val_acc": self.val_acc}
         if self.first_step_seconds is not None:
             metrics["first_step_seconds"] = self.first_step_seconds
         return metrics
@@ -73,7 +73,7 @@ class EpochStats:
 @dataclass(frozen=True)
 class TrainResult:
     history: tuple[EpochStats, ...]
-    val_probs: np.ndarray  # N×10 softmax outputs on the validation split, after the last epoch
+    val_probs: np.ndarray  # N×10 softmax on the validation split after the last epoch (N may be 0)
     state_dict: dict[str, torch.Tensor]  # on the CPU, ready to save
 
 
@@ -206,14 +206,16 @@ def train(
     )
     step_fn = step_function(device, cfg.compile)
     history: list[EpochStats] = []
-    probs = torch.empty(0)
+    probs = torch.empty(0, 10)
     for epoch in range(1, cfg.epochs + 1):
         started = time.perf_counter()
         train_loss, first_step = _train_epoch(
             model, data.train, cfg, optimizer, schedule, generator, epoch, step_fn, between_steps
         )
-        probs = predict(model, data.val.images, cfg.batch_size * 2)
-        val_loss, val_acc = _score(probs, data.val)
+        val_loss = val_acc = None
+        if len(data.val):
+            probs = predict(model, data.val.images, cfg.batch_size * 2)
+            val_loss, val_acc = _score(probs, data.val)
         synchronize(device)
         stats = EpochStats(
             epoch=epoch,

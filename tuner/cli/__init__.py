@@ -60,6 +60,65 @@ def create(name: str, allow_changed_settings: bool, stores: Any) -> None:
     click.echo(report.created(spec.name, made, stores))
 
 
+WORKER_OPTIONS = [
+    click.option(
+        "--timeout",
+        type=click.FloatRange(min=0, min_open=True),
+        default=None,
+        help="Start no trial after this many seconds (limits.trial_timeout cuts one short).",
+    ),
+    click.option(
+        "--jobs",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Worker processes on the --device (several trials at once) [default 1].",
+    ),
+    click.option(
+        "--gpus",
+        default=None,
+        help="GPUs to use, as CUDA indices (0,1) or 'all'; one or more workers on each.",
+    ),
+    click.option(
+        "--jobs-per-gpu",
+        type=click.IntRange(min=1),
+        default=1,
+        show_default=True,
+        help="Worker processes per GPU given in --gpus (small models leave a GPU idle alone).",
+    ),
+]
+
+
+def worker_options(command: Any) -> Any:
+    for option in reversed(WORKER_OPTIONS):
+        command = option(command)
+    return command
+
+
+def run_request(
+    trials: int | None,
+    timeout: float | None,
+    jobs: int | None,
+    gpus: str | None,
+    jobs_per_gpu: int,
+    allow_changed_settings: bool,
+    data_dir: Path,
+    device: Any,
+) -> Any:
+    """Where and how long the workers run, as `--gpus`/`--jobs`/`--timeout` said."""
+    from tuner.study.session import RunRequest
+
+    if gpus is not None and jobs is not None:
+        raise click.UsageError("--jobs counts workers on --device; with --gpus use --jobs-per-gpu")
+    return RunRequest(
+        devices=tuple(devices.gpus(gpus)) if gpus is not None else (device,),
+        jobs_per_device=jobs_per_gpu if gpus is not None else (jobs or 1),
+        trials=trials,
+        timeout=timeout,
+        data_dir=data_dir,
+        allow_changed_settings=allow_changed_settings,
+    )
+
+
 @study.command("run")
 @click.argument("name")
 @click.option(
@@ -68,30 +127,7 @@ def create(name: str, allow_changed_settings: bool, stores: Any) -> None:
     default=None,
     help="Run until this many more trials have finished [default: the file's trials].",
 )
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=None,
-    help="Start no trial after this many seconds (limits.trial_timeout cuts one short).",
-)
-@click.option(
-    "--jobs",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Worker processes on the --device (several trials at once) [default 1].",
-)
-@click.option(
-    "--gpus",
-    default=None,
-    help="GPUs to use, as CUDA indices (0,1) or 'all'; one or more workers on each.",
-)
-@click.option(
-    "--jobs-per-gpu",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Worker processes per GPU given in --gpus (small models leave a GPU idle alone).",
-)
+@worker_options
 @ALLOW_CHANGED
 @store_options
 @data_options
@@ -108,23 +144,63 @@ def run(
     device: Any,
 ) -> None:
     """Run trials of a study (continuing it if it has some), pruning hopeless ones early."""
-    from tuner.study.session import RunRequest, run_study
+    from tuner.study.session import run_study
 
     spec = spec_module.load(name)
-    if gpus is not None and jobs is not None:
-        raise click.UsageError("--jobs counts workers on --device; with --gpus use --jobs-per-gpu")
-    request = RunRequest(
-        devices=tuple(devices.gpus(gpus)) if gpus is not None else (device,),
-        jobs_per_device=jobs_per_gpu if gpus is not None else (jobs or 1),
-        trials=trials,
-        timeout=timeout,
-        data_dir=data_dir,
-        allow_changed_settings=allow_changed_settings,
-    )
+    request = run_request(trials, timeout, jobs, gpus, jobs_per_gpu, allow_changed_settings,
+                          data_dir, device)  # fmt: skip
     summary = run_study(spec, stores, request)
     click.echo(report.run_summary(name, summary))
     if summary.nothing_finished:
         raise TunerError("no trial of this run finished: each failed or diverged (reasons above)")
+
+
+@cli.command("refit")
+@click.argument("name")
+@click.option(
+    "--top",
+    "k",
+    type=click.IntRange(min=1),
+    default=None,
+    help="How many of the best completed trials to train again [default: the file's refit.top].",
+)
+@click.option(
+    "--epochs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Epochs of each refit [default: the file's refit.epochs, else train.epochs].",
+)
+@worker_options
+@ALLOW_CHANGED
+@store_options
+@data_options
+def refit(
+    name: str,
+    k: int | None,
+    epochs: int | None,
+    timeout: float | None,
+    jobs: int | None,
+    gpus: str | None,
+    jobs_per_gpu: int,
+    allow_changed_settings: bool,
+    stores: Any,
+    data_dir: Path,
+    device: Any,
+) -> None:
+    """Train the best configurations again on train + validation, as nested runs tagged
+    refit (a refit done already is not repeated); `tuner ensemble NAME --from refit` uses
+    them."""
+    from tuner.study.session import run_refit
+
+    spec = spec_module.load(name)
+    request = run_request(None, timeout, jobs, gpus, jobs_per_gpu, allow_changed_settings,
+                          data_dir, device)  # fmt: skip
+    k = k if k is not None else spec.refit.top
+    epochs = epochs or spec.refit.epochs or spec.train.epochs
+    summary = run_refit(spec, stores, request, k, epochs)
+    click.echo(report.refit_summary(name, summary, k))
+    if summary.run.nothing_finished:
+        raise TunerError("no refit of this run finished: each failed or diverged (reasons above)")
 
 
 @study.command("status")
@@ -187,16 +263,57 @@ def watch_status(show: Any, seconds: float, rounds: int | None = None) -> None:
     type=click.IntRange(min=1),
     default=5,
     show_default=True,
-    help="How many of the best completed trials to average.",
+    help="At most this many distinct members.",
+)
+@click.option(
+    "--method",
+    type=click.Choice(["greedy", "average"]),
+    default="greedy",
+    show_default=True,
+    help="greedy: forward selection with replacement on the validation log-loss over every "
+    "completed trial (members and weights); average: the top K by validation accuracy.",
+)
+@click.option(
+    "--from",
+    "source",
+    type=click.Choice(["search", "refit"]),
+    default="search",
+    show_default=True,
+    help="The search trials' weights, or their refits' (`tuner refit`).",
+)
+@click.option(
+    "--tta",
+    type=click.Choice(["none", "flip"]),
+    default="none",
+    show_default=True,
+    help="flip: also score each image mirrored, and average; shown beside the plain scores.",
+)
+@click.option(
+    "--temperature",
+    is_flag=True,
+    help="Fit a temperature per member on the validation images before choosing.",
 )
 @store_options
 @data_options
-def ensemble(name: str, k: int, stores: Any, data_dir: Path, device: Any) -> None:
-    """Score the top-K trials together on the CIFAR-10 test split and log it to MLflow."""
-    from tuner.ensemble import evaluate_top
+def ensemble(
+    name: str,
+    k: int,
+    method: str,
+    source: str,
+    tta: str,
+    temperature: bool,
+    stores: Any,
+    data_dir: Path,
+    device: Any,
+) -> None:
+    """Choose members and weights on the validation images, score them together on the
+    CIFAR-10 test split against the best single trial, and log it to MLflow."""
+    from tuner.ensemble import EnsembleRequest, evaluate
 
     spec = spec_module.load(name)
-    click.echo(report.ensemble(evaluate_top(spec, stores, k=k, data_dir=data_dir, device=device)))
+    request = EnsembleRequest(k, method, source, tta, temperature)  # type: ignore[arg-type]
+    result = evaluate(spec, stores, request, data_dir=data_dir, device=device)
+    click.echo(report.ensemble(result))
 
 
 @cli.command("report")
@@ -303,6 +420,83 @@ def overhead(sizes: str, trials: int, asks: int, epoch_seconds: float, keep: str
     click.echo(report.overhead(rows, reference, cfg))
 
 
+@bench.command("ensembles")
+@click.option(
+    "--study",
+    "study_file",
+    default="vgg-cifar",
+    show_default=True,
+    help="The study file whose space, baselines, sampler and pruner are searched.",
+)
+@click.option("--seeds", default="0,1,2", show_default=True, help="One whole study per seed.")
+@click.option("--trials", type=click.IntRange(min=2), default=24, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=6, show_default=True)
+@click.option(
+    "--width",
+    type=click.FloatRange(0, 4, min_open=True),
+    default=0.25,
+    show_default=True,
+    help="Channel multiplier of every network.",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--top", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--val-size", type=click.IntRange(min=10), default=1000, show_default=True)
+@click.option(
+    "--train-size",
+    type=click.IntRange(min=10),
+    default=None,
+    help="[default: every training image the validation split leaves]",
+)
+@click.option(
+    "--test-size",
+    type=click.IntRange(min=10),
+    default=None,
+    help="[default: the whole test split]",
+)
+@click.option(
+    "--keep",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Keep the studies' stores in this folder (default: a temporary one).",
+)
+@data_options
+def ensembles(
+    study_file: str,
+    seeds: str,
+    trials: int,
+    epochs: int,
+    width: float,
+    batch_size: int,
+    top: int,
+    val_size: int,
+    train_size: int | None,
+    test_size: int | None,
+    keep: str | None,
+    data_dir: Path,
+    device: Any,
+) -> None:
+    """Greedy ensemble selection against the top-K average against the best single trial,
+    with and without flip TTA, over whole studies of several seeds (mean and spread)."""
+    from tuner.ensemble_bench import EnsembleBenchConfig, run_ensemble_bench
+
+    cfg = EnsembleBenchConfig(
+        study=study_file,
+        seeds=parse_counts(seeds, zero=True),
+        trials=trials,
+        epochs=epochs,
+        width=width,
+        batch_size=batch_size,
+        top=top,
+        val_size=val_size,
+        train_size=train_size,
+        test_size=test_size,
+        device=device,
+        folder=Path(keep).expanduser() if keep else None,
+    )
+    rows = run_ensemble_bench(cfg, data_dir)
+    click.echo(report.ensemble_bench(rows, cfg))
+
+
 @cli.command("ui")
 @click.option(
     "--host",
@@ -330,6 +524,8 @@ def ui(
 STOPPED = {
     "study run": "a trial that was running is recorded as failed ({reason}) and its MLflow run "
     "as KILLED; run the same command again to continue the study",
+    "refit": "a refit that was running is recorded as failed ({reason}) and its MLflow run as "
+    "KILLED; run the same command again to finish the refits",
     "ensemble": "no ensemble was recorded (a run it had started is closed as KILLED); run the "
     "same command again",
 }

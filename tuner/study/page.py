@@ -41,6 +41,8 @@ from tuner.study.setup import open_study, study_runs
 from tuner.study.summary import counts, ranked
 
 if TYPE_CHECKING:
+    from mlflow.entities import Run
+
     from tuner.stores import Stores
     from tuner.tracking import Tracker
 
@@ -77,10 +79,11 @@ class Importance:
 @dataclass(frozen=True)
 class Ensemble:
     run_id: str
-    name: str
+    name: str  # `ensemble-greedy-top5-flip`: how it was chosen
     test_acc: float
-    best_member_test_acc: float | None
-    members: str
+    test_acc_flip: float | None
+    best_single_test_acc: float | None  # the trial with the best validation accuracy, alone
+    members: str  # `12:0.40 3:0.20` (trial:weight), or the trial numbers of an older run
 
 
 @dataclass(frozen=True)
@@ -198,6 +201,24 @@ def _examples(numbers: list[int], by: dict[int, Row], shown: int = 5) -> str:
     return listed + (f"; and {len(numbers) - shown} more" if len(numbers) > shown else "")
 
 
+def _ensemble(run: Run) -> Ensemble:
+    metrics, params = run.data.metrics, run.data.params
+    numbers = params.get("trial_numbers", "")
+    weights = params.get("weights")
+    members = numbers.replace(",", " ")
+    if weights:
+        pairs = zip(numbers.split(","), weights.split(","), strict=False)
+        members = " ".join(f"{n}:{float(w):.2f}" for n, w in pairs)
+    return Ensemble(
+        run.info.run_id,
+        run.info.run_name or run.info.run_id,
+        metrics.get("test_acc", float("nan")),
+        metrics.get("test_acc_flip"),
+        metrics.get("best_single_test_acc", metrics.get("best_member_test_acc")),
+        members,
+    )
+
+
 def gather(spec: StudySpec, stores: Stores, tracker: Tracker, top: int = 10) -> Page:
     """Everything the page shows, read from the stores."""
     import importlib.metadata
@@ -223,16 +244,7 @@ def gather(spec: StudySpec, stores: Stores, tracker: Tracker, top: int = 10) -> 
         baselines=tuple(_row(t) for t in trials if BASELINE_ATTR in t.user_attrs),
         importances=importances(study, spec.seed),
         failures=failure_modes([t for t in trials if t.state != TrialState.WAITING]),
-        ensembles=tuple(
-            Ensemble(
-                r.info.run_id,
-                r.info.run_name or r.info.run_id,
-                r.data.metrics.get("test_acc", float("nan")),
-                r.data.metrics.get("best_member_test_acc"),
-                r.data.params.get("trial_numbers", ""),
-            )
-            for r in ensembles
-        ),
+        ensembles=tuple(_ensemble(r) for r in ensembles),
         pictures=tuple(pictures(study)),
         provenance={
             "tuner": tags.get(VERSION_TAG, "?"),
@@ -294,12 +306,16 @@ def _sections(page: Page) -> list[tuple[str, list[str], list[list[str]] | None]]
         sections.append(("What mattered", note, rows))
     sections.append(("Failure modes seen", list(page.failures) or ["None."], None))
     if page.ensembles:
-        rows = [["run", "test accuracy", "best member", "gain", "members (trials)"]]
+        rows = [["run", "test accuracy", "with flip", "best single trial", "gain",
+                 "members (trial:weight)"]]  # fmt: skip
         for e in page.ensembles:
-            gain = None if e.best_member_test_acc is None else e.test_acc - e.best_member_test_acc
-            rows.append([e.name, _num(e.test_acc), _num(e.best_member_test_acc),
+            gain = None if e.best_single_test_acc is None else e.test_acc - e.best_single_test_acc
+            rows.append([e.name, _num(e.test_acc), _num(e.test_acc_flip),
+                         _num(e.best_single_test_acc),
                          "–" if gain is None else f"{gain:+.4f}", e.members])  # fmt: skip
-        sections.append(("Ensembles", [], rows))
+        note = ["Best single trial: the one with the best validation accuracy, on the same test "
+                "images. Members and weights were chosen on the validation images."]  # fmt: skip
+        sections.append(("Ensembles", note, rows))
     else:
         k = max(2, min(5, len(page.best)))
         hint = f"None yet: `tuner ensemble {page.name} --top {k}`."

@@ -22,6 +22,7 @@ from tuner.records import (
     WORKER_DIED,
     Outcome,
     Role,
+    trial_role,
     worker_alive,
     worker_id,
 )
@@ -115,7 +116,8 @@ def _reconcile_trial_runs(study: optuna.Study, tracker: Tracker, runs: StudyRuns
     # spared; only a run whose trial had ended before the runs were read is closed
     states = patiently(lambda: _optuna.trial_states(study), "the Optuna storage")
     alive = (TrialState.RUNNING, TrialState.WAITING)
-    for run in tracker.running_trial_runs(runs.experiment_id):  # few: the live ones, the lost
+    role = trial_role(study.study_name)  # the search's trial runs, or the refits'
+    for run in tracker.running_trial_runs(runs.experiment_id, role):  # few: the live, the lost
         number = int(run.data.tags.get(TRIAL_NUMBER_TAG, -1))
         if states.get(number, TrialState.RUNNING) in alive:
             continue
@@ -139,10 +141,12 @@ def watchdog(study: optuna.Study, tracker: Tracker, runs: StudyRuns) -> Iterator
         yield
         return
 
+    search = trial_role(study.study_name) is Role.TRIAL  # refits leave the parent as it is
+
     def round_() -> None:
         _fail_stale_said(study)
         reconcile_runs(study, tracker, runs)
-        if not tracker.parent_is_running(runs.parent_run_id):
+        if search and not tracker.parent_is_running(runs.parent_run_id):
             tracker.parent_running(runs.parent_run_id, True)
 
     with background.repeating(

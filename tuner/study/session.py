@@ -4,6 +4,7 @@ this process or in a pool of workers, and sum up what this run did."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     import optuna
     import torch
 
+    from tuner.study.refit import Refit
     from tuner.tracking import StudyRuns, Tracker
 
 log = logging.getLogger(__name__)
@@ -120,15 +122,21 @@ def _wind_up(study: optuna.Study, tracker: Tracker, runs: StudyRuns, stores: Sto
 
 
 def worker_plans(
-    spec: StudySpec, stores: Stores, runs: StudyRuns, request: RunRequest
+    spec: StudySpec,
+    stores: Stores,
+    runs: StudyRuns,
+    request: RunRequest,
+    queued_only: bool = False,
 ) -> list[WorkerPlan]:
-    """One plan per worker: `jobs_per_device` on each device, sharing one budget."""
+    """One plan per worker: `jobs_per_device` on each device, sharing one budget (of queued
+    trials only: refits)."""
     from tuner.data import resolve_data_dir
 
     n = request.trials if request.trials is not None else spec.trials
     deadline = time.time() + request.timeout if request.timeout else None
     slots = [(d, j) for d in request.devices for j in range(request.jobs_per_device)]
-    budget = Budget(uuid.uuid4().hex[:12], n, deadline, workers=len(slots))
+    slots = slots[:n] if queued_only else slots  # no worker for a refit that is not there
+    budget = Budget(uuid.uuid4().hex[:12], n, deadline, len(slots), queued_only)
     data_dir = resolve_data_dir(request.data_dir)
     if len(slots) == 1:
         return [WorkerPlan("main", spec, stores, runs, data_dir, slots[0][0], budget)]
@@ -151,6 +159,68 @@ def worker_plans(
         )
         for index, (device, j) in enumerate(slots)
     ]
+
+
+def run_refit(
+    spec: StudySpec, stores: Stores, request: RunRequest, top: int, epochs: int
+) -> RefitSummary:
+    """Retrain the `top` best configurations on train + validation for `epochs` each, with
+    the study's workers, devices, fault handling and tracking (`study.refit`)."""
+    from tuner.study import refit
+
+    interrupts.install()
+    created = create(spec, stores, allow_changed_settings=request.allow_changed_settings)
+    tracker, runs = created.tracker, created.runs
+    queued = refit.prepare(spec, stores, top, epochs)
+    if queued.sources:
+        numbers = ", ".join(str(n) for n in queued.sources)
+        log.info(f"refits of trials {numbers} queued: {epochs} epochs each on train + validation")
+    if queued.done:
+        numbers = ", ".join(str(n) for n in queued.done)
+        log.info(f"trials {numbers} have a refit of {epochs} epochs done or under way already")
+    study = open_study(queued.spec, stores)
+    recover_stale(study, tracker, runs, starting=False)
+    waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    started = time.perf_counter()
+    exits: list[str] = []
+    session = ""
+    if waiting:
+        ask = dataclasses.replace(request, trials=waiting)
+        plans = worker_plans(queued.spec, stores, runs, ask, queued_only=True)
+        session = plans[0].budget.session
+        log.info(f"refitting {waiting} configurations of {spec.name!r} on {_where(request)}")
+        try:
+            with watchdog(study, tracker, runs):
+                if len(plans) == 1:
+                    work(plans[0])
+                else:
+                    exits = [f"{e.name}: {e.describe()}" for e in run_pool(plans, study, tracker)]
+        finally:
+            _recover_quietly(study, tracker, runs, stores)
+    ran = summarize(study, session, time.perf_counter() - started, exits)
+    return RefitSummary(ran, refit.completed_refits(spec, stores), epochs)
+
+
+@dataclass(frozen=True)
+class RefitSummary:
+    """What one `tuner refit` did, and every completed refit of the study."""
+
+    run: RunSummary
+    refits: dict[int, Refit]  # by the search trial's number
+    epochs: int  # asked for this time
+
+
+def _recover_quietly(
+    study: optuna.Study, tracker: Tracker, runs: StudyRuns, stores: Stores
+) -> None:
+    """What dead workers left, recovered at the end; a store that fails here is one line."""
+    try:
+        recover_stale(study, tracker, runs, starting=False)
+    except Exception as exc:
+        error = store_error(exc, stores)
+        if error is None:
+            raise
+        log.info(f"what dead workers left could not be recovered now: {error}")
 
 
 def _where(request: RunRequest) -> str:

@@ -35,7 +35,9 @@ from tuner.records import (
     SETTINGS_ATTR,
     WORKER_ATTR,
     Outcome,
+    Role,
     retried_numbers,
+    trial_role,
     worker_id,
 )
 from tuner.spec import StudySpec
@@ -60,6 +62,7 @@ class Budget:
     trials: int  # trials this run may start; a trial lost and retried counts once
     deadline: float | None  # time.time() after which no trial starts
     workers: int = 1  # the run's workers, sharing it
+    queued_only: bool = False  # take only queued trials, never ask the sampler (refits)
 
     def expired(self) -> bool:
         """Past the run's --timeout: no trial starts."""
@@ -78,7 +81,10 @@ class Budget:
             and t.state != TrialState.WAITING
             and t.number not in retried
         ]
-        return max(0, self.trials - len(mine))
+        left = max(0, self.trials - len(mine))
+        if self.queued_only:
+            left = min(left, sum(t.state == TrialState.WAITING for t in trials))
+        return left
 
     def spent(self, study: optuna.Study) -> bool:
         return self.left(study) == 0
@@ -159,9 +165,12 @@ def work(plan: WorkerPlan) -> None:
     study = open_study(plan.spec, plan.stores, plan.seed)
     log.info(f"loading CIFAR-10 from {plan.data_dir} onto {plan.device} …")
     data = load_train_val(plan.data_dir, plan.spec.data, plan.spec.seed, plan.device)
-    log.info(
-        f"  {len(data.train)} training and {len(data.val)} validation images from {data.source}"
-    )
+    if trial_role(plan.spec.name) is Role.REFIT:
+        data = data.merged()  # the configuration is chosen: train on what validated it
+        log.info(f"  {len(data.train)} training images (train + validation) from {data.source}")
+    else:
+        log.info(f"  {len(data.train)} training and {len(data.val)} validation images from "
+                 f"{data.source}")  # fmt: skip
     progress = functools.partial(progress_note, plan.budget)
     ctx = StudyContext(plan.spec, data, tracker, plan.runs, plan.seed, progress)
     # alone in its process, a worker has nobody to wait for: a lock of its own does

@@ -93,8 +93,8 @@ class TrialOutputs:
 
     state_dict: Mapping[str, torch.Tensor]
     architecture: Architecture
-    val_probs: np.ndarray  # N×classes softmax on the validation split
-    val_labels: np.ndarray
+    val_probs: np.ndarray | None  # N×classes softmax on the validation split (none: a refit)
+    val_labels: np.ndarray | None
 
 
 class Tracker:
@@ -317,16 +317,21 @@ class Tracker:
         params: Mapping[str, Any],
         settings: Mapping[str, Any],
         label: str = "",
+        *,
+        role: Role = Role.TRIAL,
+        tags: Mapping[str, str] | None = None,
+        name: str | None = None,
     ) -> TrialRunRef:
-        """A trial's run, nested under the parent: its parameters and the fixed settings. Its
-        name is the trial's number, then `label` (what the trial is): the runs table cuts a
-        long name short, and the number first tells the trials apart."""
-        name = f"{number:04d} {label}".strip()
+        """A trial's run (or a refit's: `role`), nested under the parent: its parameters and the
+        fixed settings. Its name is the trial's number, then `label` (what the trial is): the
+        runs table cuts a long name short, and the number first tells the trials apart."""
+        name = name or f"{number:04d} {label}".strip()
         tags = {
             MLFLOW_PARENT_RUN_ID: runs.parent_run_id,
-            ROLE_TAG: Role.TRIAL,
+            ROLE_TAG: role,
             STUDY_TAG: study_name,
             TRIAL_NUMBER_TAG: str(number),
+            **(tags or {}),
             **provenance(),
         }
         run = self.client.create_run(runs.experiment_id, tags=tags, run_name=name)
@@ -344,9 +349,8 @@ class Tracker:
 
     def save_trial_outputs(self, run: TrialRunRef, outputs: TrialOutputs) -> str:
         """Weights as a plain `state_dict` (loads with weights_only=True), the architecture, and
-        the validation predictions, each written once; the weights' SHA-256, for `end_trial`
-        to record."""
-        probs = outputs.val_probs.astype(np.float32)
+        the validation predictions (a refit has none), each written once; the weights' SHA-256,
+        for `end_trial` to record."""
 
         def write(path: str, dump: Callable[[BinaryIO], object]) -> str:
             return write_artifact(self.client, run.run_id, run.artifact_uri, path, dump)
@@ -355,7 +359,9 @@ class Tracker:
         import torch  # here, not at the top: `study create`, `ui` and `report` never need it
 
         digest = write(WEIGHTS, lambda f: torch.save(dict(outputs.state_dict), f))
-        write(VAL_PREDICTIONS, lambda f: np.savez_compressed(f, probs=probs, labels=labels))
+        if outputs.val_probs is not None:
+            probs = outputs.val_probs.astype(np.float32)
+            write(VAL_PREDICTIONS, lambda f: np.savez_compressed(f, probs=probs, labels=labels))
         text = json.dumps(outputs.architecture.to_dict(), indent=2).encode()
         write(ARCHITECTURE, lambda f: f.write(text))
         return digest
@@ -407,9 +413,10 @@ class Tracker:
             self.client.update_run(run_id, name=f"{name} [{word}]")
         self.client.set_terminated(run_id, RECORDS[outcome].mlflow)
 
-    def running_trial_runs(self, experiment_id: str) -> list[Run]:
-        """Trial runs still marked RUNNING (live, or orphaned by a worker that died)."""
-        return self.running_runs(experiment_id, Role.TRIAL)
+    def running_trial_runs(self, experiment_id: str, role: Role = Role.TRIAL) -> list[Run]:
+        """Trial (or refit) runs still marked RUNNING (live, or orphaned by a worker that
+        died)."""
+        return self.running_runs(experiment_id, role)
 
     def parent_is_running(self, run_id: str) -> bool:
         return self.client.get_run(run_id).info.status == "RUNNING"
@@ -429,7 +436,14 @@ class Tracker:
         what = f"the weights of trial {trial_number}"
         return arch, fetch_verified(self.client, run_id, WEIGHTS, expected, what, folder)
 
-    def start_ensemble(self, runs: StudyRuns, top_k: int) -> str:
+    def fetch_val_predictions(self, run_id: str, into: Path) -> tuple[np.ndarray, np.ndarray]:
+        """A completed trial's softmax on the validation images and their labels (plain arrays:
+        nothing is unpickled)."""
+        path = self.client.download_artifacts(run_id, VAL_PREDICTIONS, str(into / run_id))
+        with np.load(path, allow_pickle=False) as saved:
+            return saved["probs"], saved["labels"]
+
+    def start_ensemble(self, runs: StudyRuns, name: str) -> str:
         """An ensemble's run, RUNNING while it is scored; tagged with this process, so that a
         run left RUNNING by a process that died is closed (`recovery.reconcile_runs`)."""
         tags = {
@@ -438,9 +452,7 @@ class Tracker:
             PROCESS_TAG: worker_id(),
             **provenance(),
         }
-        run = self.client.create_run(
-            runs.experiment_id, tags=tags, run_name=f"ensemble-top{top_k}"
-        )
+        run = self.client.create_run(runs.experiment_id, tags=tags, run_name=name)
         return run.info.run_id
 
     def finish_ensemble(

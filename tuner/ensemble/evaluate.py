@@ -1,0 +1,465 @@
+"""`tuner ensemble`: choose members and weights from every completed trial's saved validation
+predictions (`selection`), score the ensemble and the best single trial on the test split,
+with and without flip test-time augmentation, and log it as a run under the study's parent.
+
+With `--from refit`, the members are the refits of those trials (retrained on train +
+validation): their weights and temperatures come from the search trials they refit, the only
+predictions on images none of them trained on."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import optuna
+import torch
+from sklearn.metrics import ConfusionMatrixDisplay
+
+from tuner import interrupts
+from tuner.data import CLASSES, Split, load_test, load_train_val, resolve_data_dir
+from tuner.ensemble.selection import (
+    Selection,
+    accuracy,
+    average,
+    fit_temperature,
+    greedy,
+    log_loss,
+    mixture,
+    tempered,
+)
+from tuner.errors import DataError, TunerError
+from tuner.models import VGG, load_state
+from tuner.records import RUN_ID_ATTR, Outcome
+from tuner.spec import StudySpec
+from tuner.stores import Stores
+from tuner.study.recovery import reconcile_runs
+from tuner.study.refit import completed_refits
+from tuner.study.setup import open_study, study_runs
+from tuner.study.summary import ranked
+from tuner.tracking import Tracker
+from tuner.train import predict
+
+log = logging.getLogger(__name__)
+CLASS_NAMES = ("plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+Method = Literal["greedy", "average"]
+Source = Literal["search", "refit"]
+Augmentation = Literal["none", "flip"]
+
+
+@dataclass(frozen=True)
+class EnsembleRequest:
+    """What the user asked of one `tuner ensemble`."""
+
+    k: int = 5  # at most this many distinct members
+    method: Method = "greedy"
+    source: Source = "search"  # the search trials' weights, or their refits'
+    tta: Augmentation = "none"  # flip: also score each image with its mirror image
+    temperature: bool = False  # fit a temperature per member on the validation images
+
+    @property
+    def run_name(self) -> str:
+        """`ensemble-greedy-top5` (`-refit`, `-flip`, `-temp` where asked)."""
+        parts = [f"ensemble-{self.method}-top{self.k}"]
+        parts += ["refit"] * (self.source == "refit") + ["flip"] * (self.tta == "flip")
+        return "-".join(parts + ["temp"] * self.temperature)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A completed trial that may join: its saved validation predictions, and the run whose
+    weights are scored (its own, or its refit's)."""
+
+    trial_number: int
+    run_id: str
+    val_acc: float  # the search trial's, as Optuna holds it
+    val_probs: np.ndarray = field(repr=False)
+    refit_epochs: int | None = None
+
+
+@dataclass(frozen=True)
+class Scores:
+    accuracy: float
+    log_loss: float
+
+
+@dataclass(frozen=True)
+class Member:
+    trial_number: int
+    run_id: str  # whose weights were scored
+    weight: float  # 0 for the best single trial when greedy left it out
+    val_acc: float
+    test_acc: float
+    test_acc_tta: float | None = None
+    temperature: float = 1.0
+    refit_epochs: int | None = None
+
+
+@dataclass(frozen=True)
+class EnsembleReport:
+    request: EnsembleRequest
+    members: tuple[Member, ...]  # heaviest first
+    candidates: int  # completed trials it chose from
+    val_images: int
+    test_images: int
+    val: Scores  # the images the weights were chosen on: optimistic
+    test: Scores
+    single: Member  # the candidate with the best validation accuracy, alone
+    single_val: Scores
+    single_test: Scores
+    val_tta: Scores | None = None  # with flip TTA (search members only: a refit trained on it)
+    test_tta: Scores | None = None
+    single_test_tta: Scores | None = None
+    run_id: str | None = None  # the ensemble's MLflow run, once logged
+    # the ensemble's test predictions (with flip where asked) and the labels: its confusion
+    predicted: np.ndarray | None = field(default=None, repr=False, compare=False)
+    labels: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def top_k(self) -> int:
+        return self.request.k
+
+    @property
+    def accuracy(self) -> float:
+        return self.test.accuracy
+
+    @property
+    def gain(self) -> float:
+        """Ensemble test accuracy minus the best single trial's, in accuracy points (0..1)."""
+        return self.test.accuracy - self.single_test.accuracy
+
+
+def load_weights(path: Path, model: VGG, name: str | None = None) -> None:
+    """Plain tensors only (weights_only=True); a damaged file is named in the error."""
+    try:
+        load_state(model, torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as exc:
+        kind = type(exc).__name__
+        raise DataError(f"{name or path}: cannot load these weights ({kind}: {exc})") from None
+
+
+def load_member(tracker: Tracker, trial_number: int, run_id: str, into: Path) -> VGG:
+    """A trial's network with its saved weights, checked against the SHA-256 recorded when
+    they were written before a byte of them is unpickled."""
+    arch, weights = tracker.fetch_trial_weights(run_id, trial_number, into)
+    model = VGG(arch)
+    load_weights(weights, model, f"{weights.name} of trial {trial_number} (MLflow run {run_id})")
+    return model
+
+
+def evaluate(
+    spec: StudySpec,
+    stores: Stores,
+    request: EnsembleRequest,
+    *,
+    data_dir: Path | None,
+    device: torch.device,
+) -> EnsembleReport:
+    """Choose, score and log one ensemble of the study's completed trials (or their refits)."""
+    if request.temperature and request.source == "refit":
+        raise TunerError(
+            "--temperature cannot be fitted for refits: they trained on the validation images "
+            "(fit it on the search trials, without --from refit)"
+        )
+    study = open_study(spec, stores)
+    tracker, runs = Tracker(stores), study_runs(study)
+    tracker.check_study_runs(runs, spec.name)
+    reconcile_runs(study, tracker, runs)  # what an ensemble or worker that died left RUNNING
+    root = resolve_data_dir(data_dir)
+    val = load_train_val(root, spec.data, spec.seed, device).val
+    labels = val.labels.cpu().numpy()
+    with tempfile.TemporaryDirectory() as tmp:
+        pool = candidates(spec, stores, study, tracker, request.source, labels, Path(tmp))
+        if not pool:
+            raise TunerError(_nothing_to_ensemble(spec.name, request.source))
+        test = load_test(root, spec.data, spec.seed, device)
+        run_id = None
+        try:
+            # a signal that comes while the run is made waits until `run_id` is known (it is
+            # raised at the end of the block, inside this `try`), so that the run is closed
+            with interrupts.shielded():
+                run_id = tracker.start_ensemble(runs, request.run_name)
+            report = _score(tracker, pool, request, val, test, Path(tmp))
+            report = dataclasses.replace(report, run_id=run_id)
+            log_ensemble(tracker, report)
+        except BaseException as exc:
+            stopped = isinstance(exc, KeyboardInterrupt)
+            why = interrupts.reason(exc) if stopped else f"error: {type(exc).__name__}: {exc}"
+            if run_id is not None:
+                with contextlib.suppress(Exception):  # the error that ended it is the one
+                    outcome = Outcome.KILLED if stopped else Outcome.FAILED
+                    tracker.end_run(run_id, outcome, why[:500])
+            raise
+    return report
+
+
+def evaluate_top(
+    spec: StudySpec, stores: Stores, *, k: int, data_dir: Path | None, device: torch.device
+) -> EnsembleReport:
+    """The top-`k` average of the search trials (`tuner ensemble --method average`)."""
+    request = EnsembleRequest(k=k, method="average")
+    return evaluate(spec, stores, request, data_dir=data_dir, device=device)
+
+
+def _nothing_to_ensemble(name: str, source: Source) -> str:
+    if source == "refit":
+        return (
+            f"study {name!r} has no completed refits to ensemble; run "
+            f"`tuner refit {name} --top K --epochs E` first"
+        )
+    return (
+        f"study {name!r} has no completed trials to ensemble; run `tuner study run {name}` first"
+    )
+
+
+def candidates(
+    spec: StudySpec,
+    stores: Stores,
+    study: optuna.Study,
+    tracker: Tracker,
+    source: Source,
+    labels: np.ndarray,
+    into: Path,
+) -> list[Candidate]:
+    """Every completed trial whose validation predictions are on today's validation images
+    (for `refit`: every one with a completed refit), in trial order. One whose predictions
+    are missing or on other images (its settings changed) is left out, with one line."""
+    trials = ranked(study.get_trials(deepcopy=False), with_run=True)
+    refits = completed_refits(spec, stores) if source == "refit" else {}
+    if source == "refit":
+        trials = [t for t in trials if t.number in refits]
+    found, left_out = [], []
+    for trial in sorted(trials, key=lambda t: t.number):
+        run_id = trial.user_attrs[RUN_ID_ATTR]
+        try:
+            probs, saved = tracker.fetch_val_predictions(run_id, into)
+        except Exception as exc:
+            left_out.append(f"trial {trial.number} ({type(exc).__name__})")
+            continue
+        if saved.shape != labels.shape or not np.array_equal(saved, labels):
+            left_out.append(f"trial {trial.number} (validated on other images)")
+            continue
+        refit = refits.get(trial.number)
+        found.append(
+            Candidate(
+                trial.number,
+                refit.run_id if refit else run_id,
+                float(trial.value),
+                probs.astype(np.float32),
+                refit.epochs if refit else None,
+            )
+        )
+    if left_out:
+        log.info(
+            f"warning: {len(left_out)} completed trials left out, without usable validation "
+            f"predictions: {', '.join(left_out[:5])}{' …' if len(left_out) > 5 else ''}"
+        )
+    return found
+
+
+def select(pool: list[Candidate], request: EnsembleRequest, labels: np.ndarray) -> Selection:
+    probs = [c.val_probs for c in pool]
+    if request.method == "average":
+        return average([c.val_acc for c in pool], request.k, probs, labels)
+    return greedy(probs, labels, request.k)
+
+
+def _score(
+    tracker: Tracker,
+    pool: list[Candidate],
+    request: EnsembleRequest,
+    val: Split,
+    test: Split,
+    into: Path,
+) -> EnsembleReport:
+    """Temperatures, selection, then each member's (and the best single trial's) test
+    predictions, plain and flipped; the mixtures' scores."""
+    val_labels, test_labels = val.labels.cpu().numpy(), test.labels.cpu().numpy()
+    temps = [fit_temperature(c.val_probs, val_labels) if request.temperature else 1.0
+             for c in pool]  # fmt: skip
+    pool = [Candidate(c.trial_number, c.run_id, c.val_acc, tempered(c.val_probs, t),
+                      c.refit_epochs) for c, t in zip(pool, temps, strict=True)]  # fmt: skip
+    chosen = select(pool, request, val_labels)
+    if len(pool) < request.k and request.method == "average":
+        log.info(f"warning: only {len(pool)} completed trials; ensembling those")
+    best = min(range(len(pool)), key=lambda i: (-pool[i].val_acc, pool[i].trial_number))
+    scored = list(dict.fromkeys([*chosen.members, best]))
+    flip, search = request.tta == "flip", request.source == "search"
+    how = f"{len(scored)} networks on {len(test)} test images" + (", and flipped" if flip else "")
+    log.info(f"{request.method} selection from {len(pool)} trials; scoring {how} …")
+    outputs = {}
+    for i in scored:
+        c = pool[i]
+        model = load_member(tracker, c.trial_number, c.run_id, into).to(test.images.device)
+        outputs[i] = _predict(model, test, val if flip and search else None, flip, temps[i])
+        del model
+        acc = accuracy(outputs[i].test, test_labels)
+        log.info(f"  trial {c.trial_number}{' (refit)' if not search else ''}: test_acc {acc:.4f}")
+    weights = chosen.weight_of()
+
+    def member(i: int) -> Member:
+        c, out = pool[i], outputs[i]
+        tta = accuracy(out.test_flip, test_labels) if out.test_flip is not None else None
+        return Member(c.trial_number, c.run_id, weights.get(i, 0.0), c.val_acc,
+                      accuracy(out.test, test_labels), tta, temps[i],
+                      c.refit_epochs)  # fmt: skip
+
+    def mixed(part: str, indices: list[int], w: list[float], y: np.ndarray) -> Scores | None:
+        probs = [getattr(outputs[i], part) for i in indices]
+        if any(p is None for p in probs):
+            return None
+        p = mixture(probs, w)
+        return Scores(accuracy(p, y), log_loss(p, y))
+
+    members, w = list(chosen.members), list(chosen.weights)
+    val_plain = mixture([pool[i].val_probs for i in members], w)
+    final = mixture([outputs[i].test_flip if flip else outputs[i].test for i in members], w)
+    return EnsembleReport(
+        request=request,
+        members=tuple(member(i) for i in members),
+        candidates=len(pool),
+        val_images=len(val),
+        test_images=len(test),
+        val=Scores(accuracy(val_plain, val_labels), log_loss(val_plain, val_labels)),
+        test=mixed("test", members, w, test_labels),  # type: ignore[arg-type]
+        single=member(best),
+        single_val=Scores(
+            accuracy(pool[best].val_probs, val_labels), log_loss(pool[best].val_probs, val_labels)
+        ),  # fmt: skip
+        single_test=mixed("test", [best], [1.0], test_labels),  # type: ignore[arg-type]
+        val_tta=mixed("val_flip", members, w, val_labels),
+        test_tta=mixed("test_flip", members, w, test_labels),
+        single_test_tta=mixed("test_flip", [best], [1.0], test_labels),
+        predicted=final.argmax(1),
+        labels=test_labels,
+    )
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """One network's class probabilities (after its temperature)."""
+
+    test: np.ndarray
+    test_flip: np.ndarray | None = None  # the mean of the image's and its mirror's
+    val_flip: np.ndarray | None = None
+
+
+def _predict(
+    model: VGG, test: Split, val: Split | None, flip: bool, temperature: float
+) -> Outputs:
+    batch = 1024
+
+    def probs(split: Split, mirrored: bool) -> np.ndarray:
+        plain = predict(model, split.images, batch)
+        if mirrored:  # the mean of the two views' softmax, then the member's temperature
+            plain = (plain + predict(model, split.images.flip(3), batch)) / 2
+        return tempered(plain.cpu().numpy(), temperature)
+
+    return Outputs(
+        test=probs(test, False),
+        test_flip=probs(test, True) if flip else None,
+        val_flip=probs(val, True) if val is not None else None,
+    )
+
+
+def log_ensemble(tracker: Tracker, report: EnsembleReport) -> None:
+    """The ensemble's results on its MLflow run (under the study's parent), with its members'
+    table and its confusion matrix; the run ends FINISHED."""
+    import matplotlib.pyplot as plt
+
+    members = report.members
+    metrics = {
+        "val_acc": report.val.accuracy,
+        "val_log_loss": report.val.log_loss,
+        "test_acc": report.test.accuracy,
+        "test_log_loss": report.test.log_loss,
+        "best_single_test_acc": report.single_test.accuracy,
+        "gain_over_best_single": report.gain,
+        **{f"member_{m.trial_number}_test_acc": m.test_acc for m in members},
+        **{f"member_{m.trial_number}_weight": m.weight for m in members},
+    }
+    for name, scores in (("val", report.val_tta), ("test", report.test_tta)):
+        if scores is not None:
+            metrics[f"{name}_acc_flip"] = scores.accuracy
+            metrics[f"{name}_log_loss_flip"] = scores.log_loss
+    if report.single_test_tta is not None:
+        metrics["best_single_test_acc_flip"] = report.single_test_tta.accuracy
+    figure = confusion_figure(report)
+    try:
+        _finish(tracker, report, metrics, figure)
+    finally:
+        plt.close(figure)
+
+
+def _finish(tracker: Tracker, report: EnsembleReport, metrics: dict, figure: object) -> None:
+    r, members = report.request, report.members
+    tracker.finish_ensemble(
+        report.run_id,
+        [m.run_id for m in members],
+        params={
+            "method": r.method,
+            "top_k": r.k,
+            "source": r.source,
+            "tta": r.tta,
+            "temperature": r.temperature,
+            "candidates": report.candidates,
+            "members": len(members),
+            "val_images": report.val_images,
+            "test_images": report.test_images,
+            "trial_numbers": ",".join(str(m.trial_number) for m in members),
+            "weights": ",".join(f"{m.weight:.3f}" for m in members),
+            "best_single_trial": report.single.trial_number,
+        },
+        metrics=metrics,
+        member_table=member_table(report),
+        figure=figure,
+    )
+
+
+def member_table(report: EnsembleReport) -> str:
+    """The members, one line each, and the best single trial below them (printed, and kept
+    as the run's members.txt)."""
+    flip = report.test_tta is not None
+    head = f"{'trial':>6}  {'weight':>6}  {'temp':>5}  {'val_acc':>8}  {'test_acc':>8}"
+    head += f"  {'+flip':>8}" * flip + "  mlflow run"
+
+    def row(m: Member, note: str = "") -> str:
+        line = f"{m.trial_number:>6}  {m.weight:>6.3f}  {m.temperature:>5.2f}  {m.val_acc:>8.4f}"
+        line += f"  {m.test_acc:>8.4f}"
+        if flip:
+            line += f"  {m.test_acc_tta:>8.4f}" if m.test_acc_tta is not None else f"  {'–':>8}"
+        return f"{line}  {m.run_id}{note}"
+
+    rows = [head, *(row(m) for m in report.members)]
+    if all(m.trial_number != report.single.trial_number for m in report.members):
+        rows.append(row(report.single, "  (best single trial; not a member)"))
+    return "\n".join(rows)
+
+
+def confusion_figure(report: EnsembleReport) -> object:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 6))
+    ConfusionMatrixDisplay.from_predictions(
+        report.labels,
+        report.predicted,
+        labels=list(range(CLASSES)),
+        display_labels=CLASS_NAMES,
+        ax=axes,
+        colorbar=False,
+        xticks_rotation=45,
+    )
+    flip = " with flip" if report.request.tta == "flip" else ""
+    accuracy = report.test_tta.accuracy if report.test_tta is not None else report.accuracy
+    axes.set_title(f"{report.request.run_name}: test accuracy{flip} {accuracy:.4f}")
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,127 @@
+"""Which trials an ensemble takes, and with what weights, from their validation predictions
+alone: numpy in, numbers out (no model, no store).
+
+`greedy` is Caruana et al.'s ensemble selection (ICML 2004): start from the best single model,
+then add, with replacement, the model that lowers the mixture's validation log-loss most; a
+model picked twice weighs twice. `average` is the K best by validation accuracy, equally
+weighted. A temperature per member (Guo et al., 2017) is fitted on the validation images
+before either, when asked: an over-confident member then no longer outvotes the others.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+EPS = 1e-12  # floor of a probability before its log: a float32 softmax rounds to 0
+ROUNDS_PER_MEMBER = 5  # greedy picks up to this many times K models (with replacement)
+TEMPERATURES = (0.05, 20.0)  # the range searched for a member's temperature
+GOLDEN_STEPS = 40  # of the golden-section search: the bracket shrinks to 1e-8 of its width
+
+
+@dataclass(frozen=True)
+class Selection:
+    """An ensemble's members (indices into the candidates) and their weights, which sum to 1."""
+
+    method: str  # greedy | average
+    members: tuple[int, ...]  # heaviest first; a tie: the earlier candidate
+    weights: tuple[float, ...]
+    val_log_loss: float  # of the weighted mixture on the validation images it was chosen on
+
+    def weight_of(self) -> dict[int, float]:
+        return dict(zip(self.members, self.weights, strict=True))
+
+
+def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Counted, then divided: 0.39, not float32's 0.38999998."""
+    return int((probs.argmax(1) == labels).sum()) / len(labels)
+
+
+def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean negative log-probability of the true class (probabilities floored at EPS)."""
+    picked = probs[np.arange(len(labels)), labels].astype(np.float64)
+    return float(-np.log(np.maximum(picked, EPS)).mean())
+
+
+def mixture(probs: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """The weighted mean of the members' class probabilities."""
+    total = np.zeros(probs[0].shape, dtype=np.float64)
+    for p, w in zip(probs, weights, strict=True):
+        total += w * p
+    return total
+
+
+def average(
+    val_accs: Sequence[float], k: int, probs: Sequence[np.ndarray], labels: np.ndarray
+) -> Selection:
+    """The `k` best candidates by validation accuracy (a tie: the earlier), equally weighted."""
+    order = sorted(range(len(val_accs)), key=lambda i: (-val_accs[i], i))[:k]
+    weights = [1 / len(order)] * len(order)
+    loss = log_loss(mixture([probs[i] for i in order], weights), labels)
+    return Selection("average", tuple(order), tuple(weights), loss)
+
+
+def greedy(
+    probs: Sequence[np.ndarray], labels: np.ndarray, k: int, rounds: int | None = None
+) -> Selection:
+    """Forward selection with replacement of at most `k` distinct members on the mixture's
+    validation log-loss: `rounds` picks (ROUNDS_PER_MEMBER × k unless given), the best bag
+    seen along the way kept (the smallest, when several score the same)."""
+    if not probs:
+        raise ValueError("greedy selection needs at least one candidate")
+    # only the true class's probability enters the log-loss: candidates × images
+    truth = np.stack([p[np.arange(len(labels)), labels] for p in probs]).astype(np.float64)
+    losses = -np.log(np.maximum(truth, EPS)).mean(axis=1)
+    first = int(np.argmin(losses))
+    counts, total = {first: 1}, truth[first].copy()
+    best_loss, best_counts = float(losses[first]), dict(counts)
+    for picks in range(1, rounds if rounds is not None else ROUNDS_PER_MEMBER * k):
+        allowed = np.arange(len(probs)) if len(counts) < k else np.array(sorted(counts))
+        mixed = (total[None, :] + truth[allowed]) / (picks + 1)
+        scores = -np.log(np.maximum(mixed, EPS)).mean(axis=1)
+        choice = int(allowed[int(np.argmin(scores))])
+        counts[choice] = counts.get(choice, 0) + 1
+        total += truth[choice]
+        if float(scores.min()) < best_loss - 1e-12:
+            best_loss, best_counts = float(scores.min()), dict(counts)
+    picked = sum(best_counts.values())
+    order = sorted(best_counts, key=lambda i: (-best_counts[i], i))
+    weights = tuple(best_counts[i] / picked for i in order)
+    return Selection("greedy", tuple(order), weights, best_loss)
+
+
+def tempered(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """Class probabilities with their logits divided by `temperature` (> 1 softens them)."""
+    if temperature == 1.0:
+        return probs
+    logits = np.log(np.maximum(probs.astype(np.float64), EPS)) / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    out = np.exp(logits)
+    return out / out.sum(axis=1, keepdims=True)
+
+
+def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature that minimises the validation log-loss (golden-section search on its
+    logarithm, within TEMPERATURES); 1.0 when no temperature does better than none."""
+    low, high = (math.log(t) for t in TEMPERATURES)
+    ratio = (math.sqrt(5) - 1) / 2
+
+    def loss(log_t: float) -> float:
+        return log_loss(tempered(probs, math.exp(log_t)), labels)
+
+    a, b = low + (1 - ratio) * (high - low), low + ratio * (high - low)
+    fa, fb = loss(a), loss(b)
+    for _ in range(GOLDEN_STEPS):
+        if fa < fb:
+            high, b, fb = b, a, fa
+            a = low + (1 - ratio) * (high - low)
+            fa = loss(a)
+        else:
+            low, a, fa = a, b, fb
+            b = low + ratio * (high - low)
+            fb = loss(b)
+    best = (a + b) / 2
+    return math.exp(best) if loss(best) < log_loss(probs, labels) else 1.0
