@@ -222,6 +222,11 @@ def ensemble_bench(rows: list[SeedRow], cfg: EnsembleBenchConfig) -> str:
                      f"(wins/ties/losses {wins[0]}/{wins[1]}/{wins[2]})")  # fmt: skip
     gain, spread = mean_and_spread([r.greedy - r.single for r in rows])
     lines.append(f"greedy − best single: {gain * 100:+.2f} ± {spread * 100:.2f} points")
+    losses = [mean_and_spread([getattr(r, f"{k}_loss") for r in rows])
+              for k in ("single", "average", "greedy")]  # fmt: skip
+    lines.append("test log-loss (mean ± sd): " + ", ".join(
+        f"{name} {m:.4f} ± {s:.4f}" for name, (m, s) in
+        zip(("best single", f"top-{cfg.top} avg", "greedy"), losses, strict=True)))  # fmt: skip
     return "\n".join(lines)
 
 

@@ -130,17 +130,16 @@ def test_status_shows_states_and_the_best_trial(study_dir: Path, fake_cifar: Pat
 
 @pytest.mark.slow
 def test_ensemble_scores_the_top_trials_and_logs_a_run(study_dir: Path, fake_cifar: Path) -> None:
-    out = tuner(study_dir, fake_cifar, "ensemble", "tiny", "--top", "3")
+    out = tuner(study_dir, fake_cifar, "ensemble", "tiny", "--top", "3", "--method", "average")
     assert out.returncode == 0, out.stdout + out.stderr
-    for line in ("ensemble test accuracy", "ensemble test log-loss", "gain over best member"):
+    for line in ("average ensemble of 3 from", "best single (trial", "gain over the best single"):
         assert line in out.stdout
     study = stored(study_dir, "tiny")
     complete = sorted((t for t in study.trials if t.state.name == "COMPLETE"),
                       key=lambda t: -t.value)[:3]  # fmt: skip
     all_runs = mlflow_runs(study_dir, "tiny")
     ensembles = [r for r in all_runs if role(r) == "ensemble"]
-    assert len(ensembles) == 1
-    run = ensembles[0]
+    [run] = [r for r in ensembles if r.info.run_name == "ensemble-average-top3"]
     parent = next(r for r in all_runs if role(r) == "study")
     assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert run.data.tags["tuner.members"].split(",") == [
@@ -148,7 +147,29 @@ def test_ensemble_scores_the_top_trials_and_logs_a_run(study_dir: Path, fake_cif
     ]
     assert 0 <= run.data.metrics["test_acc"] <= 1 and run.data.metrics["test_log_loss"] > 0
     files = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
-    assert "confusion_matrix.png" in files
+    assert {"confusion_matrix.png", "members.txt"} <= files
+
+
+@pytest.mark.slow
+def test_refits_and_their_greedy_ensemble_with_flip(study_dir: Path, fake_cifar: Path) -> None:
+    """`tuner refit`, then `tuner ensemble --from refit --tta flip` (greedy by default), as
+    the README's main job runs them; the search is left as it was."""
+    before = [(t.number, t.state, t.value) for t in stored(study_dir, "tiny").trials]
+    out = tuner(study_dir, fake_cifar, "refit", "tiny", "--top", "2", "--epochs", "1")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "refits of trials" in out.stdout and "ran 2 complete" in out.stdout
+    assert "see: tuner ensemble tiny --from refit --top 2" in out.stdout
+    refits = [r for r in mlflow_runs(study_dir, "tiny") if role(r) == "refit"]
+    assert len(refits) == 2 and all(r.info.status == "FINISHED" for r in refits)
+    ens = tuner(study_dir, fake_cifar, "ensemble", "tiny", "--from", "refit", "--top", "2",
+                "--tta", "flip")  # fmt: skip
+    assert ens.returncode == 0, ens.stdout + ens.stderr
+    assert "greedy ensemble of" in ens.stdout and "ensemble + flip" in ens.stdout
+    run = next(r for r in mlflow_runs(study_dir, "tiny") if role(r) == "ensemble"
+               and r.info.run_name == "ensemble-greedy-top2-refit-flip")  # fmt: skip
+    assert set(run.data.tags["tuner.members"].split(",")) <= {r.info.run_id for r in refits}
+    assert run.data.params["source"] == "refit" and "test_acc_flip" in run.data.metrics
+    assert [(t.number, t.state, t.value) for t in stored(study_dir, "tiny").trials] == before
 
 
 @pytest.mark.slow

@@ -107,3 +107,19 @@ def test_a_fitted_temperature_undoes_overconfidence(labels) -> None:
     assert np.allclose(softened, truth, atol=1e-3)  # probabilities under EPS differ
     assert np.allclose(softened.sum(1), 1.0)
     assert log_loss(softened, drawn) < log_loss(softmax(3 * logits), drawn)
+
+
+def test_bagging_spreads_the_weight_that_one_selection_piles_on_few_models(labels) -> None:
+    """On random halves of the candidates, the selections differ; averaged, no model carries
+    the weight that one selection on all of them gives its favourites (which overfit a
+    validation set of a thousand images). The same seed, the same ensemble."""
+    rng = np.random.default_rng(3)
+    signal = np.eye(CLASSES)[labels]
+    strength = [3.5, 3.5] + [2.5] * 8  # two strong networks, eight fair ones
+    probs = [softmax(rng.normal(size=(N, CLASSES)) * 2 + s * signal) for s in strength]
+    one = greedy(probs, labels, k=5, bags=1)
+    bagged = greedy(probs, labels, k=5)
+    assert max(bagged.weights) < max(one.weights)
+    assert len(bagged.members) >= len(one.members)
+    assert greedy(probs, labels, k=5) == bagged
+    assert greedy(probs, labels, k=5, seed=1) != bagged

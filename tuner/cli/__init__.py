@@ -454,10 +454,17 @@ def overhead(sizes: str, trials: int, asks: int, epoch_seconds: float, keep: str
     help="[default: the whole test split]",
 )
 @click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Worker processes of each study.",
+)
+@click.option(
     "--keep",
     type=click.Path(file_okay=False),
     default=None,
-    help="Keep the studies' stores in this folder (default: a temporary one).",
+    help="Keep the studies' stores and logs in this folder (default: a temporary one).",
 )
 @data_options
 def ensembles(
@@ -471,6 +478,7 @@ def ensembles(
     val_size: int,
     train_size: int | None,
     test_size: int | None,
+    jobs: int,
     keep: str | None,
     data_dir: Path,
     device: Any,
@@ -491,6 +499,7 @@ def ensembles(
         train_size=train_size,
         test_size=test_size,
         device=device,
+        jobs=jobs,
         folder=Path(keep).expanduser() if keep else None,
     )
     rows = run_ensemble_bench(cfg, data_dir)

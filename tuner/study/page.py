@@ -37,6 +37,7 @@ from tuner.space import decode, with_one_lr
 from tuner.spec import StudySpec
 from tuner.stores import shown
 from tuner.study.pictures import CAPTIONS, Picture, in_memory, pictures
+from tuner.study.refit import Refit, completed_refits
 from tuner.study.setup import open_study, study_runs
 from tuner.study.summary import counts, ranked
 
@@ -96,6 +97,7 @@ class Page:
     importances: tuple[Importance, ...]
     failures: tuple[str, ...]  # one sentence each
     ensembles: tuple[Ensemble, ...]
+    refits: tuple[Refit, ...]  # completed, by the search trial they retrain
     pictures: tuple[Picture, ...]
     provenance: dict[str, str]
     spec: dict[str, Any]
@@ -245,6 +247,7 @@ def gather(spec: StudySpec, stores: Stores, tracker: Tracker, top: int = 10) -> 
         importances=importances(study, spec.seed),
         failures=failure_modes([t for t in trials if t.state != TrialState.WAITING]),
         ensembles=tuple(_ensemble(r) for r in ensembles),
+        refits=tuple(sorted(completed_refits(spec, stores).values(), key=lambda r: r.source)),
         pictures=tuple(pictures(study)),
         provenance={
             "tuner": tags.get(VERSION_TAG, "?"),
@@ -320,6 +323,12 @@ def _sections(page: Page) -> list[tuple[str, list[str], list[list[str]] | None]]
         k = max(2, min(5, len(page.best)))
         hint = f"None yet: `tuner ensemble {page.name} --top {k}`."
         sections.append(("Ensembles", [hint], None))
+    if page.refits:
+        rows = [["trial", "epochs", "refit run"]]
+        rows += [[str(r.source), str(r.epochs), r.run_id] for r in page.refits]
+        note = [f"Trained again on train + validation (`tuner refit`); "
+                f"`tuner ensemble {page.name} --from refit` scores them."]  # fmt: skip
+        sections.append(("Refits", note, rows))
     rows = [["", ""]] + [[k, v] for k, v in page.provenance.items()]
     sections.append(("Provenance", [f"Made {page.made}."], rows))
     return sections
