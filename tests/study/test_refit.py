@@ -26,6 +26,7 @@ from ..conftest import TINY_STUDY
 SPEC = parse({**TINY_STUDY, "name": "refits", "train": {**TINY_STUDY["train"], "epochs": 1},
               "pruner": {"type": "none"}})  # fmt: skip
 CPU = torch.device("cpu")
+pytestmark = pytest.mark.slow  # trains a study and its refits: seconds, not a fast test
 
 
 @pytest.fixture(scope="module")

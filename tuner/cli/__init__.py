@@ -19,9 +19,11 @@ from tuner import spec as spec_module
 from tuner.cli.options import (
     bench_options,
     data_options,
+    keep_option,
     parse_counts,
     parse_depths,
     store_options,
+    worker_options,
 )
 from tuner.errors import TunerError
 
@@ -58,40 +60,6 @@ def create(name: str, allow_changed_settings: bool, stores: Any) -> None:
     spec = spec_module.load(name)
     made = create_study(spec, stores, allow_changed_settings=allow_changed_settings)
     click.echo(report.created(spec.name, made, stores))
-
-
-WORKER_OPTIONS = [
-    click.option(
-        "--timeout",
-        type=click.FloatRange(min=0, min_open=True),
-        default=None,
-        help="Start no trial after this many seconds (limits.trial_timeout cuts one short).",
-    ),
-    click.option(
-        "--jobs",
-        type=click.IntRange(min=1),
-        default=None,
-        help="Worker processes on the --device (several trials at once) [default 1].",
-    ),
-    click.option(
-        "--gpus",
-        default=None,
-        help="GPUs to use, as CUDA indices (0,1) or 'all'; one or more workers on each.",
-    ),
-    click.option(
-        "--jobs-per-gpu",
-        type=click.IntRange(min=1),
-        default=1,
-        show_default=True,
-        help="Worker processes per GPU given in --gpus (small models leave a GPU idle alone).",
-    ),
-]
-
-
-def worker_options(command: Any) -> Any:
-    for option in reversed(WORKER_OPTIONS):
-        command = option(command)
-    return command
 
 
 def run_request(
@@ -398,12 +366,7 @@ def bench(
     show_default=True,
     help="The replayed epochs' pace: a GPU epoch on tuner's path.",
 )
-@click.option(
-    "--keep",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Keep the filled stores in this folder (default: a temporary one).",
-)
+@keep_option("the filled stores")
 def overhead(sizes: str, trials: int, asks: int, epoch_seconds: float, keep: str | None) -> None:
     """tuner's bookkeeping per epoch, per trial, for `ask`, `study status` and the start of
     `study run`, on studies of 0, 100 and 1,000 trials (SQLite stores, as the defaults)."""
@@ -460,12 +423,7 @@ def overhead(sizes: str, trials: int, asks: int, epoch_seconds: float, keep: str
     show_default=True,
     help="Worker processes of each study.",
 )
-@click.option(
-    "--keep",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Keep the studies' stores and logs in this folder (default: a temporary one).",
-)
+@keep_option("the studies' stores and logs")
 @data_options
 def ensembles(
     study_file: str,

@@ -155,7 +155,54 @@ BENCH_OPTIONS = [
 
 def bench_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """`tuner bench`'s options, in the order `--help` lists them."""
-    for option in reversed(BENCH_OPTIONS):
+    return _with(BENCH_OPTIONS, command)
+
+
+WORKER_OPTIONS = [
+    click.option(
+        "--timeout",
+        type=click.FloatRange(min=0, min_open=True),
+        default=None,
+        help="Start no trial after this many seconds (limits.trial_timeout cuts one short).",
+    ),
+    click.option(
+        "--jobs",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Worker processes on the --device (several trials at once) [default 1].",
+    ),
+    click.option(
+        "--gpus",
+        default=None,
+        help="GPUs to use, as CUDA indices (0,1) or 'all'; one or more workers on each.",
+    ),
+    click.option(
+        "--jobs-per-gpu",
+        type=click.IntRange(min=1),
+        default=1,
+        show_default=True,
+        help="Worker processes per GPU given in --gpus (small models leave a GPU idle alone).",
+    ),
+]
+
+
+def worker_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Where and how long the workers of `study run` and `refit` run."""
+    return _with(WORKER_OPTIONS, command)
+
+
+def keep_option(what: str) -> Callable[..., Any]:
+    """`--keep DIR` of a benchmark: `what` it leaves there instead of in a temporary folder."""
+    return click.option(
+        "--keep",
+        type=click.Path(file_okay=False),
+        default=None,
+        help=f"Keep {what} in this folder (default: a temporary one).",
+    )
+
+
+def _with(options: list[Any], command: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(options):
         command = option(command)
     return command
 

@@ -68,13 +68,18 @@ def run_study(spec: StudySpec, stores: Stores, request: RunRequest) -> RunSummar
     tracker.parent_running(runs.parent_run_id, True)
     try:
         with watchdog(study, tracker, runs), painting(study, tracker, runs):
-            if len(plans) == 1:
-                work(plans[0])
-            else:
-                exits = [f"{e.name}: {e.describe()}" for e in run_pool(plans, study, tracker)]
+            exits = _work(plans, study, tracker)
     finally:
         _wind_up(study, tracker, runs, stores)
     return summarize(study, plans[0].budget.session, time.perf_counter() - started, exits)
+
+
+def _work(plans: list[WorkerPlan], study: optuna.Study, tracker: Tracker) -> list[str]:
+    """The plans' work: in this process (one), or in a pool of workers; how each ended."""
+    if len(plans) == 1:
+        work(plans[0])
+        return []
+    return [f"{e.name}: {e.describe()}" for e in run_pool(plans, study, tracker)]
 
 
 @contextlib.contextmanager
@@ -191,10 +196,7 @@ def run_refit(
         log.info(f"refitting {waiting} configurations of {spec.name!r} on {_where(request)}")
         try:
             with watchdog(study, tracker, runs):
-                if len(plans) == 1:
-                    work(plans[0])
-                else:
-                    exits = [f"{e.name}: {e.describe()}" for e in run_pool(plans, study, tracker)]
+                exits = _work(plans, study, tracker)
         finally:
             _recover_quietly(study, tracker, runs, stores)
     ran = summarize(study, session, time.perf_counter() - started, exits)
