@@ -52,6 +52,23 @@ def test_trains_and_reports_every_epoch(tiny_data, optimizer: str) -> None:
     assert seen[-1].lr == pytest.approx(0.0, abs=1e-9), "onecycle ends at zero"
 
 
+def test_with_nothing_held_out_it_trains_on_everything_and_reports_no_validation(
+    tiny_data,
+) -> None:
+    """A refit: train + validation merged; the epochs say so, and no validation metric is
+    made up."""
+    from tuner.objective import describe_epoch
+
+    merged = tiny_data.merged()
+    seen = []
+    result = train(_model(), merged, replace(CONFIG, epochs=1), seen.append)
+    assert seen[0].val_acc is None and seen[0].val_loss is None
+    assert set(seen[0].metrics()) == {"train_loss", "lr_schedule", "epoch_seconds",
+                                      "first_step_seconds"}  # fmt: skip
+    assert result.val_probs.shape == (0, 10)
+    assert "val" not in describe_epoch(seen[0], 1)
+
+
 def test_same_seed_same_result(tiny_data) -> None:
     model = _model()
     twin = copy.deepcopy(model)

@@ -64,6 +64,21 @@ def test_the_budget_counts_this_runs_trials_once_each(setup) -> None:
     assert Budget("new", trials=5, deadline=time.time() - 1).spent(study), "past the --timeout"
 
 
+def test_a_budget_of_queued_trials_never_asks_the_sampler(setup) -> None:
+    """Refits: what is queued is the budget, whatever is left of the count."""
+    study, _ = setup
+    budget = Budget("me", trials=5, deadline=None, queued_only=True)
+    assert budget.left(study) == 0 and budget.spent(study)
+    for lr in (0.1, 0.2):
+        study.enqueue_trial({"lr_sgd": lr})
+    assert budget.left(study) == 2
+    taken = _optuna.ask(study)
+    taken.set_user_attr("session", "me")
+    assert budget.left(study) == 1
+    study.tell(taken, 0.5)
+    assert budget.left(study) == 1 and Budget("me", 5, None).left(study) == 4
+
+
 def test_the_last_trials_are_asked_for_in_line_one_per_worker(setup) -> None:
     """Asked ahead, the last of the budget would wait behind one worker's trial while another
     worker found the budget spent: with 2 workers, one is asked ahead only while 2 are left."""
