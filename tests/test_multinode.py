@@ -244,7 +244,8 @@ def test_the_ensemble_on_one_node_loads_weights_trained_by_the_others(
     cluster, name = four_nodes.cluster, four_nodes.name
     cwd = cluster.root / "node0"
     out = subprocess.run(
-        [sys.executable, "-m", "tuner", "ensemble", name, "--top", "4"], cwd=cwd,
+        [sys.executable, "-m", "tuner", "ensemble", name, "--top", "4", "--method", "average"],
+        cwd=cwd,
         env=cluster.env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
