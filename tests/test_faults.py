@@ -61,7 +61,7 @@ def still_usable(cwd: Path, data: Path, name: str, monkeypatch: pytest.MonkeyPat
     capsys.readouterr()
     assert in_process(cwd, data, monkeypatch, "study", "status", name) == 0
     assert in_process(cwd, data, monkeypatch, "ensemble", name, "--top", "2") == 0
-    assert "ensemble test accuracy" in capsys.readouterr().out
+    assert "gain over the best single trial" in capsys.readouterr().out
 
 
 # -- a worker killed with SIGKILL -------------------------------------------------------------
