@@ -290,16 +290,31 @@ def _to_split(images: np.ndarray, labels: np.ndarray, device: torch.device) -> S
 
 
 def load_train_val(root: Path, spec: DataSpec, seed: int, device: torch.device) -> TrainVal:
-    folder = ensure_cifar(root)
-    images, labels = read_split(folder, "train")
-    check_classes(folder, "train", labels, spec.val_size, "data.val_size")
-    check_classes(folder, "train", labels, spec.train_size, "data.train_size")
-    train, val = split_indices(labels, spec.val_size, spec.train_size, seed)
+    folder, images, labels, train, val = _split_training(root, spec, seed)
     return TrainVal(
         train=_to_split(images[train], labels[train], device),
         val=_to_split(images[val], labels[val], device),
         source=folder,
     )
+
+
+def load_val(root: Path, spec: DataSpec, seed: int, device: torch.device) -> Split:
+    """The validation split alone (the same images as `load_train_val`'s): the training
+    images are not copied to the device."""
+    _, images, labels, _, val = _split_training(root, spec, seed)
+    return _to_split(images[val], labels[val], device)
+
+
+def _split_training(
+    root: Path, spec: DataSpec, seed: int
+) -> tuple[Path, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The training batches, checked, and the indices of the seeded, stratified split."""
+    folder = ensure_cifar(root)
+    images, labels = read_split(folder, "train")
+    check_classes(folder, "train", labels, spec.val_size, "data.val_size")
+    check_classes(folder, "train", labels, spec.train_size, "data.train_size")
+    train, val = split_indices(labels, spec.val_size, spec.train_size, seed)
+    return folder, images, labels, train, val
 
 
 def load_test(root: Path, spec: DataSpec, seed: int, device: torch.device) -> Split:

@@ -22,7 +22,7 @@ import torch
 from sklearn.metrics import ConfusionMatrixDisplay
 
 from tuner import interrupts
-from tuner.data import CLASSES, Split, load_test, load_train_val, resolve_data_dir
+from tuner.data import CLASSES, Split, load_test, load_val, resolve_data_dir
 from tuner.ensemble.selection import (
     Selection,
     accuracy,
@@ -87,6 +87,10 @@ class Candidate:
 class Scores:
     accuracy: float
     log_loss: float
+
+    @classmethod
+    def of(cls, probs: np.ndarray, labels: np.ndarray) -> Scores:
+        return cls(accuracy(probs, labels), log_loss(probs, labels))
 
 
 @dataclass(frozen=True)
@@ -172,7 +176,7 @@ def evaluate(
     tracker.check_study_runs(runs, spec.name)
     reconcile_runs(study, tracker, runs)  # what an ensemble or worker that died left RUNNING
     root = resolve_data_dir(data_dir)
-    val = load_train_val(root, spec.data, spec.seed, device).val
+    val = load_val(root, spec.data, spec.seed, device)
     labels = val.labels.cpu().numpy()
     with tempfile.TemporaryDirectory() as tmp:
         pool = candidates(spec, stores, study, tracker, request.source, labels, Path(tmp))
@@ -185,7 +189,8 @@ def evaluate(
             # raised at the end of the block, inside this `try`), so that the run is closed
             with interrupts.shielded():
                 run_id = tracker.start_ensemble(runs, request.run_name)
-            report = _score(tracker, pool, request, val, test, Path(tmp))
+            batch = spec.train.batch_size * 2  # as training validates
+            report = _score(tracker, pool, request, val, test, Path(tmp), batch)
             report = dataclasses.replace(report, run_id=run_id)
             log_ensemble(tracker, report)
         except BaseException as exc:
@@ -277,6 +282,7 @@ def _score(
     val: Split,
     test: Split,
     into: Path,
+    batch: int,
 ) -> EnsembleReport:
     """Temperatures, selection, then each member's (and the best single trial's) test
     predictions, plain and flipped; the mixtures' scores."""
@@ -297,7 +303,8 @@ def _score(
     for i in scored:
         c = pool[i]
         model = load_member(tracker, c.trial_number, c.run_id, into).to(test.images.device)
-        outputs[i] = _predict(model, test, val if flip and search else None, flip, temps[i])
+        mirrored_val = val if flip and search else None
+        outputs[i] = _predict(model, test, mirrored_val, flip, temps[i], batch)
         del model
         acc = accuracy(outputs[i].test, test_labels)
         log.info(f"  trial {c.trial_number}{' (refit)' if not search else ''}: test_acc {acc:.4f}")
@@ -314,8 +321,7 @@ def _score(
         probs = [getattr(outputs[i], part) for i in indices]
         if any(p is None for p in probs):
             return None
-        p = mixture(probs, w)
-        return Scores(accuracy(p, y), log_loss(p, y))
+        return Scores.of(mixture(probs, w), y)
 
     members, w = list(chosen.members), list(chosen.weights)
     val_plain = mixture([pool[i].val_probs for i in members], w)
@@ -326,12 +332,10 @@ def _score(
         candidates=len(pool),
         val_images=len(val),
         test_images=len(test),
-        val=Scores(accuracy(val_plain, val_labels), log_loss(val_plain, val_labels)),
+        val=Scores.of(val_plain, val_labels),
         test=mixed("test", members, w, test_labels),  # type: ignore[arg-type]
         single=member(best),
-        single_val=Scores(
-            accuracy(pool[best].val_probs, val_labels), log_loss(pool[best].val_probs, val_labels)
-        ),  # fmt: skip
+        single_val=Scores.of(pool[best].val_probs, val_labels),
         single_test=mixed("test", [best], [1.0], test_labels),  # type: ignore[arg-type]
         val_tta=mixed("val_flip", members, w, val_labels),
         test_tta=mixed("test_flip", members, w, test_labels),
@@ -351,20 +355,21 @@ class Outputs:
 
 
 def _predict(
-    model: VGG, test: Split, val: Split | None, flip: bool, temperature: float
+    model: VGG, test: Split, val: Split | None, flip: bool, temperature: float, batch: int
 ) -> Outputs:
-    batch = 1024
+    """`batch`: images per forward pass (training validates at twice its batch)."""
 
-    def probs(split: Split, mirrored: bool) -> np.ndarray:
-        plain = predict(model, split.images, batch)
-        if mirrored:  # the mean of the two views' softmax, then the member's temperature
-            plain = (plain + predict(model, split.images.flip(3), batch)) / 2
-        return tempered(plain.cpu().numpy(), temperature)
+    def mirrored(split: Split, plain: torch.Tensor | None = None) -> np.ndarray:
+        """The mean of the two views' softmax, then the member's temperature."""
+        plain = predict(model, split.images, batch) if plain is None else plain
+        both = (plain + predict(model, split.images.flip(3), batch)) / 2
+        return tempered(both.cpu().numpy(), temperature)
 
+    plain = predict(model, test.images, batch)
     return Outputs(
-        test=probs(test, False),
-        test_flip=probs(test, True) if flip else None,
-        val_flip=probs(val, True) if val is not None else None,
+        test=tempered(plain.cpu().numpy(), temperature),
+        test_flip=mirrored(test, plain) if flip else None,
+        val_flip=mirrored(val) if val is not None else None,
     )
 
 

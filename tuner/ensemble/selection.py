@@ -49,8 +49,12 @@ def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
 
 def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
     """Mean negative log-probability of the true class (probabilities floored at EPS)."""
-    picked = probs[np.arange(len(labels)), labels].astype(np.float64)
-    return float(-np.log(np.maximum(picked, EPS)).mean())
+    return float(_nll(probs[np.arange(len(labels)), labels].astype(np.float64)))
+
+
+def _nll(truth: np.ndarray) -> np.ndarray:
+    """The mean negative log of the true class's probabilities (the last axis: images)."""
+    return -np.log(np.maximum(truth, EPS)).mean(axis=-1)
 
 
 def mixture(probs: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
@@ -103,22 +107,21 @@ def greedy(
             total[subset[i]] += c / picked
     order = sorted((int(i) for i in np.flatnonzero(total)), key=lambda i: (-total[i], i))[:k]
     weights = total[order] / total[order].sum()
-    mixed = weights @ truth[order]
-    loss = float(-np.log(np.maximum(mixed, EPS)).mean())
+    loss = float(_nll(weights @ truth[order]))
     return Selection("greedy", tuple(order), tuple(float(w) for w in weights), loss)
 
 
 def _forward(truth: np.ndarray, k: int, rounds: int) -> dict[int, int]:
     """One forward selection with replacement (Caruana's): how often each candidate was
     picked in the best bag seen along the way (the smallest, when several score the same)."""
-    losses = -np.log(np.maximum(truth, EPS)).mean(axis=1)
+    losses = _nll(truth)
     first = int(np.argmin(losses))
     counts, total = {first: 1}, truth[first].copy()
     best_loss, best_counts = float(losses[first]), dict(counts)
     for picks in range(1, rounds):
         allowed = np.arange(len(truth)) if len(counts) < k else np.array(sorted(counts))
         mixed = (total[None, :] + truth[allowed]) / (picks + 1)
-        scores = -np.log(np.maximum(mixed, EPS)).mean(axis=1)
+        scores = _nll(mixed)
         choice = int(allowed[int(np.argmin(scores))])
         counts[choice] = counts.get(choice, 0) + 1
         total += truth[choice]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import TrialState
 
+from tuner import _optuna
 from tuner.errors import TunerError
 from tuner.records import (
     EXPERIMENT_ATTR,
@@ -28,8 +29,7 @@ from tuner.records import (
 )
 from tuner.spec import NoPrunerSpec, RandomSamplerSpec, StudySpec
 from tuner.stores import Stores, creation_lock
-from tuner.study.setup import open_study, storage_for
-from tuner.study.summary import ranked
+from tuner.study.setup import open_study, storage_for, stored
 
 log = logging.getLogger(__name__)
 METRIC_NAME = "train_loss"  # a refit's value: its last epoch's (it has no validation images)
@@ -73,7 +73,7 @@ def prepare(spec: StudySpec, stores: Stores, top: int, epochs: int) -> Queued:
     """The refit study, made once beside the study; a refit of `epochs` queued for each of
     the `top` best completed trials that has none done, queued or running."""
     search = open_study(spec, stores)
-    best = ranked(search.get_trials(deepcopy=False), top, with_run=True)
+    best = _optuna.best_trials(search, top, RUN_ID_ATTR)  # read alone, not every trial
     if not best:
         raise TunerError(
             f"study {spec.name!r} has no completed trials to refit; run "
@@ -129,12 +129,9 @@ def _refit_study(rspec: StudySpec, stores: Stores, search: optuna.Study) -> optu
 def completed_refits(spec: StudySpec, stores: Stores) -> dict[int, Refit]:
     """Each search trial's completed refit (the latest, when it has several), by its number;
     empty where the study has none."""
-    storage = storage_for(spec, stores)
-    try:
-        storage.get_study_id_from_name(spec.name + REFIT_SUFFIX)
-    except KeyError:
+    study = stored(refit_spec(spec), storage_for(spec, stores))
+    if study is None:
         return {}
-    study = optuna.load_study(study_name=spec.name + REFIT_SUFFIX, storage=storage)
     found: dict[int, Refit] = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         if REFIT_OF_ATTR in t.user_attrs and RUN_ID_ATTR in t.user_attrs:

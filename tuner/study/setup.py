@@ -122,7 +122,7 @@ def create(spec: StudySpec, stores: Stores, *, allow_changed_settings: bool = Fa
         storage = storage_for(spec, stores)  # a bad URL fails here, before MLflow is touched
         build_aside(stores.tracking_uri, build_tracking_schema, "MLflow tracking")
         tracker = Tracker(stores, checked=True)
-        study = _stored(spec, storage)
+        study = stored(spec, storage)
         if study is not None and PARENT_ATTR in study.user_attrs:
             runs = study_runs(study)
             tracker.check_study_runs(runs, spec.name)
@@ -157,7 +157,8 @@ def enqueue_baselines(study: optuna.Study, spec: StudySpec) -> None:
             log.info(f"baseline {baseline.name!r} queued")
 
 
-def _stored(spec: StudySpec, storage: optuna.storages.RDBStorage) -> optuna.Study | None:
+def stored(spec: StudySpec, storage: optuna.storages.RDBStorage) -> optuna.Study | None:
+    """The study named by `spec` in `storage`; None where it has none."""
     try:
         storage.get_study_id_from_name(spec.name)
     except KeyError:
