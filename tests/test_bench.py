@@ -37,7 +37,7 @@ def test_a_row_times_the_median_epoch_after_the_warm_up() -> None:
 @pytest.mark.slow
 def test_a_tiny_cpu_run_measures_every_path_and_packing(tmp_path: Path) -> None:
     cfg = BenchConfig(depths=("vgg11",), batch_size=128, images=512, width=0.0625, epochs=2,
-                      loader_workers=0, packed=(1, 2), packed_depth="vgg11", compile="auto",
+                      loader_workers=0, packed=(1, 2), packed_depth="vgg11", modes=(),
                       device=torch.device("cpu"))  # fmt: skip
     rows, packed, source = run_bench(cfg, tmp_path)
     assert [r.path for r in rows] == ["DataLoader+PIL fp32 b128", "tuner eager b128"]

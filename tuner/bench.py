@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from tuner.data import FOLDER, MEAN, STD, Split, TrainVal, read_split
 from tuner.models import build_vgg
 from tuner.spec import Depth
-from tuner.train import TrainConfig, synchronize, train, wants_compile
+from tuner.train import CompileMode, TrainConfig, compile_mode, synchronize, train
 
 log = logging.getLogger(__name__)
 REFERENCE_BATCH = 128
@@ -41,7 +41,7 @@ class BenchConfig:
     loader_workers: int
     packed: tuple[int, ...]  # numbers of packed workers to measure
     packed_depth: Depth
-    compile: str  # auto | on | off
+    modes: tuple[CompileMode, ...]  # compiled paths measured beside eager (`measured_modes`)
     device: torch.device
 
 
@@ -54,6 +54,9 @@ class Row:
     ratio: float | None  # reference epoch seconds / this path's
     warmup_seconds: float | None  # first epoch minus a timed one: compiling and caches
     peak_gib: float | None  # peak GPU memory of this path
+    # a compiled path: epochs after which its warm-up (beyond eager's) is paid back by the
+    # seconds it saves per epoch; inf: it saves none
+    pays_after: float | None = None
 
 
 @dataclass(frozen=True)
@@ -155,11 +158,29 @@ def reference_epochs(split: Split, depth: str, cfg: BenchConfig) -> list[float]:
 # -- tuner's path ------------------------------------------------------------------------------
 
 
-def tuner_config(cfg: BenchConfig, compiled: bool) -> TrainConfig:
-    return TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, compile=compiled, **RECIPE)
+def measured_modes(setting: str, device: torch.device) -> tuple[CompileMode, ...]:
+    """`--compile`: `auto` measures both compiled paths on a GPU and none on the CPU; `off`
+    none; else a list such as `inductor,graphs` (`graphs` has nothing to capture on a CPU)."""
+    if setting == "auto":
+        return ("inductor", "graphs") if device.type == "cuda" else ()
+    modes = []
+    for name in (part.strip() for part in setting.split(",")):
+        if name in ("", "off"):
+            continue
+        if name not in ("on", "inductor", "graphs"):
+            raise ValueError(f"--compile takes auto, off or inductor,graphs; got {name!r}")
+        if name == "graphs" and device.type != "cuda":
+            log.info("graphs: CUDA graphs need a GPU; not measured on the CPU")
+            continue
+        modes.append(compile_mode(name, device))
+    return tuple(dict.fromkeys(modes))
 
 
-def tuner_epochs(split: Split, depth: str, cfg: BenchConfig, compiled: bool) -> list[float]:
+def tuner_config(cfg: BenchConfig, mode: CompileMode) -> TrainConfig:
+    return TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, compile=mode, **RECIPE)
+
+
+def tuner_epochs(split: Split, depth: str, cfg: BenchConfig, mode: CompileMode) -> list[float]:
     """Seconds per epoch of tuner's own loop (training, and validating 256 images)."""
     device = split.images.device
     val = Split(split.images[:256], split.labels[:256])
@@ -168,7 +189,7 @@ def tuner_epochs(split: Split, depth: str, cfg: BenchConfig, compiled: bool) -> 
     train(
         model,
         TrainVal(split, val, Path(".")),
-        tuner_config(cfg, compiled),
+        tuner_config(cfg, mode),
         lambda stats: seconds.append(stats.seconds),
     )
     return seconds
@@ -181,7 +202,7 @@ def tuner_epochs(split: Split, depth: str, cfg: BenchConfig, compiled: bool) -> 
 class _PackedJob:
     cfg: BenchConfig
     data_dir: Path | None
-    compiled: bool
+    mode: CompileMode
     workers: int
     barrier: object
     results: object
@@ -193,19 +214,19 @@ def _packed_worker(job: _PackedJob) -> None:
     device = job.cfg.device
     split, _ = bench_data(job.data_dir, job.cfg.images, device)
     warm = replace(job.cfg, epochs=1)
-    tuner_epochs(split, job.cfg.packed_depth, warm, job.compiled)  # compile, caches, allocator
+    tuner_epochs(split, job.cfg.packed_depth, warm, job.mode)  # compile, caches, allocator
     job.barrier.wait()
     started = time.perf_counter()
     timed = replace(job.cfg, epochs=max(1, job.cfg.epochs - 1))
-    tuner_epochs(split, job.cfg.packed_depth, timed, job.compiled)
+    tuner_epochs(split, job.cfg.packed_depth, timed, job.mode)
     job.results.put((timed.epochs * len(split), time.perf_counter() - started))
 
 
-def packed_throughput(cfg: BenchConfig, data_dir: Path | None, compiled: bool, n: int) -> float:
+def packed_throughput(cfg: BenchConfig, data_dir: Path | None, mode: CompileMode, n: int) -> float:
     """Images per second of `n` worker processes training together on one device."""
     context = multiprocessing.get_context("spawn")
     barrier, results = context.Barrier(n), context.Queue()
-    job = _PackedJob(cfg, data_dir, compiled, n, barrier, results)
+    job = _PackedJob(cfg, data_dir, mode, n, barrier, results)
     processes = [context.Process(target=_packed_worker, args=(job,)) for _ in range(n)]
     for process in processes:
         process.start()
@@ -223,8 +244,6 @@ def run_bench(cfg: BenchConfig, data_dir: Path | None) -> tuple[list[Row], list[
     """Every row of the table, measured in this run on `cfg.device`."""
     device = cfg.device
     split, source = bench_data(data_dir, cfg.images, device)
-    compiled_too = wants_compile(cfg.compile, device)
-    paths = [("eager", False)] + ([("compiled", True)] if compiled_too else [])
     rows: list[Row] = []
     for depth in cfg.depths:
         log.info(
@@ -232,35 +251,35 @@ def run_bench(cfg: BenchConfig, data_dir: Path | None) -> tuple[list[Row], list[
             f"batch {REFERENCE_BATCH}) …"
         )
         measured = _measure(lambda d=depth: reference_epochs(split, d, cfg), device)
-        reference = _row(
-            depth,
-            f"DataLoader+PIL fp32 b{REFERENCE_BATCH}",
-            measured,
-            _epoch_images(len(split), REFERENCE_BATCH),
-            None,
-        )
+        images = _epoch_images(len(split), REFERENCE_BATCH)
+        reference = _row(depth, f"DataLoader+PIL fp32 b{REFERENCE_BATCH}", measured, images, None)
         rows.append(reference)
-        for name, compiled in paths:
+        eager = None
+        for mode in ("off", *cfg.modes):
+            name = "eager" if mode == "off" else mode
             log.info(f"{depth}-bn: tuner {name} (batch {cfg.batch_size}; bf16 on a GPU) …")
-            measured = _measure(lambda d=depth, c=compiled: tuner_epochs(split, d, cfg, c), device)
-            rows.append(
-                _row(
-                    depth,
-                    f"tuner {name} b{cfg.batch_size}",
-                    measured,
-                    _epoch_images(len(split), cfg.batch_size),
-                    reference,
-                )
-            )
+            measured = _measure(lambda d=depth, m=mode: tuner_epochs(split, d, cfg, m), device)
+            images = _epoch_images(len(split), cfg.batch_size)
+            row = _row(depth, f"tuner {name} b{cfg.batch_size}", measured, images, reference)
+            eager = eager or row
+            rows.append(row if mode == "off" else _with_payback(row, eager))
     packed: list[Packed] = []
     if cfg.packed:
         single = None
+        mode = compile_mode("auto", device)
         for n in cfg.packed:
-            log.info(f"{cfg.packed_depth}-bn: {n} packed worker(s) …")
-            rate = packed_throughput(cfg, data_dir, compiled_too, n)
+            log.info(f"{cfg.packed_depth}-bn: {n} packed worker(s), compile {mode} …")
+            rate = packed_throughput(cfg, data_dir, mode, n)
             single = single or (rate if n == 1 else None)
             packed.append(Packed(n, rate, rate / single if single else math.nan))
     return rows, packed, source
+
+
+def _with_payback(row: Row, eager: Row) -> Row:
+    """The epochs a compiled path needs to pay back its warm-up beyond eager's."""
+    extra = max(0.0, (row.warmup_seconds or 0.0) - (eager.warmup_seconds or 0.0))
+    saved = eager.epoch_seconds - row.epoch_seconds
+    return replace(row, pays_after=extra / saved if saved > 0 else math.inf)
 
 
 def _measure(run: Callable[[], list[float]], device: torch.device) -> tuple[list[float], float]:

@@ -56,13 +56,14 @@ from tuner.store_errors import store_cause
 from tuner.stores import store_error
 from tuner.tracking import StudyRuns, Tracker, TrialOutputs, TrialRunRef
 from tuner.train import (
+    CompileMode,
     Diverged,
     EpochStats,
     TrainConfig,
     TrainResult,
+    compile_mode,
     steps_per_epoch,
     train,
-    wants_compile,
 )
 
 log = logging.getLogger(__name__)
@@ -387,7 +388,7 @@ class TrialRun:
             self.params,
             seed,
             accumulation=self.accumulation,
-            compile=wants_compile(spec.train.compile, device),
+            compile=compile_mode(spec.train.compile, device),
         )
         bar = StepBar(steps_per_epoch(len(self.ctx.data.train), spec.train.batch_size), self.tag)
 
@@ -626,7 +627,7 @@ def train_config(
     seed: int,
     *,
     accumulation: int = 1,
-    compile: bool = False,
+    compile: CompileMode = "off",
 ) -> TrainConfig:
     """The study file's fixed training settings with the trial's drawn ones."""
     fixed = spec.train.model_dump(exclude={"width", "compile"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from tuner.records import RECORDS, Outcome
@@ -261,7 +262,9 @@ def bench(
             bench_table(rows, packed),
             "epoch s: median of the timed epochs (tuner's includes validating 256 images); "
             "× ref: the reference's epoch time over this path's; warm-up s: first epoch minus a "
-            "timed one (compiling, caches)",
+            "timed one (compiling, caches); pays after: epochs a compiled path needs before "
+            "the seconds it saves per epoch repay its warm-up beyond eager's (once per "
+            "architecture and worker)",
         ]
     )
 
@@ -269,7 +272,7 @@ def bench(
 def bench_table(rows: list[Row], packed: list[Packed]) -> str:
     lines = [
         f"{'model':<9} {'path':<26} {'epoch s':>8} {'images/s':>10} {'× ref':>6} "
-        f"{'warm-up s':>9} {'peak GiB':>8}"
+        f"{'warm-up s':>9} {'pays after':>10} {'peak GiB':>8}"
     ]
     for r in rows:
         ratio = "" if r.ratio is None else f"{r.ratio:.2f}"
@@ -277,7 +280,7 @@ def bench_table(rows: list[Row], packed: list[Packed]) -> str:
         peak = "" if r.peak_gib is None else f"{r.peak_gib:.2f}"
         lines.append(
             f"{r.depth + '-bn':<9} {r.path:<26} {r.epoch_seconds:>8.3f} "
-            f"{r.images_per_second:>10,.0f} {ratio:>6} {warmup:>9} {peak:>8}"
+            f"{r.images_per_second:>10,.0f} {ratio:>6} {warmup:>9} {_payback(r):>10} {peak:>8}"
         )
     if packed:
         lines += ["", f"{'packed workers':<15} {'images/s (all)':>15} {'× one worker':>13}"]
@@ -285,6 +288,12 @@ def bench_table(rows: list[Row], packed: list[Packed]) -> str:
             f"{p.workers:<15} {p.images_per_second:>15,.0f} {p.ratio:>13.2f}" for p in packed
         ]
     return "\n".join(lines)
+
+
+def _payback(row: Row) -> str:
+    if row.pays_after is None:
+        return ""
+    return "never" if math.isinf(row.pays_after) else f"{row.pays_after:.0f} ep"
 
 
 OVERHEAD_TARGETS = (

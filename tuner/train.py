@@ -8,6 +8,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -18,6 +19,13 @@ from tuner.data import Split, TrainVal, augment, normalize
 from tuner.spec import Augment, Optimizer, Schedule
 
 NAN_CHECK_EVERY = 10  # steps between divergence checks (each check syncs the GPU once)
+# How the forward-and-loss step runs: as written (off); traced, with inductor's generated
+# kernels, replayed as CUDA graphs (inductor); traced and replayed as CUDA graphs of torch's own
+# kernels, without code generation (graphs: a warm-up of seconds, not tens of seconds).
+CompileMode = Literal["off", "inductor", "graphs"]
+# what `compile: auto` runs on a GPU; `tuner bench` measures each mode's warm-up against the
+# seconds it saves per epoch (.ci/gpu runs it) — the figures that chose it are in the README
+AUTO_ON_GPU: CompileMode = "inductor"
 
 
 class Diverged(Exception):
@@ -44,7 +52,7 @@ class TrainConfig:
     cutout_size: int  # pixels
     seed: int
     accumulation: int = 1  # micro-batches per optimizer step (batch_size / accumulation each)
-    compile: bool = False  # torch.compile the training step (CUDA graphs on the GPU)
+    compile: CompileMode = "off"  # see CompileMode
 
 
 @dataclass(frozen=True)
@@ -153,35 +161,53 @@ def _forward_loss(
     return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
 
 
-def wants_compile(setting: str, device: torch.device) -> bool:
-    """`auto` compiles on the GPU only: on the CPU the compile takes longer than it saves."""
-    return setting == "on" or (setting == "auto" and device.type == "cuda")
+def compile_mode(setting: str, device: torch.device) -> CompileMode:
+    """The study file's `train.compile` on this device. `auto` compiles on the GPU only (on the
+    CPU a compile takes longer than it saves); `on` is `inductor`; `graphs` has nothing to
+    capture on the CPU and runs as written there."""
+    if setting == "auto":
+        return AUTO_ON_GPU if device.type == "cuda" else "off"
+    if setting == "on":
+        return "inductor"
+    if setting == "graphs" and device.type != "cuda":
+        return "off"
+    if setting not in ("off", "inductor", "graphs"):
+        raise ValueError(f"train.compile takes auto, on, inductor, graphs or off, got {setting!r}")
+    return setting  # type: ignore[return-value]
 
 
-_COMPILED: dict[str, Callable[..., torch.Tensor]] = {}
+_COMPILED: dict[tuple[str, CompileMode], Callable[..., torch.Tensor]] = {}
 COMPILE_BACKEND = "inductor"  # tests use "aot_eager": the same tracing, without code generation
 
 
-def step_function(device: torch.device, compiled: bool) -> Callable[..., torch.Tensor]:
-    """The forward-and-loss function; compiled once per process and device type.
+def step_function(device: torch.device, mode: CompileMode) -> Callable[..., torch.Tensor]:
+    """The forward-and-loss function; compiled once per process, device type and mode.
 
     One compiled function serves every trial of a worker: torch.compile treats parameters as
     inputs, so a new model of an architecture it has seen reuses the compiled graphs (the
-    warm-up is paid once per architecture and worker, and inductor's disk cache shortens it
-    for the next worker).
+    warm-up is paid once per architecture and worker; inductor's disk cache, shared by the
+    workers of a machine, shortens it for the next worker).
     """
-    if not compiled:
+    if mode == "off":
         return _forward_loss
-    if device.type not in _COMPILED:
+    key = (device.type, mode)
+    if key not in _COMPILED:
         import torch._dynamo
 
         # 4 depths × batch norm or not × micro-batch sizes: more graphs than the default 8
         torch._dynamo.config.recompile_limit = 64
-        mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs on the GPU
-        _COMPILED[device.type] = torch.compile(
-            _forward_loss, mode=mode, dynamic=False, backend=COMPILE_BACKEND
-        )
-    return _COMPILED[device.type]
+        if mode == "graphs":  # AOT autograd's forward and backward graphs, each a CUDA graph
+            compiled = torch.compile(_forward_loss, backend="cudagraphs", dynamic=False)
+        else:
+            cuda = device.type == "cuda"
+            compiled = torch.compile(
+                _forward_loss,
+                mode="reduce-overhead" if cuda else None,  # CUDA graphs on the GPU
+                dynamic=False,
+                backend=COMPILE_BACKEND,
+            )
+        _COMPILED[key] = compiled
+    return _COMPILED[key]
 
 
 def train(
@@ -200,6 +226,12 @@ def train(
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model.parameters(), cfg, device)
+    if _graphed(cfg, device):
+        # Under CUDA graphs autograd may take a backward output as a parameter's .grad, and
+        # the next micro-batch's replay overwrites it: accumulated gradients come out wrong
+        # (pytorch#169545). Gradients that always exist are added to in place, never taken.
+        for param in model.parameters():
+            param.grad = torch.zeros_like(param)
     total = cfg.epochs * steps_per_epoch(len(data.train), cfg.batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total, cfg.schedule, cfg.warmup_fraction)
@@ -230,6 +262,11 @@ def train(
         on_epoch(stats)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return TrainResult(tuple(history), probs.cpu().numpy(), state)
+
+
+def _graphed(cfg: TrainConfig, device: torch.device) -> bool:
+    """The step is replayed as CUDA graphs (both compiled modes, on a GPU)."""
+    return cfg.compile != "off" and device.type == "cuda"
 
 
 def steps_per_epoch(images: int, batch_size: int) -> int:
@@ -264,14 +301,15 @@ def _train_epoch(
     )
     labels = split.labels[order]
     micro = max(1, batch // cfg.accumulation)
+    graphed = _graphed(cfg, device)
     loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per step
     first_step = 0.0
     started = time.perf_counter()
     for step in range(1, steps + 1):
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not graphed)  # graphed: zeroed in place (`train`)
         for start in range((step - 1) * batch, step * batch, micro):
             end = min(start + micro, step * batch)
-            if cfg.compile and device.type == "cuda":
+            if graphed:  # a new replay: the last one's outputs are no longer read
                 torch.compiler.cudagraph_mark_step_begin()
             loss = step_fn(model, images[start:end], labels[start:end], cfg.label_smoothing)
             # each micro-batch's share of the batch mean: accumulated gradients equal one batch's

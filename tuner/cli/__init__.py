@@ -325,9 +325,14 @@ def bench(
     `tuner bench overhead`: what tuner's bookkeeping costs, as the study grows."""
     if ctx.invoked_subcommand is not None:
         return
-    from tuner.bench import BenchConfig, run_bench
+    from tuner.bench import BenchConfig, measured_modes, run_bench
 
     names, packed_name = parse_depths(depths, packed_depth)
+    picked = devices.pick(device)
+    try:
+        modes = measured_modes(compile_, picked)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--compile") from None
     cfg = BenchConfig(
         depths=names,
         batch_size=batch_size,
@@ -337,8 +342,8 @@ def bench(
         loader_workers=min(16, os.cpu_count() or 1) if loader_workers is None else loader_workers,
         packed=parse_counts(packed),
         packed_depth=packed_name,
-        compile=compile_,
-        device=devices.pick(device),
+        modes=modes,
+        device=picked,
     )
     rows, packed_rows, source = run_bench(cfg, Path(data_dir).expanduser() if data_dir else None)
     click.echo(report.bench(rows, packed_rows, cfg.device, source, cfg.images, width))

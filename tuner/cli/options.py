@@ -138,10 +138,11 @@ BENCH_OPTIONS = [
     click.option(
         "--compile",
         "compile_",
-        type=click.Choice(["auto", "on", "off"]),
         default="auto",
         show_default=True,
-        help="Measure the compiled path too (auto: on the GPU).",
+        help="Compiled paths measured beside eager: inductor, graphs (CUDA graphs without "
+        "code generation), both as 'inductor,graphs', or off (auto: both on a GPU, none on "
+        "the CPU).",
     ),
     click.option(
         "--data-dir",
