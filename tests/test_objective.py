@@ -69,6 +69,8 @@ def test_a_complete_trial_is_recorded_everywhere(ctx: StudyContext, shown) -> No
     assert stored.data.metrics["objective"] == pytest.approx(trial.value)
     assert stored.data.metrics["best_val_acc"] == pytest.approx(max(history))
     assert stored.data.metrics["epochs_trained"] == 2 and stored.data.params["state"] == "complete"
+    # the trial's time outside its epochs (model, run, weights): measured, never negative
+    assert stored.data.metrics["overhead_seconds"] > 0
     assert stored.info.run_name == f"0000 {run.params.label()}"  # e.g. `0000 vgg11-bn sgd`
     assert float(stored.data.params["log10_lr"]) == pytest.approx(math.log10(run.params.lr))
     files = {a.path for a in ctx.tracker.client.list_artifacts(run.run_id, "model")}

@@ -10,6 +10,7 @@ import contextlib
 import functools
 import logging
 import math
+import time
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -293,6 +294,8 @@ class TrialRun:
         self.weights_sha256: str | None = None
         self.pruned_after: int | None = None  # set by the epoch writer when the pruner says so
         self.deciding = False  # the pruner's answer for the last decision epoch is awaited
+        self.began: float | None = None  # perf_counter at `start`
+        self.epoch_seconds = 0.0  # the epochs' own time, summed (`overhead_seconds`: the rest)
 
     @property
     def run_id(self) -> str | None:
@@ -335,6 +338,7 @@ class TrialRun:
     def start(self) -> None:
         """Draw the point (unless drawn ahead); the MLflow run; the first line on the console."""
         spec, trial = self.spec, self.trial
+        self.began = time.perf_counter()
         if self.params is None and self.draw_error is None:
             self.draw()
         if self.draw_error is not None:
@@ -424,6 +428,7 @@ class TrialRun:
                 self.deciding = False
             self.stop_if_pruned()
             self.epochs = stats.epoch
+            self.epoch_seconds += stats.seconds
             if stats.val_acc is not None:
                 self.val_accs.append(stats.val_acc)
             decide = stats.epoch in self.ctx.decisions and not self.ctx.refit
@@ -532,11 +537,16 @@ class TrialRun:
         """The metrics every trial run logs alike, to compare trials on one axis: `objective`
         (what Optuna holds: the value of a completed trial, the last value a pruned or
         diverged one reported; none for a failed one), `best_val_acc` and `epochs_trained`.
-        A pruned trial has no `final_val_acc`: on that axis alone it would be drawn best."""
+        A pruned trial has no `final_val_acc`: on that axis alone it would be drawn best.
+        `overhead_seconds`: the trial's time outside its epochs so far (building the model,
+        the run, saving the weights and predictions)."""
+        overhead = {}
+        if self.began is not None:
+            overhead["overhead_seconds"] = time.perf_counter() - self.began - self.epoch_seconds
         if self.ctx.refit:
-            refit = {"epochs_trained": float(self.epochs)}
+            refit = {"epochs_trained": float(self.epochs), **overhead}
             return refit | ({"final_train_loss": value} if value is not None else {})
-        metrics = {"epochs_trained": float(len(self.val_accs))}
+        metrics = {"epochs_trained": float(len(self.val_accs)), **overhead}
         finite = [v for v in self.val_accs if math.isfinite(v)]
         if finite:
             metrics["best_val_acc"] = max(finite)

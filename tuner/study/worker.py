@@ -161,6 +161,10 @@ def work(plan: WorkerPlan) -> None:
         torch.set_num_threads(plan.threads)
     if plan.device.type == "cuda":
         torch.cuda.set_device(plan.device)
+    # the first optimizer a process builds imports torch._dynamo (2 s on 2 cores): here, once,
+    # with the worker's start-up, not inside its first trial's time
+    import torch._dynamo  # noqa: F401
+
     tracker = Tracker(plan.stores)
     study = open_study(plan.spec, plan.stores, plan.seed)
     log.info(f"loading CIFAR-10 from {plan.data_dir} onto {plan.device} …")
