@@ -32,6 +32,8 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 CUDA = torch.device("cuda")
+# the study file's own heartbeat and grace: a compile can hold the interpreter for seconds
+LIMITS = {"heartbeat": 10, "grace": 60}
 DEV = os.environ.get("TUNER_CIFAR_DEV")  # real images for the bf16/fp32 comparison, when set
 ARCHITECTURES = [(d, bn) for d in ("vgg11", "vgg13", "vgg16", "vgg19") for bn in (True, False)]
 CONFIG = TrainConfig(
@@ -194,7 +196,7 @@ def test_a_real_cuda_out_of_memory_frees_the_memory_and_the_half_batch_retry_com
     del data
     torch.cuda.empty_cache()
     train_cfg = {"epochs": 1, "batch_size": batch, "width": 1.0, "compile": "off"}
-    study_file(tmp_path, "oom", train=train_cfg, trials=1,
+    study_file(tmp_path, "oom", train=train_cfg, trials=1, limits=LIMITS,
                data={"val_size": 100, "train_size": batch})  # fmt: skip
     run = start(tmp_path, root, f"{fraction:.6f}", "study", "run", "oom", "--device", "cuda",
                 python=[sys.executable, "-c", CAPPED])  # fmt: skip
@@ -213,7 +215,7 @@ def test_three_workers_packed_on_one_gpu_finish_a_budget(tmp_path: Path) -> None
     its step once."""
     root = write_fake_cifar(tmp_path / "data", per_batch=600)
     space = {**ONE_POINT, "depth": ["vgg11", "vgg16"]}
-    study_file(tmp_path, "packed", space=space, trials=6,
+    study_file(tmp_path, "packed", space=space, trials=6, limits=LIMITS,
                train={"epochs": 3, "batch_size": 128, "width": 0.5},
                data={"val_size": 200, "train_size": 1000})  # fmt: skip
     run = start(tmp_path, root, "study", "run", "packed", "--gpus", "0", "--jobs-per-gpu", "3")
