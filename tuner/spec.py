@@ -86,9 +86,9 @@ class TrainSpec(_Frozen):
     width: Annotated[Float, Field(gt=0, le=4)] = 1.0  # channel multiplier; tests use 1/8
     cutout_size: Annotated[Int, Field(ge=1, le=32)] = 8  # pixels, for crop_flip_cutout
     crop_padding: Annotated[Int, Field(ge=0, le=16)] = 4  # pixels, for crop_*
-    # the training step on the GPU: inductor (torch.compile, CUDA graphs), graphs (CUDA graphs
-    # without code generation) or off; auto: what `tuner bench` found pays (train.AUTO_ON_GPU);
-    # on: inductor. The CPU runs every step as written.
+    # the training step: inductor (torch.compile, CUDA graphs on a GPU; `on` says the same),
+    # graphs (CUDA graphs without code generation; a GPU only) or off; auto: train.AUTO_ON_GPU
+    # on a GPU (inductor, until `.ci/gpu bench` measures that another pays), off on the CPU
     compile: Literal["auto", "on", "inductor", "graphs", "off"] = "auto"
 
 

@@ -23,8 +23,8 @@ NAN_CHECK_EVERY = 10  # steps between divergence checks (each check syncs the GP
 # kernels, replayed as CUDA graphs (inductor); traced and replayed as CUDA graphs of torch's own
 # kernels, without code generation (graphs: a warm-up of seconds, not tens of seconds).
 CompileMode = Literal["off", "inductor", "graphs"]
-# what `compile: auto` runs on a GPU; `tuner bench` measures each mode's warm-up against the
-# seconds it saves per epoch (.ci/gpu runs it) — the figures that chose it are in the README
+# what `compile: auto` runs on a GPU. Not yet measured: `tuner bench` (in `.ci/gpu bench`)
+# weighs each mode's warm-up against the seconds it saves per epoch, and decides it there
 AUTO_ON_GPU: CompileMode = "inductor"
 
 
