@@ -5,6 +5,7 @@ GPU (CI), each test here is skipped."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import statistics
@@ -134,8 +135,6 @@ def test_bf16_reaches_the_accuracy_of_fp32_within_the_seed_spread(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """Three seeds each; eager, so that only the precision differs."""
-    import contextlib
-
     if DEV:
         data = load_train_val(Path(DEV), DataSpec(val_size=1000), seed=0, device=CUDA)
     else:
