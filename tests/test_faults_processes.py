@@ -29,7 +29,13 @@ from .helpers import (
     wait_until,
     workers_of,
 )
-from .test_faults import FAST_LIMITS, heartbeat_stale, started_and_asked_ahead, study_file
+from .test_faults import (
+    FAST_LIMITS,
+    heartbeat_stale,
+    started,
+    started_and_asked_ahead,
+    study_file,
+)
 
 pytestmark = pytest.mark.slow
 finished = test_faults.finished  # a study with 2 finished trials (pytest fixture)
@@ -67,7 +73,7 @@ def test_sighup_to_the_process_group_ends_the_run_cleanly(
     run = start(tmp_path, fake_cifar, "study", "run", "hangup", "--jobs", "2", "--trials", "4",
                 group=True)  # fmt: skip
     wait_for_line(run, r"\[w\d\] \[trial \d\] epoch 2/")
-    wait_until(lambda: len(stored(tmp_path, "hangup").trials) >= 2, "both workers in a trial")
+    wait_until(lambda: len(started(tmp_path, "hangup")) >= 2, "both workers in a trial")
     os.killpg(run.pid, signal.SIGHUP)  # the terminal closed
     out, err = run.communicate(timeout=120)
     assert run.returncode == 129, out + err

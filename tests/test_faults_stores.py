@@ -80,7 +80,7 @@ def test_trials_lost_to_a_locked_store_are_failed_queued_and_not_counted(
     if run.returncode == 0:  # a worker went on: 2 trials finished, the lost ones not counted
         session = trials[0].user_attrs["session"]
         done = [t for t in trials if t.user_attrs.get("session") == session]
-        assert sum(t.state.name == "COMPLETE" for t in done) == 2
+        assert sum(t.state.name == "COMPLETE" for t in done) == 2, out + err
     lost = [t for t in trials if t.state.name == "FAIL"]
     assert lost, "a trial was lost to the lock"
     for trial in lost:
