@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -47,7 +48,7 @@ def run_trial(
     study = optuna.create_study(direction="maximize", pruner=pruner or optuna.pruners.NopPruner())
     run = TrialRun(ctx, study.ask())
     ending = run.attempt()
-    run.finish(ending)
+    run.record(ending)
     return run, ending, study.trials[run.trial.number]
 
 
@@ -125,7 +126,7 @@ def test_each_ending_is_written_the_same_to_optuna_mlflow_and_the_console(
     ctx: StudyContext, shown, monkeypatch: pytest.MonkeyPatch, case: str
 ) -> None:
     raised, state, reason, status, word = ROWS[case]
-    monkeypatch.setattr(objective, "train", _raising(raised))
+    ctx = replace(ctx, trainer=_raising(raised))
     run, ending, trial = run_trial(ctx)
     assert trial.state == state and trial.user_attrs["fail_reason"] == reason
     stored = mlflow_run(ctx, run)
@@ -151,11 +152,11 @@ def test_each_ending_is_written_the_same_to_optuna_mlflow_and_the_console(
 def test_out_of_memory_queues_the_point_once_at_half_the_batch(
     ctx: StudyContext, shown, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(objective, "train", _raising(torch.OutOfMemoryError("out of memory")))
+    ctx = replace(ctx, trainer=_raising(torch.OutOfMemoryError("out of memory")))
     study = optuna.create_study(direction="maximize")
     for _ in range(2):  # the trial, then its retry, which runs out of memory too
         run = TrialRun(ctx, study.ask())
-        run.finish(run.attempt())
+        run.record(run.attempt())
     first, retry = study.trials
     assert retry.user_attrs["grad_accumulation"] == 2 and retry.user_attrs["retry_of"] == 0
     assert retry.params == first.params

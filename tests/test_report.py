@@ -6,7 +6,7 @@ import optuna
 from optuna.trial import TrialState
 
 from tuner import report
-from tuner.bench import Packed, Row
+from tuner.bench.epochs import Packed, Row
 from tuner.ensemble import EnsembleReport, EnsembleRequest, Member, Scores
 from tuner.records import Outcome
 from tuner.study.status import Status
@@ -31,14 +31,13 @@ def test_a_run_summary_lists_failures_retries_and_the_best() -> None:
         ran={Outcome.PRUNED: 2, Outcome.COMPLETE: 3, Outcome.DIVERGED: 1}, seconds=12.34,
         best=best,
         failures=(Failure(2, Outcome.DIVERGED, "diverged"), Failure(5, Outcome.FAILED, "timeout")),
-        workers=("w0: finished", "w1: killed by SIGKILL"), retried={5: 6}, queued=(7, 8),
+        workers=("w0: finished", "w1: killed by SIGKILL"), retried={5: 6},
     )  # fmt: skip
     text = report.run_summary("vgg", summary)
     assert "ran 3 complete, 1 diverged, 2 pruned in 12.3 s" in text
     assert (
         "  trial 2 diverged\n  trial 5 failed: timeout\n  trial 5 was retried as trial 6" in text
     )
-    assert "  trials 7, 8 (asked for ahead) did not start: queued again for the next" in text
     assert "workers: w0: finished; w1: killed by SIGKILL" in text
     assert "best so far: trial 4, val_acc 0.8125" in text
 

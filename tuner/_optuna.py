@@ -10,6 +10,7 @@ fails the trials of workers that died. Each private name used is here, with why.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import json
 import logging
@@ -66,29 +67,45 @@ def heartbeat(trial: optuna.Trial, tag: str) -> Iterator[None]:
         yield
 
 
-def failed_stale(
-    study: optuna.Study, key: str, reason: str, alive: Callable[[FrozenTrial], bool]
-) -> list[int]:
-    """Fail the RUNNING trials whose heartbeat went stale, with user attribute `key` = `reason`,
-    and queue each again (the storage's callback), as `study.optimize` does before each trial;
-    the numbers of those failed. A trial that `alive` says is still running is spared: its
-    heartbeat is only late (a loaded machine, a store that was locked). Optuna's own
-    `fail_stale_trials` cannot spare one; the stale ids come from the storage's private
-    `_get_stale_trial_ids`."""
-    storage = study._storage
-    if storage.get_heartbeat_interval() is None:
+def stored(trial: optuna.Trial) -> FrozenTrial:
+    """The trial as the database holds it now (another process may have ended it): read past
+    the study's cache (`_backend`), which knows only what this process wrote."""
+    return _backend(trial.study).get_trial(trial._trial_id)
+
+
+def stale_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The RUNNING trials silent for longer than the storage's grace period: those whose last
+    heartbeat is older (the storage's private `_get_stale_trial_ids`, Optuna's own test), and
+    those with no heartbeat at all that started longer ago (a worker that died between `ask`
+    and its first beat: Optuna never fails these)."""
+    storage = _backend(study)
+    interval = storage.get_heartbeat_interval()
+    if interval is None:
         return []
-    callback = storage.get_heartbeat_stale_trial_callback()
-    failed = []
-    for trial_id in storage._get_stale_trial_ids(study._study_id):
-        trial = storage.get_trial(trial_id)
-        if trial.state != TrialState.RUNNING or alive(trial):
-            continue
-        if fail_from_outside(study, trial, key, reason):
-            failed.append(trial.number)
-            if callback is not None:
-                callback(study, storage.get_trial(trial_id))
-    return failed
+    grace = datetime.timedelta(seconds=storage.grace_period or 2 * interval)
+    stale = set(storage._get_stale_trial_ids(study._study_id))
+    tb = _tables.tables()
+    trials, beats = tb["trials"], tb["heartbeats"]
+    silent = (
+        sqlalchemy.select(trials.c.trial_id)
+        .outerjoin(beats, beats.c.trial_id == trials.c.trial_id)
+        .where(trials.c.study_id == study._study_id, trials.c.state == "RUNNING")
+        .where(beats.c.trial_id.is_(None))
+    )
+
+    def read() -> set[int]:
+        with storage.engine.connect() as db:
+            return set(db.scalars(silent).all())
+
+    never = patiently(read, f"the Optuna storage {shown(storage.url)}")
+    found = [storage.get_trial(i) for i in sorted(stale | never)]
+    now = datetime.datetime.now()  # Optuna's datetime_start is the asking process's clock
+    return [
+        t
+        for t in found
+        if t.state == TrialState.RUNNING
+        and (t._trial_id in stale or (t.datetime_start and now - t.datetime_start > grace))
+    ]
 
 
 def fail_from_outside(study: optuna.Study, trial: FrozenTrial, key: str, reason: str) -> bool:
@@ -101,36 +118,6 @@ def fail_from_outside(study: optuna.Study, trial: FrozenTrial, key: str, reason:
         return storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
     except optuna.exceptions.UpdateFinishedTrialError:
         return False
-
-
-def retry_dead(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Queue a failed trial again as the storage's stale-heartbeat callback would (once)."""
-    callback = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
-    callback(study, study._storage.get_trial(trial._trial_id))
-
-
-def unask(study: optuna.Study, trial_id: int) -> bool:
-    """Put a trial that was asked for but never trained back in the queue, its drawn
-    parameters kept: the next `ask`, in any process, takes it as an enqueued trial, and each
-    `suggest` returns the value already stored. Only for a trial whose worker is known not
-    to train it (it gave it back, or it died): a worker that goes on would not notice.
-    False where it is no longer running. Optuna has no public way back from RUNNING; the
-    storage allows it (`set_trial_state_values` refuses only a finished trial)."""
-    try:
-        return study._storage.set_trial_state_values(trial_id, TrialState.WAITING)
-    except optuna.exceptions.UpdateFinishedTrialError:
-        return False
-
-
-def ready_pruner(study: optuna.Study) -> None:
-    """Build Hyperband's brackets now. It builds them on its first `prune`, which the epoch
-    writer calls while the next trial is asked on the recorder's thread; that ask reads the
-    brackets (the sampler sees only the trial's own bracket) and could find them half-built.
-    `_try_initialization` and `_pruners` are private; with a fixed `max_resource` (tuner's
-    epochs) the study is not read."""
-    pruner = study.pruner
-    if isinstance(pruner, optuna.pruners.HyperbandPruner) and not pruner._pruners:
-        pruner._try_initialization(study)
 
 
 def claim_user_attr(
@@ -322,9 +309,11 @@ def _patient(name: str) -> Callable[..., object]:
     return wrapper
 
 
+# the study's cache calls the storage's private `_create_new_trial` (`ask`), `_set_trial_param`
+# (every `suggest_*`) and `_get_best_trial_id`: they wait out a lock as the public calls do
 for _name in (*optuna.storages.BaseStorage.__abstractmethods__, "record_heartbeat",
               "_get_stale_trial_ids", "get_trial_user_attrs", "get_trial_system_attrs",
-              "get_best_trial", "get_n_trials",
-              "get_trial_id_from_study_id_trial_number"):  # fmt: skip
+              "get_best_trial", "get_n_trials", "_create_new_trial", "_set_trial_param",
+              "_get_best_trial_id", "get_trial_id_from_study_id_trial_number"):  # fmt: skip
     if hasattr(optuna.storages.RDBStorage, _name):
         setattr(PatientStorage, _name, _patient(_name))

@@ -28,6 +28,7 @@ def tables() -> dict[str, sqlalchemy.TableClause]:
                     c("distribution_json")),
         "trial_attrs": t("trial_user_attributes", c("trial_id"), c("key"), c("value_json")),
         "study_attrs": t("study_user_attributes", c("study_id"), c("key"), c("value_json")),
+        "heartbeats": t("trial_heartbeats", c("trial_id")),
     }  # fmt: skip
 
 

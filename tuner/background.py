@@ -1,7 +1,6 @@
-"""Work in threads beside the training: a piece of work repeated while a block runs, that an
+"""Work in a thread beside the training: a piece of work repeated while a block runs, that an
 error does not end (the heartbeat of a trial, a `study run`'s watch for dead workers on every
-node); and writes handed off in order (each epoch's records), so that training never waits
-for a store."""
+node). The block owns the thread: leaving it ends the thread."""
 
 from __future__ import annotations
 
@@ -67,58 +66,3 @@ def repeating(
     finally:
         stop.set()
         thread.join(timeout=interval + 1 if join_timeout is None else join_timeout)
-
-
-class Drain:
-    """Work one thread hands off and another does, in order, so that the first never waits
-    for a store: `put(item)` returns at once, and a daemon thread `name` passes everything put
-    since its last call to `write(items)`, in one call (a batch). `flush()` waits until all
-    that was put is written, then raises the first error the writes met; so does `check()`,
-    without waiting. After an error, later items are still written."""
-
-    def __init__(self, write: Callable[[list[object]], object], name: str) -> None:
-        self._write = write
-        self._pending: list[object] = []
-        self._busy = False
-        self._error: BaseException | None = None
-        self._changed = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def put(self, item: object) -> None:
-        with self._changed:
-            self._pending.append(item)
-            self._changed.notify_all()
-
-    def flush(self, timeout: float | None = None) -> None:
-        """Wait until every item put is written (TimeoutError after `timeout` seconds), then
-        `check()`."""
-        with self._changed:
-            idle = self._changed.wait_for(lambda: not self._pending and not self._busy, timeout)
-        if not idle:
-            raise TimeoutError(f"{self._thread.name}: still writing after {timeout} s")
-        self.check()
-
-    def check(self) -> None:
-        """Raise the first error a write met since the last check (once)."""
-        with self._changed:
-            error, self._error = self._error, None
-        if error is not None:
-            raise error
-
-    def _run(self) -> None:
-        leave_signals_to_the_main_thread()
-        while True:
-            with self._changed:
-                self._changed.wait_for(lambda: bool(self._pending))
-                batch, self._pending = self._pending, []
-                self._busy = True
-            try:
-                self._write(batch)
-            except Exception as exc:
-                with self._changed:
-                    self._error = self._error or exc
-            finally:
-                with self._changed:
-                    self._busy = False
-                    self._changed.notify_all()

@@ -7,11 +7,13 @@ import contextlib
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from types import FrameType
 
 EXIT_HUNG = 124  # a worker whose trial would not stop after its time limit (as `timeout`)
 IMPORT_RETRY_SECONDS = 0.05  # a time limit that falls inside an import waits this long, again
+HANG_GRACE_SECONDS = 30  # after its time limit, a trial stuck in native code gets this long
 
 
 class Terminated(KeyboardInterrupt):
@@ -183,24 +185,83 @@ def resume() -> None:
     _raise_pending()
 
 
+class _Limit:
+    """A trial's time limit, counted on the training's clock: the seconds a trial spends
+    waiting for a store (`writing()`) are not counted, since a store that is locked for
+    less than the store wait must never turn a trial into a timeout. SIGALRM raises
+    `TrialTimeout` in the main thread after `seconds` of training; the watchdog thread ends
+    the process after `seconds + hang_grace` of training, where code stuck in native code
+    never returns to Python to see SIGALRM."""
+
+    def __init__(self, seconds: float, hang_grace: float) -> None:
+        self.seconds, self.hang_grace = seconds, hang_grace
+        self.spent = 0.0  # training seconds before the last pause
+        self.since: float | None = time.monotonic()  # None while paused
+        self.done = False
+        self.changed = threading.Condition()
+
+    def trained(self) -> float:
+        running = time.monotonic() - self.since if self.since is not None else 0.0
+        return self.spent + running
+
+    def pause(self) -> None:
+        with self.changed:
+            if self.since is not None:
+                self.spent += time.monotonic() - self.since
+                self.since = None
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def resume(self) -> None:
+        with self.changed:
+            self.since = time.monotonic()
+            self.changed.notify_all()
+        left = self.seconds - self.spent
+        if left > 0:  # else: the alarm came already (raised when the write is done)
+            signal.setitimer(signal.ITIMER_REAL, left)
+
+    def end(self) -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        with self.changed:
+            self.done = True
+            self.changed.notify_all()
+
+    def hung(self) -> bool:
+        """Wait until the training has run `seconds + hang_grace` (True), or the block ends."""
+        bound = self.seconds + self.hang_grace
+        with self.changed:
+            while not self.done:
+                if self.since is None:
+                    self.changed.wait()  # paused: a store write, bounded by the store wait
+                    continue
+                left = bound - self.trained()
+                if left <= 0:
+                    return True
+                self.changed.wait(left)
+        return False
+
+
+_limit: _Limit | None = None  # the time limit of the trial training now, if any
+
+
 @contextlib.contextmanager
 def time_limit(
-    seconds: float | None, on_hang: Callable[[], None], hang_grace: float = 30.0
+    seconds: float | None, on_hang: Callable[[], None], hang_grace: float = HANG_GRACE_SECONDS
 ) -> Iterator[None]:
-    """Raise `TrialTimeout` in the main thread after `seconds` of wall-clock time.
-
-    SIGALRM also cuts a blocking sleep or read short. Code stuck in native code never returns
-    to Python to see it: if the block has not ended `hang_grace` seconds later, a watchdog
-    thread calls `on_hang` (which records the trial as failed) and ends the process with
-    `EXIT_HUNG`; a supervisor then starts a fresh worker.
-    """
+    """Raise `TrialTimeout` in the main thread after `seconds` of training (see `_Limit`;
+    the time inside `writing()` is not counted). SIGALRM also cuts a blocking sleep or read
+    short. If the training is stuck where signals cannot reach it, a watchdog thread calls
+    `on_hang` (which records the trial as failed) `hang_grace` seconds later and ends the
+    process with `EXIT_HUNG`; a supervisor then starts a fresh worker. A limit that came
+    while the trial was being written and was not raised by the end of the block is dropped
+    with it: it belongs to this trial, never to the next."""
+    global _limit
     if seconds is None:
         yield
         return
-    done = threading.Event()
+    limit = _Limit(seconds, hang_grace)
 
     def watchdog() -> None:
-        if done.wait(seconds + hang_grace):
+        if not limit.hung():
             return
         try:
             on_hang()
@@ -208,10 +269,27 @@ def time_limit(
             os._exit(EXIT_HUNG)
 
     thread = threading.Thread(target=watchdog, name="tuner-trial-watchdog", daemon=True)
+    _limit = limit
     thread.start()
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        done.set()
+        limit.end()
+        _limit = None
+        _pending[:] = [e for e in _pending if not isinstance(e, TrialTimeout)]
+
+
+@contextlib.contextmanager
+def writing() -> Iterator[None]:
+    """A store write in the middle of training (an epoch's records): a signal waits for it
+    (`shielded`), and the trial's time limit stops counting while it waits for the store."""
+    limit = _limit if threading.current_thread() is threading.main_thread() else None
+    with shielded():
+        if limit is not None:
+            limit.pause()
+        try:
+            yield
+        finally:
+            if limit is not None:
+                limit.resume()

@@ -1,27 +1,24 @@
 """The only place that knows both an Optuna trial and the training loop. A `TrialRun` draws a
-point, trains it, reports each epoch to the pruner and to MLflow, and `finish` records how it
-ended in Optuna, in MLflow and on the console together. One table maps what training raised to
-that ending."""
+point, trains it, reports each epoch to the pruner and to MLflow as it ends, and `record` writes
+how the trial ended: its weights, then Optuna's state (final: Optuna decides), then its MLflow
+run, closed with that state, then the console. One table maps what training raised to that
+ending."""
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
 import functools
 import logging
 import math
 import time
 import traceback
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import optuna
 import torch
 from optuna.exceptions import UpdateFinishedTrialError
-from optuna.trial import TrialState
 
 from tuner import _optuna, interrupts
-from tuner.background import Drain
 from tuner.console import StepBar
 from tuner.data import TrainVal
 from tuner.devices import is_out_of_memory, release_memory
@@ -32,7 +29,6 @@ from tuner.pruning import decision_epochs
 from tuner.records import (
     ACCUMULATION_ATTR,
     BASELINE_ATTR,
-    CARRIED_ATTRS,
     DIVERGED,
     OUT_OF_MEMORY,
     PRUNED_AT_ATTR,
@@ -43,7 +39,6 @@ from tuner.records import (
     REFIT_OF_RUN_ATTR,
     REFIT_OF_RUN_TAG,
     REFIT_OF_TAG,
-    RETRY_OF_ATTR,
     RUN_ID_ATTR,
     TIMEOUT,
     Outcome,
@@ -51,6 +46,7 @@ from tuner.records import (
     retry_origin,
     trial_role,
 )
+from tuner.retries import queue_again
 from tuner.space import TrialParams, log10_twins, suggest
 from tuner.spec import StudySpec
 from tuner.store_errors import store_cause
@@ -69,7 +65,6 @@ from tuner.train import (
 
 log = logging.getLogger(__name__)
 REASON_CHARS = 500  # a fail reason longer than this is cut (the whole text is in error.txt)
-HANG_FLUSH_SECONDS = 10  # a hung trial's last epochs get this long to be written
 TAKEN = "failed by another process while it ran (its heartbeat was late); this attempt is dropped"
 
 
@@ -84,6 +79,7 @@ class StudyContext:
     sampler_seed: int = 0  # of the worker's sampler, recorded on each of its trials
     # after a trial's line: how far the run is, and its ETA (`worker.progress_note`)
     progress: Callable[[optuna.Study], str] = lambda study: ""
+    trainer: Callable[..., TrainResult] = train  # a benchmark replays epochs instead
 
     @property
     def device(self) -> torch.device:
@@ -95,98 +91,9 @@ class StudyContext:
         return trial_role(self.spec.name) is Role.REFIT
 
     @functools.cached_property
-    def epochs(self) -> Drain:
-        """The worker's epoch writer: each epoch's metrics (MLflow) and its value for the
-        pruner (Optuna), written in a thread of their own while the next epoch trains."""
-        return Drain(functools.partial(write_epochs, self.tracker), "tuner-epochs")
-
-    @functools.cached_property
-    def recorder(self) -> Drain:
-        """The worker's recorder of completed trials: their weights are written (0.1–0.3 s
-        for a VGG16's 59 MB) and the trial told to Optuna while the next trial trains. One
-        at a time: `run_one` flushes it before it hands over the next. After it, the trial
-        after next is asked for (`After`), so that the sampler knows the one recorded."""
-        return Drain(record_completed, "tuner-recorder")
-
-    @functools.cached_property
     def decisions(self) -> frozenset[int]:
         """The epochs after which the pruner is asked (it answers no at the others)."""
         return decision_epochs(self.spec)
-
-
-@dataclass(frozen=True)
-class Completed:
-    """A completed trial handed to the recorder, with the heartbeat it keeps until then."""
-
-    run: TrialRun
-    ending: Ending
-    heartbeat: contextlib.ExitStack
-
-
-@dataclass(frozen=True)
-class After:
-    """Work for the recorder's thread once the records put before it are written (the
-    worker's next trial, asked ahead): `work()`'s result or error goes to `future`. It is
-    cancelled, not done, after a record that stops the worker."""
-
-    work: Callable[[], object]
-    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
-
-    def __call__(self) -> None:
-        if not self.future.set_running_or_notify_cancel():
-            return  # cancelled: the worker stops
-        try:
-            result = self.work()
-        except BaseException as exc:
-            self.future.set_exception(exc)
-        else:
-            self.future.set_result(result)
-
-
-def record_completed(items: list[Completed | After]) -> None:
-    """In order: `finish` each completed trial, then stop its heartbeat; do each `After`. An
-    ending that stops the worker (its weights could not be saved: a store error) cancels the
-    work after it, and is raised, for the worker to meet at its next check."""
-    stop: BaseException | None = None
-    for item in items:
-        if isinstance(item, After):
-            if stop is not None:
-                item.future.cancel()
-            item()
-            continue
-        with item.heartbeat:
-            ending = item.run.finish(item.ending)
-        stop = stop or ending.stop
-    if stop is not None:
-        raise stop
-
-
-@dataclass(frozen=True)
-class EpochRecord:
-    """One epoch, handed to the epoch writer."""
-
-    trial: optuna.Trial
-    run_id: str
-    epoch: int
-    metrics: Mapping[str, float]
-    value: float | None  # what the pruner compares (val_acc); None: nothing to report (a refit)
-    pruned: Callable[[int], None] | None = None  # a decision epoch: told if the pruner says so
-
-
-def write_epochs(tracker: Tracker, records: list[EpochRecord]) -> None:
-    """The epochs handed over since the last call: each run's metrics in one MLflow call, then
-    each value reported to Optuna; at a decision epoch, the pruner is asked (while the next
-    epoch trains), and its yes handed back to the trial."""
-    by_run: dict[str, list[tuple[int, Mapping[str, float]]]] = {}
-    for record in records:
-        by_run.setdefault(record.run_id, []).append((record.epoch, record.metrics))
-    for run_id, epochs in by_run.items():
-        tracker.log_epochs(run_id, epochs)
-    for record in records:
-        if record.value is not None:
-            record.trial.report(record.value, record.epoch)
-        if record.pruned is not None and record.trial.should_prune():
-            record.pruned(record.epoch)
 
 
 @dataclass(frozen=True)
@@ -285,16 +192,13 @@ class TrialRun:
             else f"[refit of trial {self.refit_of}]"
         )
         self.params: TrialParams | None = None
-        self.draw_error: Exception | None = None  # what drawing the point ahead raised
         self.accumulation = int(trial.user_attrs.get(ACCUMULATION_ATTR, 1))
         self.run: TrialRunRef | None = None
         self.epochs = 0  # the last epoch that finished
-        # each epoch's, as reported to the pruner (never one after its decision to prune)
-        self.val_accs: list[float] = []
+        self.val_accs: list[float] = []  # each epoch's, as reported to the pruner
         self.weights_sha256: str | None = None
-        self.pruned_after: int | None = None  # set by the epoch writer when the pruner says so
-        self.deciding = False  # the pruner's answer for the last decision epoch is awaited
         self.began: float | None = None  # perf_counter at `start`
+        self.logging: list[Callable[[], None]] = []  # each epoch's metrics, until stored
         self.epoch_seconds = 0.0  # the epochs' own time, summed (`overhead_seconds`: the rest)
 
     @property
@@ -312,7 +216,7 @@ class TrialRun:
         return spec.model_copy(update={"train": spec.train.model_copy(update={"epochs": epochs})})
 
     def attempt(self) -> Ending:
-        """Start and train; whatever happens is an `Ending` (see `ENDINGS`)."""
+        """Draw, start and train; whatever happens is an `Ending` (see `ENDINGS`)."""
         try:
             self.start()
             with interrupts.live():  # until here, a signal waited for the trial to be set up
@@ -324,27 +228,13 @@ class TrialRun:
             return ending
         return Ending(Outcome.COMPLETE, result=result)
 
-    def draw(self) -> None:
-        """Draw the trial's point (the sampler's work; 0.1 s and more in a large study). Done
-        ahead, on the recorder's thread, for a trial asked ahead: what it raises there is
-        kept, and raised by `start`, where it is the trial's ending (`ENDINGS`)."""
-        try:
-            if self.ctx.refit and self.refit_of is None:
-                raise TunerError("no refit was queued for it (another worker took the last)")
-            self.params = suggest(self.trial, self.spec.space)
-        except Exception as exc:
-            self.draw_error = exc
-
     def start(self) -> None:
-        """Draw the point (unless drawn ahead); the MLflow run; the first line on the console."""
+        """Draw the point; the MLflow run; the first line on the console."""
         spec, trial = self.spec, self.trial
         self.began = time.perf_counter()
-        if self.params is None and self.draw_error is None:
-            self.draw()
-        if self.draw_error is not None:
-            raise self.draw_error
-        params = self.params
-        assert params is not None
+        if self.ctx.refit and self.refit_of is None:
+            raise TunerError("no refit was queued for it (another worker took the last)")
+        self.params = params = suggest(trial, self.spec.space)
         retry = retry_origin(trial.user_attrs, _optuna.frozen(trial).system_attrs)
         note = f" (retry of trial {retry})" if retry is not None else ""
         baseline = trial.user_attrs.get(BASELINE_ATTR)
@@ -362,7 +252,7 @@ class TrialRun:
             self.run = self.ctx.tracker.start_trial(
                 self.ctx.runs, spec.name, trial.number, drawn, spec.trial_settings(), label
             )
-        trial.set_user_attr(RUN_ID_ATTR, self.run.run_id)
+        trial.set_user_attr(RUN_ID_ATTR, self.run.run_id)  # it started: lost now, it counts
 
     def _start_refit(self, drawn: dict, label: str, note: str) -> TrialRunRef:
         """A refit's run: role `refit`, named and tagged with the search trial it retrains."""
@@ -400,13 +290,9 @@ class TrialRun:
             bar.end_epoch()
             self.on_epoch(stats)
 
-        def between_steps() -> None:
-            bar.step()
-            self.stop_if_pruned()
-
         try:
             with interrupts.time_limit(spec.limits.trial_timeout, self.record_hang):
-                return train(model, self.ctx.data, config, on_epoch, between_steps)
+                return self.ctx.trainer(model, self.ctx.data, config, on_epoch, bar.step)
         finally:
             bar.close()
 
@@ -416,46 +302,34 @@ class TrialRun:
         return Architecture(p.depth, p.batch_norm, p.dropout, self.spec.train.width)
 
     def on_epoch(self, stats: EpochStats) -> None:
-        """The console; MLflow and Optuna through the epoch writer, which also asks the pruner
-        at its decision epochs: training goes on meanwhile, and stops within a step of a yes
-        (`stop_if_pruned`), as pruned after that decision epoch. Each epoch waits for the last
-        decision, so the records are those of asking in line."""
-        with interrupts.shielded():  # the pruner's writes are not cut in half
-            writer = self.ctx.epochs
-            writer.check()  # a store that failed, a trial failed from outside: raised here
-            if self.deciding:
-                writer.flush()  # at once, but on a slow store: the epoch before was decided
-                self.deciding = False
-            self.stop_if_pruned()
-            self.epochs = stats.epoch
-            self.epoch_seconds += stats.seconds
+        """An epoch ended: its metrics to MLflow (asynchronously: stored before the trial is
+        recorded), its value to Optuna, and, at a decision epoch before the last, the pruner
+        asked (a trial that trained every epoch is complete, whatever the pruner would say).
+        Optuna's are written in line: a signal waits for them, and the time limit does not
+        count a store's wait."""
+        self.epochs = stats.epoch
+        self.epoch_seconds += stats.seconds
+        last = stats.epoch == self.spec.train.epochs
+        decide = stats.epoch in self.ctx.decisions and not self.ctx.refit and not last
+        assert self.run is not None
+        tracker = self.ctx.tracker
+        self.logging.append(tracker.log_epoch(self.run.run_id, stats.epoch, stats.metrics()))
+        with interrupts.writing():
             if stats.val_acc is not None:
                 self.val_accs.append(stats.val_acc)
-            decide = stats.epoch in self.ctx.decisions and not self.ctx.refit
-            assert self.run is not None
-            record = EpochRecord(self.trial, self.run.run_id, stats.epoch, stats.metrics(),
-                                 stats.val_acc, self._pruned if decide else None)  # fmt: skip
-            writer.put(record)
-            log.info(f"{self.tag} {describe_epoch(stats, self.spec.train.epochs)}")
-            self.deciding = decide
-            if decide and stats.epoch == self.spec.train.epochs:
-                writer.flush()  # the last epoch: nothing to train meanwhile
-                self.stop_if_pruned()
+                self.trial.report(stats.val_acc, stats.epoch)
+            prune = decide and self.trial.should_prune()
+        log.info(f"{self.tag} {describe_epoch(stats, self.spec.train.epochs)}")
+        if prune:
+            raise optuna.TrialPruned(f"pruned after epoch {stats.epoch}")
 
-    def _pruned(self, epoch: int) -> None:
-        self.pruned_after = epoch  # read by the training thread
-
-    def stop_if_pruned(self) -> None:
-        """Between steps and epochs: the pruner said to stop after a decision epoch."""
-        if self.pruned_after is not None:
-            self.epochs = self.pruned_after
-            raise optuna.TrialPruned(f"pruned after epoch {self.pruned_after}")
-
-    def finish(self, ending: Ending) -> Ending:
-        """Write how the trial ended: MLflow's run, then Optuna's trial, then the console. The
-        ending written (a completed trial whose epochs or weights could not be saved is a store
-        error)."""
-        ending = self._flush(ending)
+    def record(self, ending: Ending) -> Ending:
+        """Write how the trial ended, in this order: its weights (a completed trial whose
+        weights cannot be saved is a store error); Optuna's state, which is final (a trial
+        another process failed meanwhile keeps what that process wrote); the MLflow run,
+        closed with the state Optuna holds; the console; and a retry, where the ending asks
+        for one and the ending is this process's. The ending written."""
+        ending = self._epochs_stored(ending)
         value = None
         if ending.result is not None:
             try:
@@ -467,55 +341,67 @@ class TrialRun:
                 if not _is_store_error(exc):
                     raise
                 ending = _store_failed(self, exc)
-        try:
-            if ending.taken or _optuna.frozen(self.trial).state != TrialState.RUNNING:
-                ending = replace(ending, outcome=Outcome.KILLED, reason=TAKEN, taken=True)
-                self._end_run(ending, None)
-                log.info(f"{self.tag} {TAKEN}")
-                return ending
-            self._record(ending, value)
-        except UpdateFinishedTrialError:  # failed from outside between the check and the write
+        if not ending.taken:
+            ending = self._tell(ending, value)
+        self._end_run(ending, value)
+        if ending.taken:
             log.info(f"{self.tag} {TAKEN}")
-            return replace(ending, taken=True)
+            return ending
+        retried = self._retry_smaller() if ending.retry else ""
+        retried += self._requeue() if ending.requeue else ""
+        progress = self.ctx.progress(self.trial.study)
+        said = _console(ending, value, self.epochs, self.ctx.refit)
+        log.info(f"{self.tag} {said}{retried}{progress}")
+        return ending
+
+    def _epochs_stored(self, ending: Ending) -> Ending:
+        """Every epoch's metrics are stored before the trial is recorded. A completed trial
+        whose metrics could not be stored is not complete (`ENDINGS`); another ending stays
+        what it was, with one line."""
+        try:
+            while self.logging:
+                self.logging[0]()
+                self.logging.pop(0)
+        except Exception as exc:
+            self.logging.clear()
+            if ending.outcome is Outcome.COMPLETE:
+                return ending_for(self, exc) or ending
+            log.info(f"{self.tag} its last epochs' metrics could not be stored ({exc})")
+        return ending
+
+    def _tell(self, ending: Ending, value: float | None) -> Ending:
+        """Tell Optuna how the trial ended. Another process may have failed it meanwhile (its
+        heartbeat was late): the state that process wrote stays, and the ending becomes
+        `taken`. A `tell` whose commit went through before the connection dropped is retried
+        by the store wait and refused: the state read back is this ending's, so it stands."""
+        trial, outcome = self.trial, ending.outcome
+        state = RECORDS[outcome].optuna
+        try:
+            if ending.reason:
+                trial.set_user_attr(REASON_ATTR, ending.reason[:REASON_CHARS])
+            if outcome is Outcome.PRUNED:
+                trial.set_user_attr(PRUNED_AT_ATTR, self.epochs)
+            if outcome is Outcome.DIVERGED:
+                trial.set_constraint(DIVERGED, 1.0)  # violated: the sampler avoids this region
+            trial.study.tell(trial, value, state=state)
+            return ending
+        except (UpdateFinishedTrialError, ValueError) as exc:
+            if isinstance(exc, ValueError) and "Cannot tell" not in str(exc):
+                raise
         except Exception as exc:
             error = store_error(exc, self.ctx.tracker.stores)
             if error is None:
                 raise
             raise StoreError(
-                f"{error} (trial {self.trial.number} could not be recorded: the next `tuner "
-                "study run` fails it and queues it again once its heartbeat is stale)"
+                f"{error} (trial {trial.number} could not be recorded: the next `tuner study "
+                "run` fails it and queues it again once its heartbeat is stale)"
             ) from None
-        return ending
-
-    def _flush(self, ending: Ending) -> Ending:
-        """Every epoch handed to the writer is written before the trial is recorded. A
-        completed trial whose epochs could not be written is not complete (`ENDINGS`); another
-        ending stays what it was, with one line."""
-        try:
-            self.ctx.epochs.flush()
-        except UpdateFinishedTrialError:
-            pass  # failed from outside meanwhile: `finish` finds it so
-        except Exception as exc:
-            if ending.outcome is Outcome.COMPLETE:
-                return ending_for(self, exc) or ending
-            log.info(f"{self.tag} its last epochs could not be recorded ({exc})")
-        return ending
-
-    def _record(self, ending: Ending, value: float | None) -> None:
-        trial, outcome = self.trial, ending.outcome
-        if ending.reason:
-            trial.set_user_attr(REASON_ATTR, ending.reason[:REASON_CHARS])
-        if outcome is Outcome.PRUNED:
-            trial.set_user_attr(PRUNED_AT_ATTR, self.epochs)
-        if outcome is Outcome.DIVERGED:
-            trial.set_constraint(DIVERGED, 1.0)  # violated: the sampler avoids this region
-        self._end_run(ending, value)
-        retried = self._retry_smaller() if ending.retry else ""
-        retried += self._requeue() if ending.requeue else ""
-        trial.study.tell(trial, value, state=RECORDS[outcome].optuna)
-        progress = self.ctx.progress(trial.study)
-        said = _console(ending, value, self.epochs, self.ctx.refit)
-        log.info(f"{self.tag} {said}{retried}{progress}")
+        held = _optuna.stored(trial)
+        ours = held.state == state and held.value == value
+        if ours and ending.reason:
+            ours = held.user_attrs.get(REASON_ATTR) == ending.reason[:REASON_CHARS]
+        return ending if ours else replace(ending, outcome=Outcome.KILLED, reason=TAKEN,
+                                           taken=True)  # fmt: skip
 
     def _end_run(self, ending: Ending, value: float | None) -> None:
         if self.run is None:
@@ -524,7 +410,7 @@ class TrialRun:
         self.ctx.tracker.end_trial(
             self.run.run_id,
             ending.outcome,
-            value=None if self.ctx.refit else value,  # `final_val_acc`
+            value=None if self.ctx.refit or ending.taken else value,  # `final_val_acc`
             epochs=self.epochs,
             reason=tag and tag[:REASON_CHARS],
             details=ending.details,
@@ -550,7 +436,7 @@ class TrialRun:
         finite = [v for v in self.val_accs if math.isfinite(v)]
         if finite:
             metrics["best_val_acc"] = max(finite)
-        if value is not None:
+        if outcome is Outcome.COMPLETE and value is not None:
             metrics["objective"] = value
         elif outcome in (Outcome.PRUNED, Outcome.DIVERGED) and finite:
             metrics["objective"] = finite[-1]
@@ -558,21 +444,8 @@ class TrialRun:
 
     def _requeue(self) -> str:
         """Queue the same parameters once more, as they were (the trial was lost to a store)."""
-        self.trial.study.enqueue_trial(
-            self.trial.params,
-            user_attrs={
-                **self._carried(),
-                ACCUMULATION_ATTR: self.accumulation,
-                RETRY_OF_ATTR: self.trial.number,
-            },  # fmt: skip
-            skip_if_exists=False,
-        )
+        queue_again(self.trial.study, self.trial, self.trial.params, self.accumulation)
         return "; queued again (not counted against the budget)"
-
-    def _carried(self) -> dict[str, object]:
-        """What a retry keeps of this trial: its baseline name, what it refits."""
-        attrs = self.trial.user_attrs
-        return {k: attrs[k] for k in CARRIED_ATTRS if k in attrs}
 
     def _save(self, result: TrainResult) -> str:
         """The trial's weights, architecture and predictions; the weights' SHA-256."""
@@ -589,15 +462,7 @@ class TrialRun:
         micro = batch // (2 * self.accumulation)
         if not limits.retry_out_of_memory or self.accumulation > 1 or micro < 1:
             return "; not retried"
-        self.trial.study.enqueue_trial(
-            self.trial.params,
-            user_attrs={
-                **self._carried(),
-                ACCUMULATION_ATTR: 2 * self.accumulation,
-                RETRY_OF_ATTR: self.trial.number,
-            },
-            skip_if_exists=False,
-        )
+        queue_again(self.trial.study, self.trial, self.trial.params, 2 * self.accumulation)
         log.info(
             f"{self.tag} out of memory: queued a retry at batch {micro} "
             f"× {2 * self.accumulation} accumulation steps (same effective batch)"
@@ -606,16 +471,15 @@ class TrialRun:
 
     def record_hang(self) -> None:
         """From the watchdog thread: the trial ignored its time limit (stuck in native code);
-        record it before the process ends."""
+        record it before the process ends: Optuna first, then its run with what Optuna holds."""
         log.info(f"{self.tag} hung past its time limit; ending this worker")
         study = self.trial.study
-        try:
-            _optuna.fail_from_outside(study, _optuna.frozen(self.trial), REASON_ATTR, TIMEOUT)
-        finally:
-            with contextlib.suppress(Exception):  # its epochs, as far as the writer gets
-                self.ctx.epochs.flush(timeout=HANG_FLUSH_SECONDS)
-            why = "hung past limits.trial_timeout; the worker process was ended"
-            self._end_run(Ending(Outcome.FAILED, TIMEOUT, why), None)
+        failed = _optuna.fail_from_outside(study, _optuna.frozen(self.trial), REASON_ATTR,
+                                           TIMEOUT)  # fmt: skip
+        why = "hung past limits.trial_timeout; the worker process was ended"
+        ending = Ending(Outcome.FAILED, TIMEOUT, why) if failed else Ending(
+            Outcome.KILLED, TAKEN, taken=True)  # fmt: skip
+        self._end_run(ending, None)
 
 
 def _console(ending: Ending, value: float | None, epochs: int, refit: bool = False) -> str:

@@ -98,7 +98,8 @@ REASON_ATTR = "fail_reason"
 WORKER_ATTR = "worker"  # host:pid of the process running the trial
 SESSION_ATTR = "session"  # which `tuner study run` ran the trial (its budget counts it)
 ACCUMULATION_ATTR = "grad_accumulation"  # on the retry of a trial that ran out of memory
-RETRY_OF_ATTR = "retry_of"  # on that retry: the trial it repeats
+RETRY_OF_ATTR = "retry_of"  # on a retry (out of memory, a lost trial): the trial it repeats
+LOST_ATTR = "lost_attempts"  # on a retry: attempts of its point that died while training
 PRUNED_AT_ATTR = "pruned_at_epoch"
 BASELINE_ATTR = "baseline"  # a trial enqueued from the study file's `baselines`: its name
 SETTINGS_ATTR = "settings_sha256"  # the fixed settings the trial trained with (see SETTINGS_KEYS)
@@ -166,22 +167,39 @@ def trial_role(study_name: str) -> Role:
 
 
 def worker_id(pid: int | None = None) -> str:
-    """The WORKER_ATTR value of process `pid` (this process when None) on this host."""
-    return f"{socket.gethostname()}:{pid if pid is not None else os.getpid()}"
+    """The WORKER_ATTR value of process `pid` (this process when None) on this host:
+    `host:pid:start`, where `start` is when the process started (the kernel's clock ticks since
+    boot), so that a pid reused by another process (a restarted container) is never taken for
+    the worker. Read while the process exists."""
+    pid = os.getpid() if pid is None else pid
+    start = _start_time(pid)
+    return f"{socket.gethostname()}:{pid}" + (f":{start}" if start is not None else "")
+
+
+def _start_time(pid: int) -> int | None:
+    """Process `pid`'s start time from /proc (field 22 of its stat); None where there is none."""
+    try:
+        stat = open(f"/proc/{pid}/stat").read()  # noqa: SIM115 (one read)
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
 
 
 def worker_alive(worker: str) -> bool | None:
-    """Whether the process of a `worker_id` is alive; None when it runs on another host (only
-    its heartbeat can tell)."""
-    host, _, pid = worker.rpartition(":")
+    """Whether the process of a `worker_id` is alive, the same process (its start time
+    matches); None when it runs on another host (only its heartbeat can tell)."""
+    host, _, rest = worker.partition(":")
+    pid, _, start = rest.partition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return None
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process: alive
-        return True
+    except PermissionError:  # another user's process: alive, if it is the same one
+        pass
+    if start.isdigit():  # a pid reused since: another process
+        return _start_time(int(pid)) == int(start)
     return True
 
 

@@ -103,14 +103,17 @@ class LimitsSpec(_Frozen):
 
     trial_timeout: Annotated[Float, Field(gt=0)] | None = None  # wall-clock seconds per trial
     heartbeat: PosInt = 10  # seconds between a running trial's heartbeats
-    grace: PosInt = 60  # seconds of silence after which a trial's worker is taken for dead
+    # seconds of silence after which a trial's worker is taken for dead; more than twice the
+    # heartbeat: a live worker waits for a store at most grace - 2 × heartbeat
+    grace: PosInt = 60
     retry_out_of_memory: Bool = True  # once, at half the batch with 2-step gradient accumulation
 
     @model_validator(mode="after")
     def _check(self) -> LimitsSpec:
-        if self.grace <= self.heartbeat:
+        if self.grace <= 2 * self.heartbeat:
             raise ValueError(
-                f"grace must exceed heartbeat, got heartbeat={self.heartbeat}, grace={self.grace}"
+                "grace must exceed twice heartbeat (a live worker waits for a store at most "
+                f"grace - 2 × heartbeat), got heartbeat={self.heartbeat}, grace={self.grace}"
             )
         return self
 

@@ -22,12 +22,28 @@ STORE_WAIT_SECONDS = 120  # keep retrying a locked store this long in all (TUNER
 
 
 def store_wait() -> float:
-    """Seconds to wait out a locked store before the work that needs it fails."""
+    """Seconds to wait out a locked or unreachable store before the work that needs it fails:
+    TUNER_STORE_WAIT (default 120 s), and in a process that runs a study's trials no longer
+    than its grace period allows (`bound_store_wait`)."""
     raw = os.environ.get("TUNER_STORE_WAIT")
     try:
-        return float(raw) if raw else STORE_WAIT_SECONDS
+        wanted = float(raw) if raw else STORE_WAIT_SECONDS
     except ValueError:
         raise ConfigError(f"TUNER_STORE_WAIT={raw!r} is not a number of seconds") from None
+    return min(wanted, _bound) if _bound is not None else wanted
+
+
+_bound: float | None = None  # set once this process works on a study
+
+
+def bound_store_wait(heartbeat: float, grace: float) -> None:
+    """This process works on a study whose trials beat every `heartbeat` seconds and are taken
+    for dead after `grace` seconds of silence: it waits at most `grace - 2 × heartbeat` for a
+    store. A live worker that waited that long beats again within a heartbeat, so a store that
+    comes back within the store wait never makes a live trial look dead, on any node: they all
+    read the same study file. (docs/failures.md has the table of these times.)"""
+    global _bound
+    _bound = grace - 2 * heartbeat
 
 
 # -- store errors: what went wrong, in one line, and what to do -----------------------------------

@@ -294,7 +294,6 @@ def _open_storage(stores: Stores, heartbeat: int, grace: int) -> optuna.storages
         try:
             if server_database(url):  # the tables first, on connections closed after use:
                 build_optuna_schema(url, pooled=False)  # a lost race leaves none open
-            import optuna
 
             from tuner._optuna import PatientStorage
 
@@ -303,9 +302,9 @@ def _open_storage(stores: Stores, heartbeat: int, grace: int) -> optuna.storages
                 engine_kwargs=engine_options(url),
                 heartbeat_interval=heartbeat,
                 grace_period=grace,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                    max_retry=1
-                ),
+                # none: tuner queues a lost trial's point itself (`retries.lost`); Optuna's
+                # callback copies every user attribute, the dead attempt's run id and worker too
+                heartbeat_stale_trial_callback=None,
             )
         except Exception as exc:
             missing = missing_driver(url, exc)

@@ -300,7 +300,7 @@ BAD_FILES = {  # case: (text in the tiny study, replaced by, what the message mu
     "impossible range": ("    low: 0.0\n    high: 0.5\n", "    low: 0.4\n    high: 0.1\n",
                          "space.dropout: low must not exceed high"),
     "grace below heartbeat": ("trials: 4\n", "trials: 4\nlimits: {heartbeat: 30, grace: 10}\n",
-                              "limits: grace must exceed heartbeat"),
+                              "limits: grace must exceed twice heartbeat"),
 }  # fmt: skip
 
 

@@ -66,6 +66,11 @@ class _Budget:
     def spent(self, study: object) -> bool:
         return self._spent
 
+    def finished(self, study: object) -> int:
+        return self.done
+
+    done = 0  # the run's finished trials
+
 
 class _Plan:
     runs = "runs"
@@ -81,34 +86,38 @@ def recovered(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, str]]:
     monkeypatch.setattr(
         pool_module,
         "recover_dead_worker",
-        lambda study, tracker, runs, pid, how: calls.append((pid, how)),
+        lambda study, tracker, runs, worker, how: calls.append((worker, how)),
     )
     return calls
 
 
 @pytest.mark.parametrize("code", [0, 130, 143])
 def test_workers_that_finished_or_were_stopped_are_left_alone(recovered, code: int) -> None:
-    supervisor = Supervisor({"w0": _Plan()}, study=None, tracker=None, restarts_left=2)
-    assert supervisor.on_exit(Exit("w0", 7, code)) is None and recovered == []
+    supervisor = Supervisor({"w0": _Plan()}, study=None, tracker=None)
+    assert supervisor.on_exit(Exit("w0", "h:7:1", code)) is None and recovered == []
 
 
 @pytest.mark.parametrize("code", [-signal.SIGKILL, -signal.SIGTERM, 124])
-def test_a_killed_or_hung_worker_is_recovered_and_replaced_while_allowed(
+def test_a_killed_or_hung_worker_is_replaced_while_trials_finish_between_its_deaths(
     recovered, code: int
 ) -> None:
     plan = _Plan()
-    supervisor = Supervisor({"w0": plan}, study=None, tracker=None, restarts_left=1)
-    assert supervisor.on_exit(Exit("w0", 7, code)) is plan
-    assert recovered == [(7, Exit("w0", 7, code).describe())]
-    assert supervisor.on_exit(Exit("w0", 8, code)) is None, "no restarts left: a crash loop ends"
+    supervisor = Supervisor({"w0": plan}, study=None, tracker=None)
+    for death in range(10):  # killed again and again, a trial finishing in between each time
+        plan.budget.done += 1
+        assert supervisor.on_exit(Exit("w0", f"h:{death}:1", code)) is plan
+    assert recovered[0] == ("h:0:1", Exit("w0", "h:0:1", code).describe())
+    assert supervisor.on_exit(Exit("w0", "h:20:1", code)) is plan, "2 deaths in a row"
+    assert supervisor.on_exit(Exit("w0", "h:21:1", code)) is None, "3: a crash loop ends"
+    assert supervisor.stopped == ["w0"]
 
 
 def test_a_worker_that_failed_on_its_own_is_not_replaced(recovered) -> None:
-    supervisor = Supervisor({"w0": _Plan()}, study=None, tracker=None, restarts_left=3)
-    assert supervisor.on_exit(Exit("w0", 7, 1)) is None
-    assert recovered == [(7, "exit code 1")], "its trial is still recovered"
+    supervisor = Supervisor({"w0": _Plan()}, study=None, tracker=None)
+    assert supervisor.on_exit(Exit("w0", "h:7:1", 1)) is None
+    assert recovered == [("h:7:1", "exit code 1")], "its trial is still recovered"
 
 
 def test_no_replacement_once_the_budget_is_spent(recovered) -> None:
-    supervisor = Supervisor({"w0": _Plan(spent=True)}, study=None, tracker=None, restarts_left=3)
-    assert supervisor.on_exit(Exit("w0", 7, -signal.SIGKILL)) is None
+    supervisor = Supervisor({"w0": _Plan(spent=True)}, study=None, tracker=None)
+    assert supervisor.on_exit(Exit("w0", "h:7:1", -signal.SIGKILL)) is None

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import socket
+from unittest import mock
+
 import pytest
 from optuna.trial import TrialState
 
 from tuner import _optuna
 from tuner.records import WORKER_ATTR, worker_id
 from tuner.spec import parse
-from tuner.study.recovery import reconcile_runs, recover_dead_worker
+from tuner.study.recovery import fail_stale, reconcile_runs, recover_dead_worker
 from tuner.study.setup import create, open_study
 
 from ..conftest import TINY_STUDY
@@ -22,11 +26,14 @@ def setup(stores, request: pytest.FixtureRequest):
     return open_study(spec, stores), created.tracker, created.runs
 
 
-def _started(study, tracker, runs, pid: int):
-    """A trial as a worker `pid` starts it: RUNNING in Optuna, with a RUNNING MLflow run."""
+def _started(study, tracker, runs, pid: int, run: bool = True):
+    """A trial as worker `pid` starts it: RUNNING in Optuna, with a RUNNING MLflow run (none,
+    without `run`: asked for, not started)."""
     trial = _optuna.ask(study)
     trial.suggest_float("x", 0, 1)
-    trial.set_user_attr(WORKER_ATTR, worker_id(pid))
+    trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{pid}:1")
+    if not run:
+        return trial, None
     run_id = tracker.start_trial(runs, "tiny", trial.number, {}, {}).run_id
     trial.set_user_attr("mlflow_run_id", run_id)
     return trial, run_id
@@ -36,29 +43,48 @@ def test_a_dead_workers_trial_is_failed_queued_and_its_run_killed(setup) -> None
     study, tracker, runs = setup
     dead, dead_run = _started(study, tracker, runs, pid=11)
     alive, alive_run = _started(study, tracker, runs, pid=22)
-    recover_dead_worker(study, tracker, runs, pid=11, how="killed by SIGKILL")
+    worker = dead.user_attrs[WORKER_ATTR]
+    recover_dead_worker(study, tracker, runs, worker, how="killed by SIGKILL")
     trials = study.get_trials()
     assert trials[dead.number].state == TrialState.FAIL
     assert trials[dead.number].user_attrs["fail_reason"] == "worker killed by SIGKILL"
     assert trials[alive.number].state == TrialState.RUNNING, "another worker's trial is left"
     queued = trials[-1]
-    assert queued.state == TrialState.WAITING and queued.params == trials[dead.number].params
+    assert queued.state == TrialState.WAITING
+    assert queued.system_attrs["fixed_params"] == trials[dead.number].params
+    assert queued.user_attrs == {"grad_accumulation": 1, "retry_of": dead.number,
+                                 "lost_attempts": 1}, "the point, not the past"  # fmt: skip
     assert tracker.client.get_run(dead_run).info.status == "KILLED"
     assert tracker.client.get_run(alive_run).info.status == "RUNNING"
 
 
-def test_a_trial_a_dead_worker_asked_for_but_never_started_is_queued_as_it_was(setup) -> None:
-    """Asked ahead (drawn, no run yet): nothing of it failed, so nothing is failed; the next
-    ask takes it, with its point."""
+def test_a_point_lost_before_it_trained_is_queued_again_whatever_came_before(setup) -> None:
+    """A retry asked for and killed before it started is queued once more (it was never
+    trained); one lost while training a second time is left failed."""
     study, tracker, runs = setup
-    ahead = _optuna.ask(study)
-    ahead.suggest_float("x", 0, 1)
-    ahead.set_user_attr(WORKER_ATTR, worker_id(44))
-    recover_dead_worker(study, tracker, runs, pid=44, how="killed by SIGKILL")
-    [trial] = study.get_trials()
-    assert trial.state == TrialState.WAITING and "fail_reason" not in trial.user_attrs
-    again = _optuna.ask(study)
-    assert again.number == trial.number and again.suggest_float("x", 0, 1) == trial.params["x"]
+    first, _ = _started(study, tracker, runs, pid=44)
+    recover_dead_worker(study, tracker, runs, first.user_attrs[WORKER_ATTR], "killed")
+    retry, _ = _started(study, tracker, runs, pid=45, run=False)  # pops the retry
+    assert retry.user_attrs["retry_of"] == first.number and "mlflow_run_id" not in retry.user_attrs
+    recover_dead_worker(study, tracker, runs, retry.user_attrs[WORKER_ATTR], "killed")
+    again, _ = _started(study, tracker, runs, pid=46)
+    assert again.params == first.params and again.user_attrs["lost_attempts"] == 1
+    recover_dead_worker(study, tracker, runs, again.user_attrs[WORKER_ATTR], "killed")
+    states = [t.state for t in study.get_trials()]
+    assert states == [TrialState.FAIL] * 3, "lost twice while training: not queued again"
+
+
+def test_a_stale_trial_whose_worker_lives_is_spared_and_one_whose_pid_was_reused_is_not(
+    setup,
+) -> None:
+    study, tracker, runs = setup
+    live, _ = _started(study, tracker, runs, pid=0)
+    live.set_user_attr(WORKER_ATTR, worker_id())  # this process: alive
+    reused, _ = _started(study, tracker, runs, pid=os.getpid())  # same pid, other start time
+    with mock.patch.object(_optuna, "stale_trials", lambda s: [
+            _optuna.frozen(live), _optuna.frozen(reused)]):  # fmt: skip
+        assert fail_stale(study) == [reused.number]
+    assert _optuna.frozen(live).state == TrialState.RUNNING
 
 
 def test_a_run_whose_trial_ended_elsewhere_is_closed(setup) -> None:

@@ -39,7 +39,7 @@ def refitted(stores, fake_cifar, tmp_path_factory):
     study = open_study(SPEC, stores)
     for _ in range(3):
         run = TrialRun(ctx, _optuna.ask(study))
-        run.finish(run.attempt())
+        run.record(run.attempt())
     before = [(t.number, t.state, t.value) for t in study.get_trials()]
     request = RunRequest(devices=(CPU,), data_dir=fake_cifar)
     summary = run_refit(SPEC, stores, request, top=2, epochs=2)

@@ -17,9 +17,7 @@ def _study(*trials: tuple[TrialState, float | None, dict]) -> optuna.Study:
         trial = study.ask()
         for key, v in attrs.items():
             trial.set_user_attr(key, v)
-        if state == TrialState.WAITING:
-            assert _optuna.unask(study, trial._trial_id)
-        elif state != TrialState.RUNNING:
+        if state != TrialState.RUNNING:
             study.tell(trial, value, state=state)
     return study
 
@@ -65,7 +63,6 @@ def test_a_run_summary_counts_only_its_own_trials() -> None:
         (TrialState.FAIL, None, {**mine, "fail_reason": "worker killed by SIGKILL"}),
         (TrialState.PRUNED, None, {**mine, "fail_reason": "diverged"}),
         (TrialState.COMPLETE, 0.4, {**mine, "retry_of": 1}),
-        (TrialState.WAITING, None, mine),  # asked for ahead; the run stopped before it began
     )
     summary = summarize(study, "me", 1.5)
     assert summary.ran == {Outcome.FAILED: 1, Outcome.DIVERGED: 1, Outcome.COMPLETE: 1}
@@ -74,7 +71,6 @@ def test_a_run_summary_counts_only_its_own_trials() -> None:
         (2, Outcome.DIVERGED, "diverged"),
     ]
     assert summary.retried == {1: 3}
-    assert summary.queued == (4,), "not among what it ran"
     assert summary.best.number == 0, "the best of the whole study"
     assert not summary.nothing_finished
 
@@ -105,7 +101,6 @@ def _scheme(stores) -> str:
 def test_status_read_by_queries_agrees_with_the_whole_study(study_stores) -> None:
     """`study_status` reads counts and the top trials with a few queries: the same answer as
     every trial loaded and counted (`counts`, `ranked`)."""
-    from tuner import _optuna
     from tuner.records import DIVERGED, REASON_ATTR
     from tuner.spec import parse
     from tuner.study.setup import create, open_study
@@ -156,7 +151,6 @@ def test_status_of_a_study_that_is_not_there_says_how_to_make_it(tmp_path) -> No
 
 
 def test_the_best_trials_read_alone_are_those_ranked_from_the_whole_study(study_stores) -> None:
-    from tuner import _optuna
     from tuner.records import RUN_ID_ATTR
     from tuner.spec import parse
     from tuner.study.setup import create, open_study

@@ -325,7 +325,7 @@ def bench(
     `tuner bench overhead`: what tuner's bookkeeping costs, as the study grows."""
     if ctx.invoked_subcommand is not None:
         return
-    from tuner.bench import BenchConfig, measured_modes, run_bench
+    from tuner.bench.epochs import BenchConfig, measured_modes, run_bench
 
     names, packed_name = parse_depths(depths, packed_depth)
     picked = devices.pick(device)
@@ -375,7 +375,7 @@ def bench(
 def overhead(sizes: str, trials: int, asks: int, epoch_seconds: float, keep: str | None) -> None:
     """tuner's bookkeeping per epoch, per trial, for `ask`, `study status` and the start of
     `study run`, on studies of 0, 100 and 1,000 trials (SQLite stores, as the defaults)."""
-    from tuner.overhead import OverheadConfig, run_overhead
+    from tuner.bench.overhead import OverheadConfig, run_overhead
 
     cfg = OverheadConfig(
         sizes=parse_counts(sizes, zero=True),
@@ -448,7 +448,7 @@ def ensembles(
 ) -> None:
     """Greedy ensemble selection against the top-K average against the best single trial,
     with and without flip TTA, over whole studies of several seeds (mean and spread)."""
-    from tuner.ensemble_bench import EnsembleBenchConfig, run_ensemble_bench
+    from tuner.bench.ensembles import EnsembleBenchConfig, run_ensemble_bench
 
     cfg = EnsembleBenchConfig(
         study=study_file,

@@ -16,7 +16,6 @@ from tuner import _optuna, background
 from tuner.records import (
     PROCESS_TAG,
     REASON_ATTR,
-    RUN_ID_ATTR,
     TRIAL_NUMBER_TAG,
     WORKER_ATTR,
     WORKER_DIED,
@@ -24,8 +23,8 @@ from tuner.records import (
     Role,
     trial_role,
     worker_alive,
-    worker_id,
 )
+from tuner.retries import lost
 from tuner.store_errors import patiently
 
 if TYPE_CHECKING:
@@ -38,10 +37,18 @@ STALE = f"{WORKER_DIED} (no heartbeat within the grace period)"
 
 
 def fail_stale(study: optuna.Study) -> list[int]:
-    """Fail and queue again the trials whose heartbeat stopped, except those whose worker runs
-    on this host and is alive: a live trial is never failed (its heartbeat can be late on a
-    loaded machine). The numbers of those failed."""
-    return _optuna.failed_stale(study, REASON_ATTR, STALE, _alive_here)
+    """Fail the trials whose heartbeat stopped and queue their points again (`lost`), except
+    those whose worker runs on this host and is alive (the same process: its start time
+    matches): a live trial is never failed, its heartbeat can be late on a loaded machine.
+    The numbers of those failed."""
+    failed = []
+    for trial in _optuna.stale_trials(study):
+        if _alive_here(trial):
+            continue
+        if _optuna.fail_from_outside(study, trial, REASON_ATTR, STALE):
+            failed.append(trial.number)
+            lost(study, trial)
+    return failed
 
 
 def _alive_here(trial: FrozenTrial) -> bool:
@@ -51,9 +58,9 @@ def _alive_here(trial: FrozenTrial) -> bool:
 def recover_stale(
     study: optuna.Study, tracker: Tracker, runs: StudyRuns, *, starting: bool = True
 ) -> None:
-    """Trials whose heartbeat stopped are failed and queued again (Optuna's callback), and
-    MLflow runs left RUNNING by dead workers are closed as KILLED; `starting`: and a parent
-    run left RUNNING by a `study run` that died is closed."""
+    """Trials whose heartbeat stopped are failed and queued again, and MLflow runs left
+    RUNNING by dead workers are closed as KILLED; `starting`: and a parent run left RUNNING by
+    a `study run` that died is closed."""
     _fail_stale_said(study)
     reconcile_runs(study, tracker, runs)
     if starting:
@@ -67,24 +74,17 @@ def _fail_stale_said(study: optuna.Study) -> None:
 
 
 def recover_dead_worker(
-    study: optuna.Study, tracker: Tracker, runs: StudyRuns, pid: int, how: str
+    study: optuna.Study, tracker: Tracker, runs: StudyRuns, worker: str, how: str
 ) -> None:
-    """The trial a dead worker was running: failed and queued again at once (no need to wait
-    for its heartbeat to go stale), and its MLflow run KILLED. `how`: "killed by SIGKILL". One
-    it had asked for but not started (no run yet: asked ahead) goes back to the queue as it
-    was: nothing of it failed."""
-    worker = worker_id(pid)
+    """The trials of a worker that died (`worker`: its `worker_id`; `how`: "killed by
+    SIGKILL"): failed at once (no need to wait for their heartbeat to go stale) and their
+    points queued again (`lost`), their MLflow runs KILLED."""
     for trial in _optuna.trials_in(study, (TrialState.RUNNING,)):
         if trial.user_attrs.get(WORKER_ATTR) != worker:
             continue
-        if RUN_ID_ATTR not in trial.user_attrs:
-            if _optuna.unask(study, trial._trial_id):
-                log.info(f"[trial {trial.number}] asked for by the worker ({how}) but not "
-                         "started: queued again")  # fmt: skip
-            continue
         if _optuna.fail_from_outside(study, trial, REASON_ATTR, f"worker {how}"):
-            _optuna.retry_dead(study, trial)
-            log.info(f"[trial {trial.number}] lost with its worker ({how}); queued again")
+            said = "queued again" if lost(study, trial) else "not queued again (lost twice)"
+            log.info(f"[trial {trial.number}] lost with its worker ({how}); {said}")
     reconcile_runs(study, tracker, runs)
 
 

@@ -7,9 +7,10 @@ import contextlib
 import dataclasses
 import logging
 import os
+import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,7 +21,7 @@ from tuner import _optuna, background, interrupts
 from tuner.spec import StudySpec
 from tuner.stores import Stores, store_error
 from tuner.study.pictures import paint
-from tuner.study.pool import run_pool, shared_lock
+from tuner.study.pool import run_pool
 from tuner.study.recovery import recover_stale, watchdog
 from tuner.study.setup import create, open_study
 from tuner.study.summary import RunSummary, summarize, update_parent
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 
     from tuner.study.refit import Refit
     from tuner.tracking import StudyRuns, Tracker
+    from tuner.train import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,8 @@ class RunRequest:
     timeout: float | None = None  # seconds after which no trial starts
     data_dir: Path | None = None  # None: --data-dir's default (TUNER_DATA_DIR, the cache)
     allow_changed_settings: bool = False  # run on although train/data/seed were edited
+    # the training loop (`tuner.train.train`); `tuner bench overhead` replays epochs instead
+    trainer: Callable[..., TrainResult] | None = None
 
 
 def run_study(spec: StudySpec, stores: Stores, request: RunRequest) -> RunSummary:
@@ -70,6 +74,7 @@ def run_study(spec: StudySpec, stores: Stores, request: RunRequest) -> RunSummar
         with watchdog(study, tracker, runs), painting(study, tracker, runs):
             exits = _work(plans, study, tracker)
     finally:
+        _forget_claim(plans)
         _wind_up(study, tracker, runs, stores)
     return summarize(study, plans[0].budget.session, time.perf_counter() - started, exits)
 
@@ -80,6 +85,12 @@ def _work(plans: list[WorkerPlan], study: optuna.Study, tracker: Tracker) -> lis
         work(plans[0])
         return []
     return [f"{e.name}: {e.describe()}" for e in run_pool(plans, study, tracker)]
+
+
+def _forget_claim(plans: list[WorkerPlan]) -> None:
+    """The run's workers have ended: their claim file goes (its lock died with them)."""
+    if plans[0].claim is not None:
+        plans[0].claim.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -141,11 +152,12 @@ def worker_plans(
     deadline = time.time() + request.timeout if request.timeout else None
     slots = [(d, j) for d in request.devices for j in range(request.jobs_per_device)]
     slots = slots[:n] if queued_only else slots  # no worker for a refit that is not there
-    budget = Budget(uuid.uuid4().hex[:12], n, deadline, len(slots), queued_only)
+    budget = Budget(uuid.uuid4().hex[:12], n, deadline, queued_only)
     data_dir = resolve_data_dir(request.data_dir)
     if len(slots) == 1:
-        return [WorkerPlan("main", spec, stores, runs, data_dir, slots[0][0], budget)]
-    claim = shared_lock()
+        return [WorkerPlan("main", spec, stores, runs, data_dir, slots[0][0], budget,
+                           trainer=request.trainer)]  # fmt: skip
+    claim = Path(tempfile.gettempdir()) / f"tuner-{budget.session}.claim"
     # each worker gets its share of the cores: oversubscribed OpenMP threads spin-wait on
     # each other, and an epoch of 0.1 s took 3.7 s now and then
     threads = max(1, (os.cpu_count() or 1) // len(slots))
@@ -161,6 +173,7 @@ def worker_plans(
             claim,
             threads,
             index,
+            request.trainer,
         )
         for index, (device, j) in enumerate(slots)
     ]
@@ -198,6 +211,7 @@ def run_refit(
             with watchdog(study, tracker, runs):
                 exits = _work(plans, study, tracker)
         finally:
+            _forget_claim(plans)
             _recover_quietly(study, tracker, runs, stores)
     ran = summarize(study, session, time.perf_counter() - started, exits)
     return RefitSummary(ran, refit.completed_refits(spec, stores), epochs)

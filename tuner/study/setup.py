@@ -26,6 +26,7 @@ from tuner.records import (
     SPEC_JSON_ATTR,
 )
 from tuner.spec import StudySpec, parse
+from tuner.store_errors import bound_store_wait
 from tuner.stores import (
     Stores,
     build_aside,
@@ -107,6 +108,9 @@ def make_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
 
 
 def storage_for(spec: StudySpec, stores: Stores) -> optuna.storages.RDBStorage:
+    """The study's storage; from here on this process waits for a store no longer than the
+    study's heartbeat and grace allow (`store_errors.bound_store_wait`)."""
+    bound_store_wait(spec.limits.heartbeat, spec.limits.grace)
     return optuna_storage(stores, spec.limits.heartbeat, spec.limits.grace)
 
 

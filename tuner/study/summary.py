@@ -64,7 +64,6 @@ class RunSummary:
     failures: tuple[Failure, ...]
     workers: tuple[str, ...] = ()  # how each worker process ended (several workers)
     retried: dict[int, int] = field(default_factory=dict)  # lost trial → the trial retrying it
-    queued: tuple[int, ...] = ()  # asked ahead, not started (the run stopped): back in the queue
     completed: int = 0  # completed trials in the whole study (what an ensemble can take)
 
     @property
@@ -78,7 +77,6 @@ def summarize(
 ) -> RunSummary:
     trials = study.get_trials(deepcopy=False)
     mine = [t for t in trials if t.user_attrs.get(SESSION_ATTR) == session]
-    queued = tuple(t.number for t in mine if t.state == TrialState.WAITING)
     mine = [t for t in mine if t.state != TrialState.WAITING]
     retried = {}
     for t in mine:
@@ -99,7 +97,6 @@ def summarize(
         failures=failures,
         workers=tuple(workers),
         retried=retried,
-        queued=queued,
         completed=sum(t.state == TrialState.COMPLETE for t in trials),
     )
 

@@ -1,16 +1,11 @@
-"""A worker: take trials from the run's budget until it is spent, one at a time. The loop asks
-Optuna for each trial and holds the signal discipline around it: SIGTERM and Ctrl-C wait while
-a trial is set up and while it is recorded, and act at once while it trains.
-
-The next trial is asked for while one trains (`Ahead`), on the recorder's thread once the
-trial before is recorded: the sampler's work (0.1–0.2 s at 1,000 trials) is off the training
-thread, and the sampler knows what it would have known asked in line (the trial before last;
-the one training is a running trial either way). A trial asked ahead that does not train (the
-worker stops) goes back to the queue with its point."""
+"""A worker runs one trial at a time, top to bottom (`run_one`), until its run's budget is
+spent: stale trials failed and queued again, `ask`, the point drawn, the heartbeat, training,
+the weights, `tell`, the MLflow run closed with the state Optuna holds, the next. It reads as
+Optuna's own `_run_trial` does. SIGTERM and Ctrl-C wait while a trial is set up and while it
+is recorded, and act at once while it trains."""
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import faulthandler
 import functools
@@ -18,12 +13,13 @@ import gc
 import logging
 import signal
 import sys
-import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+import filelock
 import optuna
 from optuna.trial import TrialState
 
@@ -34,7 +30,6 @@ from tuner.records import (
     SESSION_ATTR,
     SETTINGS_ATTR,
     WORKER_ATTR,
-    Outcome,
     Role,
     retried_numbers,
     trial_role,
@@ -48,8 +43,9 @@ from tuner.study.setup import open_study, sampler_seed, settings_digest
 if TYPE_CHECKING:
     import torch
 
-    from tuner.objective import After, StudyContext, TrialRun
+    from tuner.objective import StudyContext
     from tuner.tracking import StudyRuns
+    from tuner.train import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +57,6 @@ class Budget:
     session: str  # the run's id, on each of its trials
     trials: int  # trials this run may start; a trial lost and retried counts once
     deadline: float | None  # time.time() after which no trial starts
-    workers: int = 1  # the run's workers, sharing it
     queued_only: bool = False  # take only queued trials, never ask the sampler (refits)
 
     def expired(self) -> bool:
@@ -89,11 +84,12 @@ class Budget:
     def spent(self, study: optuna.Study) -> bool:
         return self.left(study) == 0
 
-    def enough_to_ask_ahead(self, study: optuna.Study) -> bool:
-        """The last trials (one per worker) are asked for in line, by whichever worker is
-        free: asked ahead, they would wait behind a busy worker's trial while another worker
-        found the budget spent and stopped."""
-        return self.left(study) >= self.workers
+    def finished(self, study: optuna.Study) -> int:
+        """This run's trials that have ended (however they ended)."""
+        return sum(
+            t.user_attrs.get(SESSION_ATTR) == self.session and t.state.is_finished()
+            for t in study.get_trials(deepcopy=False)
+        )
 
 
 def progress_note(budget: Budget, study: optuna.Study, now: float | None = None) -> str:
@@ -138,9 +134,13 @@ class WorkerPlan:
     data_dir: Path
     device: torch.device
     budget: Budget
-    claim: Any = None  # a multiprocessing lock: one worker at a time turns budget into a trial
+    # a file the run's workers lock (flock) while one turns budget into a trial; the kernel
+    # lets go of it when the process holding it dies. None: a worker alone in its run
+    claim: Path | None = None
     threads: int | None = None  # CPU threads for torch; None: torch's default (all cores)
     index: int = 0  # the worker's number in its run: seeds its own sampler
+    # the training loop (`tuner.train.train`); `tuner bench overhead` replays epochs instead
+    trainer: Callable[..., TrainResult] | None = None
 
     @property
     def seed(self) -> int:
@@ -156,6 +156,7 @@ def work(plan: WorkerPlan) -> None:
     from tuner.data import load_train_val
     from tuner.objective import StudyContext
     from tuner.tracking import Tracker
+    from tuner.train import train
 
     if plan.threads is not None:
         torch.set_num_threads(plan.threads)
@@ -176,169 +177,45 @@ def work(plan: WorkerPlan) -> None:
         log.info(f"  {len(data.train)} training and {len(data.val)} validation images from "
                  f"{data.source}")  # fmt: skip
     progress = functools.partial(progress_note, plan.budget)
-    ctx = StudyContext(plan.spec, data, tracker, plan.runs, plan.seed, progress)
-    # alone in its process, a worker has nobody to wait for: a lock of its own does
-    claim = plan.claim if plan.claim is not None else threading.Lock()
-    _optuna.ready_pruner(study)  # before its first `prune` meets an ask on another thread
-    ahead = Ahead()
-    try:
-        while run_one(study, ctx, plan.budget, claim, ahead):
-            if plan.device.type == "cpu":
-                gc.collect()  # as study.optimize(gc_after_trial=True): the CPU allocator keeps it
-    except BaseException:
-        ahead.give_back()
-        _last_record(ctx, raising=False)
-        raise
-    ahead.give_back()
-    _last_record(ctx)
-
-
-def _last_record(ctx: StudyContext, raising: bool = True) -> None:
-    """The worker ends (its budget spent, a signal, an error): the completed trial the
-    recorder still writes is recorded first. Its error is raised, unless another error or a
-    signal is already ending the worker (then it is one line)."""
-    try:
-        with interrupts.shielded():  # Ctrl-C waits for the record
-            ctx.recorder.flush()
-    except Exception as exc:
-        if raising:
-            raise
-        log.info(f"the last completed trial could not be recorded: {exc}")
-
-
-@dataclass(frozen=True)
-class Asked:
-    """A trial asked for, its point drawn, not trained yet; its heartbeat runs."""
-
-    run: TrialRun
-    heartbeat: contextlib.ExitStack
-
-    def give_back(self) -> None:
-        """It will not train here (the worker stops): back in the queue, its point kept, for
-        the next worker or run to take."""
-        tag = self.run.tag
-        with interrupts.shielded(), self.heartbeat:  # a second Ctrl-C waits for the write
-            try:
-                trial = self.run.trial
-                back = _optuna.unask(trial.study, trial._trial_id)
-            except Exception as exc:
-                log.info(
-                    f"{tag} asked ahead and not started, but it could not be queued again "
-                    f"({exc}); it is failed and queued once its heartbeat is stale"
-                )
-                return
-        if back:
-            log.info(f"{tag} asked ahead and not started: queued again for the next worker")
-
-
-class Ahead:
-    """A worker's next trial, asked for on the recorder's thread while one trains: queued
-    after the record of the trial before (`After`), so that the sampler knows it."""
-
-    def __init__(self) -> None:
-        self._next: After | None = None
-
-    def ask(self, study: optuna.Study, ctx: StudyContext, budget: Budget, claim: Any) -> None:
-        from tuner.objective import After
-
-        self._next = After(functools.partial(set_up, study, ctx, budget, claim, ahead=True))
-        ctx.recorder.put(self._next)
-
-    def take(self) -> Asked | None:
-        """The trial asked ahead, once it is (its set-up's error is raised); None where none
-        was: the budget was spent then, or a record before it failed (the recorder says)."""
-        after, self._next = self._next, None
-        if after is None:
-            return None
-        try:
-            return after.future.result()
-        except concurrent.futures.CancelledError:
-            return None
-
-    def give_back(self) -> None:
-        """The worker stops: the trial asked ahead, if any, goes back to the queue."""
-        after, self._next = self._next, None
-        if after is None or after.future.cancel():
-            return
-        try:
-            with interrupts.shielded():
-                asked = after.future.result()
-        except Exception as exc:
-            log.info(f"the next trial could not be asked for ahead: {exc}")
-            return
-        if asked is not None:
-            asked.give_back()
-
-
-def set_up(
-    study: optuna.Study, ctx: StudyContext, budget: Budget, claim: Any, ahead: bool = False
-) -> Asked | None:
-    """Turn budget into a trial, one worker at a time (`claim`): the budget checked, stale
-    trials failed (as `study.optimize` does before each trial), `ask`, its heartbeat and
-    attributes; then its point drawn. None: the budget is spent (`ahead`: too little is
-    left to ask ahead), or a signal waits."""
-    from tuner.objective import TrialRun
-
-    with contextlib.ExitStack() as beating:
-        with claim:
-            room = budget.enough_to_ask_ahead(study) if ahead else not budget.spent(study)
-            if interrupts.pending() or not room:
-                return None
-            fail_stale(study)
-            trial = _optuna.ask(study)
-            # its heartbeat from the start: a trial whose set-up fails (a full disk) is
-            # failed and queued again once the heartbeat is stale, never left RUNNING
-            beating.enter_context(_optuna.heartbeat(trial, f"[trial {trial.number}]"))
-            trial.set_user_attr(WORKER_ATTR, worker_id())  # it says the trial is live
-            trial.set_user_attr(SESSION_ATTR, budget.session)  # counted, under the claim
-            trial.set_user_attr(SAMPLER_SEED_ATTR, ctx.sampler_seed)
-            trial.set_user_attr(SETTINGS_ATTR, settings_digest(ctx.spec))
-        run = TrialRun(ctx, trial)
-        run.draw()
-        return Asked(run, beating.pop_all())
+    ctx = StudyContext(plan.spec, data, tracker, plan.runs, plan.seed, progress,
+                       plan.trainer or train)  # fmt: skip
+    claim = filelock.FileLock(plan.claim) if plan.claim is not None else contextlib.nullcontext()
+    while run_one(study, ctx, plan.budget, claim):
+        if plan.device.type == "cpu":
+            gc.collect()  # as study.optimize(gc_after_trial=True): the CPU allocator keeps it
 
 
 def run_one(
-    study: optuna.Study, ctx: StudyContext, budget: Budget, claim: Any, ahead: Ahead | None = None
+    study: optuna.Study,
+    ctx: StudyContext,
+    budget: Budget,
+    claim: contextlib.AbstractContextManager = contextlib.nullcontext(),  # noqa: B008
 ) -> bool:
-    """Take the trial asked ahead (or ask for one), train it, record it; False when the budget
-    is spent. With `ahead`, the next trial is asked for while this one trains."""
-    from tuner.objective import Completed
+    """One trial, top to bottom; False when the budget is spent. A signal that comes while
+    the trial is set up or recorded waits for it, and is raised at the end: the worker stops
+    with its trial recorded whole."""
+    from tuner.objective import TrialRun
 
-    interrupts.defer()  # a signal waits while the trial is set up, and while it is recorded
+    interrupts.defer()
     try:
-        asked = ahead.take() if ahead is not None else None
-        try:
-            ctx.recorder.check()  # the last completed trial could not be recorded: stop
-        except BaseException:
-            if asked is not None:
-                asked.give_back()
-            raise
-        if asked is not None and (interrupts.pending() or budget.expired()):
-            asked.give_back()
-            return False
-        asked = asked or set_up(study, ctx, budget, claim)
-        if asked is None:
-            return False
         with contextlib.ExitStack() as beating:
-            beating.enter_context(asked.heartbeat)
-            run = asked.run
-            if ahead is not None:
-                ahead.ask(study, ctx, budget, claim)  # the next one, while this one trains
-            ending = run.attempt()  # signals act at once while it trains
-            if ending.outcome is Outcome.COMPLETE:
-                # recorded while the next trial trains; the one before is recorded by now
-                try:
-                    ctx.recorder.flush()
-                except Exception:  # it could not be: this one is recorded here, then stop
-                    with contextlib.suppress(Exception):  # if not, it is failed when stale
-                        run.finish(ending)
-                    raise
-                ctx.recorder.put(Completed(run, ending, beating.pop_all()))
-                return True
-            ending = run.finish(ending)
+            with claim:  # one worker at a time turns budget into a trial (exact count)
+                if interrupts.pending() or budget.spent(study):
+                    return False
+                fail_stale(study)  # as study.optimize does before each trial
+                trial = _optuna.ask(study)  # a queued trial first (popped atomically)
+                # its heartbeat from the start: if this process dies from here on, another
+                # (its supervisor, a later run, another node) fails it and queues it again
+                beating.enter_context(_optuna.heartbeat(trial, f"[trial {trial.number}]"))
+                trial.set_user_attr(WORKER_ATTR, worker_id())  # it says the trial is live
+                trial.set_user_attr(SESSION_ATTR, budget.session)  # counted, under the claim
+            trial.set_user_attr(SAMPLER_SEED_ATTR, ctx.sampler_seed)
+            trial.set_user_attr(SETTINGS_ATTR, settings_digest(ctx.spec))
+            run = TrialRun(ctx, trial)
+            ending = run.attempt()  # draw, open the run, train: signals act at once here
+            ending = run.record(ending)  # weights, then Optuna, then MLflow, then the console
     finally:
-        interrupts.resume()  # a signal that waited is raised here, between trials
+        interrupts.resume()  # a signal that waited is raised here, the trial recorded
     if ending.stop is not None:  # Ctrl-C, SIGTERM, a store error: the worker stops too
         raise ending.stop
     return True

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from tuner import report
-from tuner.ensemble_bench import EnsembleBenchConfig, SeedRow, mean_and_spread
+from tuner.bench.ensembles import EnsembleBenchConfig, SeedRow, mean_and_spread
 
-from .conftest import write_study
-from .helpers import tuner
+from ..conftest import write_study
+from ..helpers import tuner
 
 
 def _row(seed: int, single: float, average: float, greedy: float) -> SeedRow:

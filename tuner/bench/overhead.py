@@ -1,13 +1,15 @@
 """`tuner bench overhead`: what tuner's bookkeeping costs around the training, and how that grows
 with the study. For each size N it fills a throwaway study (SQLite stores, as the defaults) with
-N completed 15-epoch trials and their MLflow runs, then times the real path: `study run` (the
-training itself replaced by a replay of its epochs, so that only tuner's work is timed),
-`study status` as a process, and `ask`. The bare training loop is timed in the same run as the
-reference."""
+N completed 15-epoch trials and their MLflow runs, then times a real `study run` whose training
+loop is a replay of GPU-paced epochs (`Replay`, handed to the run as its trainer): its wall time
+against the sum of its epochs, each trial's time outside its epochs (the `overhead_seconds`
+every trial logs), `ask`, and `study status` as a process. The bare training loop is timed in
+the same run as the reference."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import pickle
@@ -20,7 +22,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import numpy as np
 import optuna
@@ -32,7 +33,6 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from tuner import _optuna
 from tuner.data import FOLDER
 from tuner.models import VGG, Architecture
-from tuner.objective import TrialRun
 from tuner.records import (
     EPOCHS_TAG,
     RECORDS,
@@ -101,15 +101,20 @@ class OverheadConfig:
 @dataclass(frozen=True)
 class OverheadRow:
     size: int
-    epoch_ms: float  # bookkeeping on the training thread per epoch, on average
-    epoch_ms_max: float  # the most one epoch paid
-    trial_ms: float  # median per trial on the training thread, outside its epochs
-    record_ms: float  # median recording of a completed trial, beside the next one's training
-    save_ms: float  # of which the weights and predictions
+    trials: int  # timed
+    epochs_s: float  # the replayed epochs' time, summed: what a GPU would have trained
+    wall_s: float  # the whole `study run`, from its call to its return
+    start_s: float  # of which: until its first trial trains
+    trial_ms: float  # median per trial outside its epochs (its `overhead_seconds`)
+    epoch_ms: float  # mean time in tuner's per-epoch callback (MLflow, Optuna, the pruner)
     ask_ms: float  # median `ask` + `suggest`
     status_s: float  # `tuner study status` as a whole process (median of 3, after a first)
-    start_s: float  # `study run` until its first trial trains
     fill_s: float  # how long the study took to fill (not a target)
+
+    @property
+    def over(self) -> float:
+        """The wall time's share above the epochs'."""
+        return self.wall_s / self.epochs_s - 1
 
 
 @dataclass(frozen=True)
@@ -117,19 +122,6 @@ class Reference:
     epoch_ms: float  # the bare training loop, no callback: median epoch
     images: int
     what: str
-
-
-@dataclass
-class _Clock:
-    """What the replay and the wrappers measure during one `study run`."""
-
-    started: float = 0.0
-    first_train: float | None = None
-    epochs: list[float] = field(default_factory=list)
-    trials: list[float] = field(default_factory=list)  # run_one, whole
-    inside: list[float] = field(default_factory=list)  # of which the replayed training
-    saves: list[float] = field(default_factory=list)
-    records: list[float] = field(default_factory=list)  # `TrialRun.finish`, whole
 
 
 def run_overhead(cfg: OverheadConfig) -> tuple[list[OverheadRow], Reference]:
@@ -180,20 +172,28 @@ def measure(folder: Path, data: Path, size: int, cfg: OverheadConfig) -> Overhea
     fill_s = time.perf_counter() - started
     log.info(f"N = {size:,}: filled in {fill_s:.0f} s; timing {cfg.trials} trials of "
              f"{spec.train.epochs} epochs, `ask`, `study status` …")  # fmt: skip
+    replay = Replay(spec.train.epochs, cfg.epoch_seconds)
+    request = RunRequest(devices=(torch.device("cpu"),), trials=cfg.trials, data_dir=data,
+                         trainer=replay)  # fmt: skip
     with _quiet():
-        clock = timed_run(spec, stores, data, cfg.trials, cfg.epoch_seconds)
-    epochs = sorted(clock.epochs)
-    outside = [t - i for t, i in zip(clock.trials, clock.inside, strict=True)]
+        started = time.perf_counter()
+        run_study(spec, stores, request)
+        wall = time.perf_counter() - started
+    client = Tracker(stores).client
+    timed = open_study(spec, stores).get_trials(deepcopy=False)[size:]
+    overheads = [
+        client.get_run(t.user_attrs[RUN_ID_ATTR]).data.metrics["overhead_seconds"] for t in timed
+    ]
     return OverheadRow(
         size=size,
-        epoch_ms=1000 * statistics.mean(epochs),
-        epoch_ms_max=1000 * epochs[-1],
-        trial_ms=1000 * statistics.median(outside),
-        save_ms=1000 * statistics.median(clock.saves),
+        trials=cfg.trials,
+        epochs_s=replay.trained,
+        wall_s=wall,
+        start_s=(replay.first or started) - started,
+        trial_ms=1000 * statistics.median(overheads),
+        epoch_ms=1000 * statistics.mean(replay.callbacks),
         ask_ms=1000 * time_asks(spec, stores, cfg.asks),
-        record_ms=1000 * statistics.median(clock.records),
         status_s=time_status(spec, stores, folder),
-        start_s=(clock.first_train or clock.started) - clock.started,
         fill_s=fill_s,
     )
 
@@ -272,68 +272,41 @@ def _epoch_metrics(acc: float) -> dict[str, float]:
 # -- timing the real path -----------------------------------------------------------------------
 
 
-def timed_run(spec: StudySpec, stores: Stores, data: Path, trials: int, pace: float) -> _Clock:
-    """A real `study run` of `trials` trials whose training is a replay of its epochs (each
-    better than the filled trials', so that every rung promotes it and it completes), one
-    every `pace` seconds, as a GPU would finish them: what is timed is tuner's own work on
-    the training thread, the weights of a VGG16-BN saved at the end of each."""
-    from tuner.study import worker
+@dataclass
+class Replay:
+    """A training loop that trains nothing: each epoch takes `pace` seconds, as a GPU's would
+    (the training thread waits for it), then goes to tuner's per-epoch callback, which is
+    timed; each better than the filled trials', so that every rung promotes it and it
+    completes; VGG16-BN's weights (59 MB) come out of it, as the real study's would."""
 
-    clock = _Clock()
-    weights = VGG(Architecture("vgg16", True, 0.0, 1.0)).state_dict()
-    probs = np.full((VAL_IMAGES, 10), 0.1, np.float32)
+    epochs: int
+    pace: float
+    first: float | None = None  # perf_counter when the first trial began to train
+    trained: float = 0.0  # the epochs' own time, summed
+    callbacks: list[float] = field(default_factory=list)  # each epoch's callback, seconds
 
-    def replay(run: TrialRun) -> TrainResult:
-        if clock.first_train is None:
-            clock.first_train = time.perf_counter()
-        began = time.perf_counter()
+    @functools.cached_property
+    def result(self) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+        weights = VGG(Architecture("vgg16", True, 0.0, 1.0)).state_dict()
+        return weights, np.full((VAL_IMAGES, 10), 0.1, np.float32)
+
+    def __call__(self, model: Any, data: Any, config: TrainConfig, on_epoch: Any,
+                 between_steps: Any) -> TrainResult:  # fmt: skip
+        """The signature of `tuner.train.train`."""
+        weights, probs = self.result
+        if self.first is None:
+            self.first = time.perf_counter()
         history = []
-        for epoch in range(1, spec.train.epochs + 1):
-            stats = EpochStats(epoch, 0.5, 0.6, 0.9 + epoch / 1000, 0.01, GPU_EPOCH_SECONDS)
-            time.sleep(pace)  # the GPU trains; the training thread waits for it
+        for epoch in range(1, self.epochs + 1):
+            began = time.perf_counter()
+            time.sleep(self.pace)  # the GPU trains; the training thread waits for it
+            self.trained += time.perf_counter() - began
+            stats = EpochStats(epoch, 0.5, 0.6, 0.9 + epoch / 1000, 0.01, self.pace)
             tick = time.perf_counter()
-            run.on_epoch(stats)
-            clock.epochs.append(time.perf_counter() - tick)
+            on_epoch(stats)
+            self.callbacks.append(time.perf_counter() - tick)
             history.append(stats)
-        clock.inside.append(time.perf_counter() - began)  # its epochs are timed on their own
         return TrainResult(tuple(history), probs, weights)
-
-    real_run_one, real_save, real_finish = (
-        worker.run_one,
-        Tracker.save_trial_outputs,
-        TrialRun.finish,
-    )
-
-    def run_one(*args: object) -> bool:
-        tick = time.perf_counter()
-        try:
-            return real_run_one(*args)
-        finally:
-            clock.trials.append(time.perf_counter() - tick)
-
-    def save(self: Tracker, *args: object) -> None:
-        tick = time.perf_counter()
-        real_save(self, *args)
-        clock.saves.append(time.perf_counter() - tick)
-
-    def finish(self: TrialRun, *args: object) -> object:
-        tick = time.perf_counter()
-        try:
-            return real_finish(self, *args)
-        finally:
-            clock.records.append(time.perf_counter() - tick)
-
-    request = RunRequest(devices=(torch.device("cpu"),), trials=trials, data_dir=data)
-    with (
-        mock.patch.object(TrialRun, "_train", replay),
-        mock.patch.object(worker, "run_one", run_one),
-        mock.patch.object(Tracker, "save_trial_outputs", save),
-        mock.patch.object(TrialRun, "finish", finish),
-    ):
-        clock.started = time.perf_counter()
-        run_study(spec, stores, request)
-    clock.trials = clock.trials[: len(clock.inside)]  # the last call found the budget spent
-    return clock
 
 
 def time_asks(spec: StudySpec, stores: Stores, asks: int) -> float:

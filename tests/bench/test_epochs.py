@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tuner.bench import BenchConfig, PilImages, _row, bench_data, run_bench
+from tuner.bench.epochs import BenchConfig, PilImages, _row, bench_data, run_bench
 
 
 def test_reference_dataset_serves_normalized_crops(fake_cifar: Path) -> None:
