@@ -29,13 +29,18 @@ def environment(data: Path) -> dict[str, str]:
 
 
 def start(
-    cwd: Path, data: Path, *args: str, python: list[str] | None = None, group: bool = False
+    cwd: Path,
+    data: Path,
+    *args: str,
+    python: list[str] | None = None,
+    group: bool = False,
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen:
     """`tuner ARGS` as a process in `cwd`, its output piped; `group`: in a process group of
-    its own (as a terminal starts it), for signals to the whole group."""
+    its own (as a terminal starts it), for signals to the whole group; `env`: more variables."""
     command = [*(python or [sys.executable, "-m", "tuner"]), *args]
     return subprocess.Popen(
-        command, cwd=cwd, env=environment(data), text=True,
+        command, cwd=cwd, env={**environment(data), **(env or {})}, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=group,
     )  # fmt: skip
 
@@ -188,3 +193,8 @@ class Payload:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
+
+
+def worker_pid(trial: optuna.trial.FrozenTrial) -> int:
+    """The pid of the worker a trial names (`host:pid:start`)."""
+    return int(trial.user_attrs["worker"].split(":")[1])

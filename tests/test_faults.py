@@ -27,6 +27,7 @@ from .helpers import (
     tuner,
     wait_for_line,
     wait_until,
+    worker_pid,
 )
 
 pytestmark = pytest.mark.slow
@@ -91,7 +92,8 @@ def test_sigkill_mid_epoch_is_retried_after_the_grace_period(
     trials = stored(tmp_path, "kill").trials
     assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"]
     assert trials[2].params == trials[1].params, "retried with the same parameters"
-    assert trials[2].system_attrs["failed_trial"] == 1
+    assert trials[2].user_attrs["retry_of"] == 1 and "mlflow_run_id" in trials[2].user_attrs
+    assert trials[2].user_attrs["mlflow_run_id"] != trials[1].user_attrs["mlflow_run_id"]
     assert (trials[0].value, trials[0].datetime_complete) == (done.value, done.datetime_complete)
     runs = trial_runs(tmp_path, "kill")
     assert [runs[n].info.status for n in (0, 1, 2)] == ["FINISHED", "KILLED", "FINISHED"]
@@ -112,14 +114,14 @@ def test_a_killed_worker_is_replaced_and_its_trial_retried_at_once(
     wait_for_line(run, r"\[w\d\] \[trial \d\] epoch 2/")
     running = stored(tmp_path, "pool").get_trials(states=(optuna.trial.TrialState.RUNNING,))
     victim = running[0]
-    os.kill(int(victim.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
+    os.kill(worker_pid(victim), signal.SIGKILL)
     out, err = run.communicate(timeout=300)
     assert run.returncode == 0, out + err
     assert "killed by SIGKILL; the others go on" in out
     assert f"[trial {victim.number}] lost with its worker" in out
 
     trials = stored(tmp_path, "pool").trials
-    retry = next(t for t in trials if t.system_attrs.get("failed_trial") == victim.number)
+    retry = next(t for t in trials if t.user_attrs.get("retry_of") == victim.number)
     assert trials[victim.number].state.name == "FAIL"
     assert retry.state.name == "COMPLETE" and retry.params == victim.params
     assert sum(t.state.name == "COMPLETE" for t in trials) == 3, "the budget counts the retry once"

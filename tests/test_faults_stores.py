@@ -39,8 +39,9 @@ def test_a_lock_longer_than_the_driver_waits_is_waited_out(
     tmp_path: Path, fake_cifar: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
-    """The driver gives up after 10 s; tuner waits TUNER_STORE_WAIT (120 s) in all."""
-    study_file(tmp_path, "patient", trials=1, train={**TINY_STUDY["train"], "epochs": 4})
+    """The driver gives up after 10 s; tuner waits the store wait (here 28 s) in all."""
+    study_file(tmp_path, "patient", trials=1, train={**TINY_STUDY["train"], "epochs": 4},
+               limits={"heartbeat": 1, "grace": 30})  # fmt: skip
     assert (
         quick(tmp_path, fake_cifar, monkeypatch, capsys, "study", "create", "patient").returncode
         == 0

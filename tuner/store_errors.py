@@ -36,6 +36,16 @@ def store_wait() -> float:
 _bound: float | None = None  # set once this process works on a study
 
 
+def store_wait_cut() -> str | None:
+    """One line where TUNER_STORE_WAIT asks for more than this process's study allows."""
+    raw = os.environ.get("TUNER_STORE_WAIT")
+    if not raw or _bound is None or store_wait() >= float(raw):
+        return None
+    return (f"a locked or unreachable store is waited for at most {_bound:g} s (limits.grace "
+            f"- 2 × limits.heartbeat), not TUNER_STORE_WAIT={raw}: raise limits.grace to wait "
+            "longer")  # fmt: skip
+
+
 def bound_store_wait(heartbeat: float, grace: float) -> None:
     """This process works on a study whose trials beat every `heartbeat` seconds and are taken
     for dead after `grace` seconds of silence: it waits at most `grace - 2 × heartbeat` for a

@@ -27,6 +27,7 @@ from tuner.store_errors import (
     raised_in,
     shown,
     store_cause,
+    store_wait,
 )
 
 if TYPE_CHECKING:
@@ -263,8 +264,8 @@ def engine_options(url: str) -> dict[str, object]:
     small pool whose connections are checked before use (a server restart or a dropped
     connection costs a reconnect, not an error), named `tuner host:pid` in the server's
     own views (pg_stat_activity)."""
-    if url.startswith("sqlite"):
-        return {"connect_args": {"timeout": SQLITE_TIMEOUT_SECONDS}}
+    if url.startswith("sqlite"):  # no single wait longer than the store wait in all
+        return {"connect_args": {"timeout": min(SQLITE_TIMEOUT_SECONDS, store_wait())}}
     options: dict[str, object] = {
         "pool_pre_ping": True,
         "pool_size": POOL_SIZE,

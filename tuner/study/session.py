@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 
 from tuner import _optuna, background, interrupts
 from tuner.spec import StudySpec
+from tuner.store_errors import store_wait_cut
 from tuner.stores import Stores, store_error
 from tuner.study.pictures import paint
 from tuner.study.pool import run_pool
@@ -59,6 +60,8 @@ def run_study(spec: StudySpec, stores: Stores, request: RunRequest) -> RunSummar
     tracker, runs = created.tracker, created.runs
     if created.created:
         log.info(f"created study {spec.name!r}")
+    if cut := store_wait_cut():
+        log.info(cut)
     study = open_study(spec, stores)
     recover_stale(study, tracker, runs)
     plans = worker_plans(spec, stores, runs, request)
