@@ -13,6 +13,7 @@ import optuna
 import pytest
 
 from tuner import _optuna
+from tuner.retries import lost
 
 from . import test_faults
 from .conftest import TINY_STUDY
@@ -33,7 +34,6 @@ from .test_faults import (
     FAST_LIMITS,
     heartbeat_stale,
     started,
-    started_and_asked_ahead,
     study_file,
 )
 
@@ -49,13 +49,14 @@ def test_workers_do_not_outlive_a_killed_supervisor(tmp_path: Path, fake_cifar: 
     study_file(tmp_path, "orphans", train=LONG)
     run = start(tmp_path, fake_cifar, "study", "run", "orphans", "--jobs", "2", "--trials", "4")
     wait_for_line(run, r"\[w\d\] \[trial \d\] epoch 2/")
+    wait_until(lambda: len(started(tmp_path, "orphans")) >= 2, "both workers in a trial")
     workers = workers_of(run.pid)
     assert len(workers) == 2
     run.kill()
     run.communicate(timeout=60)
     wait_until(lambda: not any(running(pid) for pid in workers), "the workers to exit", 60)
 
-    trials, _ = started_and_asked_ahead(stored(tmp_path, "orphans").trials)
+    trials = stored(tmp_path, "orphans").trials
     assert len(trials) == 2, "no new trial started after the supervisor died"
     assert {(t.state.name, t.user_attrs.get("fail_reason")) for t in trials} == {
         ("FAIL", "terminated")}  # fmt: skip
@@ -79,7 +80,7 @@ def test_sighup_to_the_process_group_ends_the_run_cleanly(
     assert run.returncode == 129, out + err
     assert "terminated (SIGHUP): a trial that was running is recorded as failed" in err
     assert "Traceback" not in err
-    trials, _ = started_and_asked_ahead(stored(tmp_path, "hangup").trials)
+    trials = stored(tmp_path, "hangup").trials
     assert {(t.state.name, t.user_attrs.get("fail_reason")) for t in trials} == {
         ("FAIL", "terminated")}  # fmt: skip
     assert {r.info.status for r in trial_runs(tmp_path, "hangup").values()} == {"KILLED"}
@@ -182,7 +183,7 @@ def test_a_trial_failed_from_outside_ends_its_attempt_with_one_line(
         study = stored(tmp_path, "taken")
         victim = study.trials[0]
         assert _optuna.fail_from_outside(study, victim, "fail_reason", "worker died")
-        _optuna.retry_dead(study, study.trials[0])
+        assert lost(study, stored(tmp_path, "taken").trials[0])
     finally:
         run.send_signal(signal.SIGCONT)
     out, err = run.communicate(timeout=300)

@@ -33,7 +33,8 @@ pytestmark = pytest.mark.slow
 
 NODES = 4
 TRIALS_PER_NODE = 4
-HEARTBEAT, GRACE = 2, 6  # seconds: a dead node's trial must be retried within GRACE + 2 beats
+HEARTBEAT, GRACE = 2, 10  # seconds: a dead node's trial must be retried within GRACE + 2 beats;
+# a node waits for the database at most GRACE - 2 × HEARTBEAT = 6 s (a restart takes 2)
 RANDOM = {"type": "tpe", "n_startup_trials": 100}  # every trial a random start-up trial
 FINISHED = ("COMPLETE", "PRUNED")
 

@@ -82,7 +82,7 @@ def stale_trials(study: optuna.Study) -> list[FrozenTrial]:
     interval = storage.get_heartbeat_interval()
     if interval is None:
         return []
-    grace = datetime.timedelta(seconds=storage.grace_period or 2 * interval)
+    grace = datetime.timedelta(seconds=grace_period(study))
     stale = set(storage._get_stale_trial_ids(study._study_id))
     tb = _tables.tables()
     trials, beats = tb["trials"], tb["heartbeats"]
@@ -262,6 +262,21 @@ def best_trials(study: optuna.Study, k: int, having: str) -> list[FrozenTrial]:
     with _backend(study).engine.connect() as db:
         ids = db.scalars(query).all()
     return [study._storage.get_trial(trial_id) for trial_id in ids]
+
+
+def trial_numbered(study: optuna.Study, number: int) -> FrozenTrial:
+    """Trial `number` as the database holds it now."""
+    storage = _backend(study)
+    return storage.get_trial(
+        storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+    )
+
+
+def grace_period(study: optuna.Study) -> float:
+    """Seconds of silence after which the storage takes a trial's worker for dead."""
+    storage = _backend(study)
+    interval = storage.get_heartbeat_interval() or 0
+    return storage.grace_period or 2 * interval
 
 
 def trial_states(study: optuna.Study) -> dict[int, TrialState]:

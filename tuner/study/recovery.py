@@ -5,6 +5,7 @@ trial ended, ensemble runs whose process is gone, and a parent run with no live 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -16,6 +17,7 @@ from tuner import _optuna, background
 from tuner.records import (
     PROCESS_TAG,
     REASON_ATTR,
+    RUN_ID_ATTR,
     TRIAL_NUMBER_TAG,
     WORKER_ATTR,
     WORKER_DIED,
@@ -36,11 +38,12 @@ log = logging.getLogger(__name__)
 STALE = f"{WORKER_DIED} (no heartbeat within the grace period)"
 
 
-def fail_stale(study: optuna.Study) -> list[int]:
+def fail_stale(study: optuna.Study, tracker: Tracker | None = None) -> list[int]:
     """Fail the trials whose heartbeat stopped and queue their points again (`lost`), except
     those whose worker runs on this host and is alive (the same process: its start time
     matches): a live trial is never failed, its heartbeat can be late on a loaded machine.
-    The numbers of those failed."""
+    With `tracker`, their MLflow runs are closed as KILLED at once. The numbers of those
+    failed."""
     failed = []
     for trial in _optuna.stale_trials(study):
         if _alive_here(trial):
@@ -48,7 +51,16 @@ def fail_stale(study: optuna.Study) -> list[int]:
         if _optuna.fail_from_outside(study, trial, REASON_ATTR, STALE):
             failed.append(trial.number)
             lost(study, trial)
+            if tracker is not None:
+                _close_run(tracker, trial, STALE)
     return failed
+
+
+def _close_run(tracker: Tracker, trial: FrozenTrial, why: str) -> None:
+    """The MLflow run of a trial just failed because its worker died: KILLED, if still open."""
+    run_id = trial.user_attrs.get(RUN_ID_ATTR)
+    if run_id and tracker.client.get_run(run_id).info.status == "RUNNING":
+        tracker.end_trial(run_id, Outcome.KILLED, reason=why)
 
 
 def _alive_here(trial: FrozenTrial) -> bool:
@@ -61,14 +73,14 @@ def recover_stale(
     """Trials whose heartbeat stopped are failed and queued again, and MLflow runs left
     RUNNING by dead workers are closed as KILLED; `starting`: and a parent run left RUNNING by
     a `study run` that died is closed."""
-    _fail_stale_said(study)
+    _fail_stale_said(study, tracker)
     reconcile_runs(study, tracker, runs)
     if starting:
         close_idle_parent(study, tracker, runs)
 
 
-def _fail_stale_said(study: optuna.Study) -> None:
-    for number in fail_stale(study):
+def _fail_stale_said(study: optuna.Study, tracker: Tracker) -> None:
+    for number in fail_stale(study, tracker):
         log.info(f"[trial {number}] its worker stopped sending heartbeats; failed and queued "
                  "again")  # fmt: skip
 
@@ -84,6 +96,7 @@ def recover_dead_worker(
             continue
         if _optuna.fail_from_outside(study, trial, REASON_ATTR, f"worker {how}"):
             said = "queued again" if lost(study, trial) else "not queued again (lost twice)"
+            _close_run(tracker, trial, f"{WORKER_DIED} ({how})")
             log.info(f"[trial {trial.number}] lost with its worker ({how}); {said}")
     reconcile_runs(study, tracker, runs)
 
@@ -111,16 +124,24 @@ def close_idle_parent(study: optuna.Study, tracker: Tracker, runs: StudyRuns) ->
 
 
 def _reconcile_trial_runs(study: optuna.Study, tracker: Tracker, runs: StudyRuns) -> None:
-    # the trials' states first, then the runs: a trial that ends in between (its run closed
-    # first) shows as running, and one newer than the snapshot is not known yet: both are
-    # spared; only a run whose trial had ended before the runs were read is closed
+    # the trials' states first, then the runs: a trial that ends in between shows as running,
+    # and one newer than the snapshot is not known yet: both are spared. A trial that has
+    # ended may still have its worker closing its run (Optuna is told first, MLflow follows,
+    # within the store wait): its run is closed only once that worker is dead, or, on another
+    # host, once the trial ended longer ago than the grace period
     states = patiently(lambda: _optuna.trial_states(study), "the Optuna storage")
     alive = (TrialState.RUNNING, TrialState.WAITING)
     role = trial_role(study.study_name)  # the search's trial runs, or the refits'
+    grace = datetime.timedelta(seconds=_optuna.grace_period(study))
     for run in tracker.running_trial_runs(runs.experiment_id, role):  # few: the live, the lost
         number = int(run.data.tags.get(TRIAL_NUMBER_TAG, -1))
         if states.get(number, TrialState.RUNNING) in alive:
             continue
+        trial = _optuna.trial_numbered(study, number)
+        worker = worker_alive(str(trial.user_attrs.get(WORKER_ATTR, "")))
+        ended = trial.datetime_complete or datetime.datetime.now()
+        if worker or (worker is None and datetime.datetime.now() - ended < grace):
+            continue  # its worker is closing it
         why = f"{WORKER_DIED} (killed, or no heartbeat within the grace period)"
         tracker.end_trial(run.info.run_id, Outcome.KILLED, reason=why)
         log.info(
@@ -144,7 +165,7 @@ def watchdog(study: optuna.Study, tracker: Tracker, runs: StudyRuns) -> Iterator
     search = trial_role(study.study_name) is Role.TRIAL  # refits leave the parent as it is
 
     def round_() -> None:
-        _fail_stale_said(study)
+        _fail_stale_said(study, tracker)
         reconcile_runs(study, tracker, runs)
         if search and not tracker.parent_is_running(runs.parent_run_id):
             tracker.parent_running(runs.parent_run_id, True)

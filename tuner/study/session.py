@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING
 from optuna.trial import TrialState
 
 from tuner import _optuna, background, interrupts
+from tuner.records import worker_id
 from tuner.spec import StudySpec
 from tuner.store_errors import store_wait_cut
 from tuner.stores import Stores, store_error
 from tuner.study.pictures import paint
 from tuner.study.pool import run_pool
-from tuner.study.recovery import recover_stale, watchdog
+from tuner.study.recovery import recover_dead_worker, recover_stale, watchdog
 from tuner.study.setup import create, open_study
 from tuner.study.summary import RunSummary, summarize, update_parent
 from tuner.study.worker import Budget, WorkerPlan, work
@@ -60,9 +61,9 @@ def run_study(spec: StudySpec, stores: Stores, request: RunRequest) -> RunSummar
     tracker, runs = created.tracker, created.runs
     if created.created:
         log.info(f"created study {spec.name!r}")
+    study = open_study(spec, stores)
     if cut := store_wait_cut():
         log.info(cut)
-    study = open_study(spec, stores)
     recover_stale(study, tracker, runs)
     plans = worker_plans(spec, stores, runs, request)
     log.info(
@@ -121,6 +122,9 @@ def _wind_up(study: optuna.Study, tracker: Tracker, runs: StudyRuns, stores: Sto
     that fails here is one line, and so are pictures that cannot be drawn or written (a full
     disk): the error that ended the run (if any) is the one raised."""
     try:
+        # this process's own trials (one worker, run here) are over: one still RUNNING could
+        # not be recorded (a store error), and is failed and queued again now, not after grace
+        recover_dead_worker(study, tracker, runs, worker_id(), "ended before it was recorded")
         recover_stale(study, tracker, runs, starting=False)
         update_parent(study, tracker, runs.parent_run_id)
         # another `study run` may still be working on the same study: the last one closes it

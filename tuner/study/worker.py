@@ -202,7 +202,7 @@ def run_one(
             with claim:  # one worker at a time turns budget into a trial (exact count)
                 if interrupts.pending() or budget.spent(study):
                     return False
-                fail_stale(study)  # as study.optimize does before each trial
+                fail_stale(study, ctx.tracker)  # as study.optimize does before each trial
                 trial = _optuna.ask(study)  # a queued trial first (popped atomically)
                 # its heartbeat from the start: if this process dies from here on, another
                 # (its supervisor, a later run, another node) fails it and queues it again
