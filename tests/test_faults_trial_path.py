@@ -176,12 +176,11 @@ def test_a_store_locked_past_the_grace_period_makes_no_live_trial_look_dead(
     env = {"TUNER_STORE_WAIT": "30"}
     nodes = [start(tmp_path, fake_cifar, "study", "run", "nodes", "--trials", "1", env=env)
              for _ in range(2)]  # fmt: skip
-    for node in nodes:
-        wait_for_line(node, r"\[trial \d\] epoch 1/")
+    said = "".join("".join(wait_for_line(node, r"\[trial \d\] epoch 1/")) for node in nodes)
     with locked(tmp_path / "mlruns" / "optuna.db"):
         time.sleep(8)
     outputs = [node.communicate(timeout=300) for node in nodes]
-    said = "".join(out + err for out, err in outputs)
+    said += "".join(out + err for out, err in outputs)
     assert "not TUNER_STORE_WAIT=30: raise limits.grace" in said
     assert "failed by another process" not in said, "a live trial was taken for dead"
     assert "Traceback" not in said

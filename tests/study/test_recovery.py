@@ -103,3 +103,25 @@ def test_a_run_whose_trial_began_after_the_snapshot_is_spared(setup) -> None:
     newer = tracker.start_trial(runs, "tiny", 99, {}, {}).run_id  # no trial 99 in the snapshot
     reconcile_runs(study, tracker, runs)
     assert tracker.client.get_run(newer).info.status == "RUNNING"
+
+
+def test_a_run_whose_worker_died_after_telling_optuna_follows_optuna(setup) -> None:
+    """Killed between `tell` and closing its run: the run is closed as Optuna holds the
+    trial, complete with its value, not as killed."""
+    study, tracker, runs = setup
+    trial, run_id = _started(study, tracker, runs, pid=34)
+    study.tell(trial, 0.75)
+    reconcile_runs(study, tracker, runs)
+    run = tracker.client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["tuner.state"] == "complete"
+    assert run.data.metrics["final_val_acc"] == 0.75 == run.data.metrics["objective"]
+
+
+def test_a_run_whose_trial_just_ended_on_a_live_worker_is_left_to_it(setup) -> None:
+    """Optuna is told first, then the worker closes its run: in between, the run is its."""
+    study, tracker, runs = setup
+    trial, run_id = _started(study, tracker, runs, pid=0)
+    trial.set_user_attr(WORKER_ATTR, worker_id())  # this process: alive
+    study.tell(trial, 0.5)
+    reconcile_runs(study, tracker, runs)
+    assert tracker.client.get_run(run_id).info.status == "RUNNING"

@@ -142,12 +142,28 @@ def _reconcile_trial_runs(study: optuna.Study, tracker: Tracker, runs: StudyRuns
         ended = trial.datetime_complete or datetime.datetime.now()
         if worker or (worker is None and datetime.datetime.now() - ended < grace):
             continue  # its worker is closing it
-        why = f"{WORKER_DIED} (killed, or no heartbeat within the grace period)"
-        tracker.end_trial(run.info.run_id, Outcome.KILLED, reason=why)
+        _close_as_recorded(tracker, run.info.run_id, trial, search=role is Role.TRIAL)
         log.info(
             f"[trial {number}] MLflow run {run.info.run_id} was left RUNNING by a dead "
-            "worker: closed as KILLED"
+            f"worker: closed as {trial.state.name} in Optuna"
         )
+
+
+def _close_as_recorded(
+    tracker: Tracker, run_id: str, trial: FrozenTrial, search: bool = True
+) -> None:
+    """A run left RUNNING by a worker that died, closed as its trial stands in Optuna (MLflow
+    follows): a trial told complete or pruned before its worker died keeps its outcome and
+    value; a failed one is KILLED, with the reason Optuna holds."""
+    outcome = Outcome.of(trial)
+    reason = trial.user_attrs.get(REASON_ATTR)
+    if outcome in (Outcome.FAILED, Outcome.RUNNING, Outcome.WAITING):
+        outcome = Outcome.KILLED
+        reason = reason or f"{WORKER_DIED} (killed, or no heartbeat within the grace period)"
+    # `final_val_acc` and `objective`; a refit's value is a training loss, not logged as such
+    value = trial.value if outcome is Outcome.COMPLETE and search else None
+    summary = {"objective": value} if value is not None else None
+    tracker.end_trial(run_id, outcome, value=value, reason=reason, summary=summary)
 
 
 @contextlib.contextmanager

@@ -384,6 +384,9 @@ class Tracker:
             write(VAL_PREDICTIONS, lambda f: np.savez_compressed(f, probs=probs, labels=labels))
         text = json.dumps(outputs.architecture.to_dict(), indent=2).encode()
         write(ARCHITECTURE, lambda f: f.write(text))
+        # on the run now, not only when it is closed: a run closed by another process (its
+        # worker died after telling Optuna) keeps the checksum its weights are loaded with
+        self.client.set_tag(run.run_id, WEIGHTS_SHA256_TAG, digest)
         return digest
 
     def end_trial(
