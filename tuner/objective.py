@@ -6,6 +6,7 @@ ending."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import logging
 import math
@@ -80,6 +81,9 @@ class StudyContext:
     # after a trial's line: how far the run is, and its ETA (`worker.progress_note`)
     progress: Callable[[optuna.Study], str] = lambda study: ""
     trainer: Callable[..., TrainResult] = train  # a benchmark replays epochs instead
+    # the worker's writer of epoch metrics (one thread; each trial waits for what it handed
+    # over before it is recorded); None: written in line
+    writer: concurrent.futures.Executor | None = None
 
     @property
     def device(self) -> torch.device:
@@ -198,7 +202,7 @@ class TrialRun:
         self.val_accs: list[float] = []  # each epoch's, as reported to the pruner
         self.weights_sha256: str | None = None
         self.began: float | None = None  # perf_counter at `start`
-        self.logging: list[Callable[[], None]] = []  # each epoch's metrics, until stored
+        self.handed: list[concurrent.futures.Future] = []  # epochs' records, until stored
         self.epoch_seconds = 0.0  # the epochs' own time, summed (`overhead_seconds`: the rest)
 
     @property
@@ -302,23 +306,26 @@ class TrialRun:
         return Architecture(p.depth, p.batch_norm, p.dropout, self.spec.train.width)
 
     def on_epoch(self, stats: EpochStats) -> None:
-        """An epoch ended: its metrics to MLflow (asynchronously: stored before the trial is
-        recorded), its value to Optuna, and, at a decision epoch before the last, the pruner
-        asked (a trial that trained every epoch is complete, whatever the pruner would say).
-        Optuna's are written in line: a signal waits for them, and the time limit does not
-        count a store's wait."""
+        """An epoch ended: its metrics to MLflow and its value to Optuna, through the worker's
+        writer while the next epoch trains (all stored before the trial is recorded); at a
+        decision epoch before the last, once they are in, the pruner is asked (a trial that
+        trained every epoch is complete, whatever the pruner would say). Waiting for them, a
+        signal waits, and the time limit does not count a store's wait."""
         self.epochs = stats.epoch
         self.epoch_seconds += stats.seconds
         last = stats.epoch == self.spec.train.epochs
         decide = stats.epoch in self.ctx.decisions and not self.ctx.refit and not last
         assert self.run is not None
-        tracker = self.ctx.tracker
-        self.logging.append(tracker.log_epoch(self.run.run_id, stats.epoch, stats.metrics()))
-        with interrupts.writing():
-            if stats.val_acc is not None:
-                self.val_accs.append(stats.val_acc)
-                self.trial.report(stats.val_acc, stats.epoch)
-            prune = decide and self.trial.should_prune()
+        self._hand_over(self.ctx.tracker.log_epochs, self.run.run_id,
+                        [(stats.epoch, stats.metrics())])  # fmt: skip
+        if stats.val_acc is not None:
+            self.val_accs.append(stats.val_acc)
+            self._hand_over(self.trial.report, stats.val_acc, stats.epoch)
+        prune = False
+        if decide:
+            with interrupts.writing():
+                self._wait_handed()  # what the pruner reads
+                prune = self.trial.should_prune()
         log.info(f"{self.tag} {describe_epoch(stats, self.spec.train.epochs)}")
         if prune:
             raise optuna.TrialPruned(f"pruned after epoch {stats.epoch}")
@@ -354,19 +361,32 @@ class TrialRun:
         log.info(f"{self.tag} {said}{retried}{progress}")
         return ending
 
+    def _hand_over(self, write: Callable[..., object], *args: object) -> None:
+        """A write for the worker's writer (in line without one); its result is this trial's."""
+        if self.ctx.writer is None:
+            with interrupts.writing():
+                write(*args)
+            return
+        self.handed.append(self.ctx.writer.submit(write, *args))
+
+    def _wait_handed(self) -> None:
+        """Wait until all this trial handed to the writer is written; raise the first error."""
+        handed, self.handed = self.handed, []
+        errors = [future.exception() for future in handed]
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise first
+
     def _epochs_stored(self, ending: Ending) -> Ending:
-        """Every epoch's metrics are stored before the trial is recorded. A completed trial
-        whose metrics could not be stored is not complete (`ENDINGS`); another ending stays
+        """Every epoch's records are stored before the trial is recorded. A completed trial
+        whose records could not be stored is not complete (`ENDINGS`); another ending stays
         what it was, with one line."""
         try:
-            while self.logging:
-                self.logging[0]()
-                self.logging.pop(0)
+            self._wait_handed()
         except Exception as exc:
-            self.logging.clear()
             if ending.outcome is Outcome.COMPLETE:
                 return ending_for(self, exc) or ending
-            log.info(f"{self.tag} its last epochs' metrics could not be stored ({exc})")
+            log.info(f"{self.tag} its last epochs' records could not be stored ({exc})")
         return ending
 
     def _tell(self, ending: Ending, value: float | None) -> Ending:

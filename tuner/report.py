@@ -303,25 +303,27 @@ def overhead(rows: list[OverheadRow], reference: Reference, cfg: OverheadConfig)
         f"\ntuner's bookkeeping (SQLite stores; per size, a `study run` of {cfg.trials} trials "
         f"of 15 epochs replayed every {cfg.epoch_seconds:g} s; VGG16-BN weights, 59 MB, saved "
         "per trial)",
-        f"{'N':>6} {'epochs s':>8} {'wall s':>7} {'over':>6} {'start s':>7} {'trial ms':>8} "
-        f"{'epoch ms':>8} {'ask ms':>7} {'status s':>8} {'fill s':>6}",
+        f"{'N':>6} {'epochs s':>8} {'wall s':>7} {'over':>6} {'start s':>7} {'end s':>6} "
+        f"{'trial ms':>8} {'/trial':>6} {'epoch ms':>8} {'ask ms':>7} {'status s':>8} "
+        f"{'fill s':>6}",
     ]
     for r in rows:
         lines.append(
             f"{r.size:>6,} {r.epochs_s:>8.1f} {r.wall_s:>7.1f} {100 * r.over:>5.1f}% "
-            f"{r.start_s:>7.2f} {r.trial_ms:>8.0f} {r.epoch_ms:>8.1f} {r.ask_ms:>7.1f} "
-            f"{r.status_s:>8.2f} {r.fill_s:>6.0f}"
+            f"{r.start_s:>7.2f} {r.end_s:>6.2f} {r.trial_ms:>8.0f} {100 * r.trial_share:>5.1f}% "
+            f"{r.epoch_ms:>8.1f} {r.ask_ms:>7.1f} {r.status_s:>8.2f} {r.fill_s:>6.0f}"
         )
     lines += [
         f"reference: the bare training loop, {reference.what}: {reference.epoch_ms:.0f} ms per "
         f"epoch; a GPU epoch on tuner's path: {GPU_EPOCH_SECONDS * 1000:.0f} ms",
-        "epochs s: the replayed epochs' time, summed; wall s: the whole `study run` (start, "
-        "trials, the pictures at its end); over: wall time above the epochs'; start s: until "
-        "its first trial trains; trial ms: median time per trial outside its epochs (ask, "
-        "draw, MLflow run, weights, tell: each trial's overhead_seconds); epoch ms: mean time "
-        "in tuner's per-epoch callback (MLflow, Optuna, the pruner); ask ms: `ask` + "
-        "`suggest`; status s: `tuner study status` as a new process (median of 3, after a "
-        "first)",
+        "epochs s: the replayed epochs' time, summed; wall s: the whole `study run`; over: "
+        "wall time above the epochs'; start s: until its first trial trains; end s: after its "
+        "last trial is recorded (the study's pictures); trial ms: median time per trial "
+        "outside its epochs (the draw, the model, the MLflow run, the weights, tell: each "
+        "trial's overhead_seconds), and /trial against a trial's epochs; epoch ms: mean time "
+        "in tuner's per-epoch callback (hand-over to the writer; the pruner at its epochs); "
+        "ask ms: `ask` + `suggest`; status s: `tuner study status` as a new process (median "
+        "of 3, after a first)",
         OVERHEAD_TARGETS,
     ]
     return "\n".join(lines)

@@ -105,6 +105,7 @@ class OverheadRow:
     epochs_s: float  # the replayed epochs' time, summed: what a GPU would have trained
     wall_s: float  # the whole `study run`, from its call to its return
     start_s: float  # of which: until its first trial trains
+    end_s: float  # and: after its last trial is recorded (the study's pictures, the summary)
     trial_ms: float  # median per trial outside its epochs (its `overhead_seconds`)
     epoch_ms: float  # mean time in tuner's per-epoch callback (MLflow, Optuna, the pruner)
     ask_ms: float  # median `ask` + `suggest`
@@ -115,6 +116,11 @@ class OverheadRow:
     def over(self) -> float:
         """The wall time's share above the epochs'."""
         return self.wall_s / self.epochs_s - 1
+
+    @property
+    def trial_share(self) -> float:
+        """A trial's time outside its epochs, against its epochs' time."""
+        return self.trial_ms / 1000 / (self.epochs_s / self.trials)
 
 
 @dataclass(frozen=True)
@@ -179,6 +185,7 @@ def measure(folder: Path, data: Path, size: int, cfg: OverheadConfig) -> Overhea
         started = time.perf_counter()
         run_study(spec, stores, request)
         wall = time.perf_counter() - started
+        ended = time.time()
     client = Tracker(stores).client
     timed = open_study(spec, stores).get_trials(deepcopy=False)[size:]
     overheads = [
@@ -190,6 +197,7 @@ def measure(folder: Path, data: Path, size: int, cfg: OverheadConfig) -> Overhea
         epochs_s=replay.trained,
         wall_s=wall,
         start_s=(replay.first or started) - started,
+        end_s=ended - max(t.datetime_complete.timestamp() for t in timed),
         trial_ms=1000 * statistics.median(overheads),
         epoch_ms=1000 * statistics.mean(replay.callbacks),
         ask_ms=1000 * time_asks(spec, stores, cfg.asks),

@@ -347,26 +347,6 @@ class Tracker:
         for start in range(0, len(metrics), METRICS_PER_BATCH):
             self.client.log_batch(run_id, metrics=metrics[start : start + METRICS_PER_BATCH])
 
-    def log_epoch(
-        self, run_id: str, epoch: int, metrics: Mapping[str, float]
-    ) -> Callable[[], None]:
-        """One epoch's metrics through MLflow's own asynchronous logging: returns at once (the
-        training goes on). The trial calls what it returns before it is recorded: it waits
-        until they are stored, logs them again in line where MLflow's attempt failed (a store
-        locked past the driver's wait; MLflow skips metrics it holds already), and raises
-        what that meets."""
-        stamp = now()
-        batch = [Metric(k, v, stamp, epoch) for k, v in metrics.items()]
-        operation = self.client.log_batch(run_id, metrics=batch, synchronous=False)
-
-        def written() -> None:
-            try:
-                operation.wait()
-            except Exception:
-                self.client.log_batch(run_id, metrics=batch)
-
-        return written
-
     def save_trial_outputs(self, run: TrialRunRef, outputs: TrialOutputs) -> str:
         """Weights as a plain `state_dict` (loads with weights_only=True), the architecture, and
         the validation predictions (a refit has none), each written once; the weights' SHA-256,
