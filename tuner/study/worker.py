@@ -186,6 +186,9 @@ def work(plan: WorkerPlan) -> None:
     ) as writer:
         ctx = StudyContext(plan.spec, data, tracker, plan.runs, plan.seed, progress,
                            plan.trainer or train, writer)  # fmt: skip
+        # what the worker has made so far (modules, the data, the study's trials) lives as
+        # long as it: a collection after each trial need not walk it again (0.38 s of 0.5)
+        gc.freeze()
         while run_one(study, ctx, plan.budget, claim):
             if plan.device.type == "cpu":
                 gc.collect()  # as study.optimize(gc_after_trial=True): the allocator keeps it
