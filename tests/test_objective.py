@@ -202,3 +202,13 @@ def test_a_hung_trial_is_recorded_from_the_watchdog_as_a_timeout(ctx: StudyConte
     assert stored.data.metrics["best_val_acc"] == 0.25 and "objective" not in stored.data.metrics
     error = ctx.tracker.client.download_artifacts(run.run_id, "error.txt")
     assert "hung past limits.trial_timeout" in Path(error).read_text()
+
+
+def test_a_trial_that_trained_every_epoch_is_complete_whatever_the_pruner_says(
+    ctx: StudyContext, shown
+) -> None:
+    always = optuna.pruners.ThresholdPruner(lower=2.0)  # it would prune at every epoch
+    one = ctx.spec.model_copy(update={"train": ctx.spec.train.model_copy(update={"epochs": 1})})
+    run, ending, trial = run_trial(replace(ctx, spec=one), always)
+    assert ending.outcome is Outcome.COMPLETE and trial.state == TrialState.COMPLETE
+    assert "[trial 0] complete: val_acc" in shown.readouterr().out

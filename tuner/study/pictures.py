@@ -193,7 +193,8 @@ def worker_timeline(trials: Sequence[FrozenTrial]) -> Figure:
 
 
 def _worker(trial: FrozenTrial) -> str:
-    return str(trial.user_attrs.get(WORKER_ATTR, "?"))
+    """`host:pid`, as a person reads it (the worker id also carries the process's start time)."""
+    return ":".join(str(trial.user_attrs.get(WORKER_ATTR, "?")).split(":")[:2])
 
 
 def interactive(study: optuna.Study) -> str | None:
