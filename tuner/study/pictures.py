@@ -171,8 +171,7 @@ def worker_timeline(trials: Sequence[FrozenTrial]) -> Figure:
     for t in started:
         worker = _worker(t)
         row = rows.setdefault(worker, len(rows))
-        # a trial asked for ahead was started in Optuna while the one before still trained:
-        # on its worker it began when that one ended
+        # on its worker a trial's bar starts no earlier than the one before it ended
         begin_at = max(t.datetime_start, free.get(worker, t.datetime_start))
         end_at = t.datetime_complete or now
         free[worker] = end_at
