@@ -61,7 +61,9 @@ def test_trials_lost_to_a_locked_store_are_failed_queued_and_not_counted(
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
     monkeypatch.setenv("TUNER_STORE_WAIT", "3")  # give up sooner than a user would
-    study_file(tmp_path, "locked", train={**TINY_STUDY["train"], "epochs": 12})
+    # the store wait: TUNER_STORE_WAIT's 3 s (grace - 2 × heartbeat allows 6)
+    study_file(tmp_path, "locked", train={**TINY_STUDY["train"], "epochs": 12},
+               limits={"heartbeat": 1, "grace": 8})  # fmt: skip
     assert (
         quick(tmp_path, fake_cifar, monkeypatch, capsys, "study", "create", "locked").returncode
         == 0

@@ -37,7 +37,7 @@ from tuner.records import (
     worker_id,
 )
 from tuner.spec import StudySpec
-from tuner.stores import Stores
+from tuner.stores import Stores, store_error
 from tuner.study.recovery import fail_stale
 from tuner.study.setup import open_study, sampler_seed, settings_digest
 
@@ -250,3 +250,9 @@ def main(plan: WorkerPlan) -> None:
     except TunerError as exc:
         print(f"[{plan.name}] error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except Exception as exc:  # a store that failed between trials (asking for one): one line
+        error = store_error(exc, plan.stores)
+        if error is None:
+            raise
+        print(f"[{plan.name}] error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
