@@ -58,7 +58,7 @@ from tuner.tracking.runs import flatten
 from tuner.train import EpochStats, TrainConfig, TrainResult, train
 
 log = logging.getLogger(__name__)
-GPU_EPOCH_SECONDS = 0.25  # a VGG epoch on tuner's path on an H100 (0.2–0.3 s, issue 12)
+GPU_EPOCH_SECONDS = 0.25  # a VGG epoch on tuner's path on an H100 (0.2–0.3 s, estimated)
 VAL_IMAGES = 5000  # the real study's validation split: its predictions are saved per trial
 TRAIN_IMAGES = 1000
 FILL_SEED = 0
