@@ -10,9 +10,11 @@ import datetime
 import html
 import json
 import logging
+import re
 import statistics
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +44,7 @@ from tuner.study.setup import open_study, study_runs
 from tuner.study.summary import counts, ranked
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
     from mlflow.entities import Run
 
     from tuner.stores import Stores
@@ -157,6 +160,24 @@ def _importances(flat: list[FrozenTrial], seed: int) -> tuple[Importance, ...]:
     )  # fmt: skip
 
 
+def importance_chart(found: Sequence[Importance]) -> Figure:
+    """The importances as bars, the most important on top, each with its spread over the
+    resamples as an error bar: the numbers of the page's table, drawn."""
+    import matplotlib.pyplot as plt
+
+    if not found:  # as Optuna's plots do with too few trials: `pictures` leaves it out
+        raise ValueError("no importances: fewer than 3 completed trials")
+    shown = sorted(found, key=lambda i: i.value)  # barh draws the first at the bottom
+    figure, axes = plt.subplots(figsize=(8, 1.5 + 0.4 * len(shown)))
+    names, values = [i.name for i in shown], [i.value for i in shown]
+    axes.barh(names, values, xerr=[i.spread for i in shown], capsize=4, ecolor="#222")
+    axes.set_xlim(left=0)  # an importance is never negative; a wide spread's bar is cut at 0
+    axes.set_xlabel(f"importance (Optuna's default evaluator); error bars: ± sd over "
+                    f"{RESAMPLES} resamples")  # fmt: skip
+    axes.set_title("Hyperparameter importances")
+    return figure
+
+
 def failure_modes(trials: list[FrozenTrial]) -> tuple[str, ...]:
     """The ways trials failed, one sentence each: diverged, stuck at chance, pruned at epoch k,
     failed for a reason."""
@@ -238,17 +259,20 @@ def gather(spec: StudySpec, stores: Stores, tracker: Tracker, top: int = 10) -> 
         max_results=20,
     )
     tags = parent.data.tags
+    found = importances(study, spec.seed)
+    # the chart shows the table's numbers (Optuna's own has no spread); none without a table
+    chart = {"param_importances": lambda: importance_chart(found)}
     return Page(
         name=spec.name,
         made=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         counts={RECORDS[o].word: n for o, n in counts(trials).items()},
         best=tuple(_row(t) for t in ranked(trials, top)),
         baselines=tuple(_row(t) for t in trials if BASELINE_ATTR in t.user_attrs),
-        importances=importances(study, spec.seed),
+        importances=found,
         failures=failure_modes([t for t in trials if t.state != TrialState.WAITING]),
         ensembles=tuple(_ensemble(r) for r in ensembles),
         refits=tuple(sorted(completed_refits(spec, stores).values(), key=lambda r: r.source)),
-        pictures=tuple(pictures(study)),
+        pictures=tuple(pictures(study, instead=chart)),
         provenance={
             "tuner": tags.get(VERSION_TAG, "?"),
             "git commit": tags.get(GIT_COMMIT_TAG, "(not in a git checkout)"),
@@ -329,9 +353,17 @@ def _sections(page: Page) -> list[tuple[str, list[str], list[list[str]] | None]]
         note = [f"Trained again on train + validation (`tuner refit`); "
                 f"`tuner ensemble {page.name} --from refit` scores them."]  # fmt: skip
         sections.append(("Refits", note, rows))
-    rows = [["", ""]] + [[k, v] for k, v in page.provenance.items()]
+    rows = [["what", "value"]] + [[k, v] for k, v in page.provenance.items()]
     sections.append(("Provenance", [f"Made {page.made}."], rows))
     return sections
+
+
+CODE_SPAN = re.compile(r"`([^`]+)`")  # markdown's inline code, the one markup `_sections` uses
+
+
+def _inline(text: str) -> str:
+    """A paragraph or cell of `_sections` as HTML: escaped, its code spans as <code>."""
+    return CODE_SPAN.sub(r"<code>\1</code>", html.escape(text))
 
 
 def to_html(page: Page) -> str:
@@ -340,17 +372,17 @@ def to_html(page: Page) -> str:
     parts = [f"<h1>Study {e(page.name)}</h1>"]
     for title, paragraphs, rows in _sections(page):
         parts.append(f"<h2>{e(title)}</h2>")
-        parts += [f"<p>{e(p)}</p>" for p in paragraphs]
+        parts += [f"<p>{_inline(p)}</p>" for p in paragraphs]
         if rows:
             head, *body = rows
-            parts.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>")
-            parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in body]
+            parts.append(f"<table><tr>{''.join(f'<th>{_inline(h)}</th>' for h in head)}</tr>")
+            parts += [f"<tr>{''.join(f'<td>{_inline(c)}</td>' for c in r)}</tr>" for r in body]
             parts.append("</table>")
         if title.startswith("Best"):
             for p in page.pictures:
                 data = base64.b64encode(p.png).decode()
                 img = f"<img alt='{e(p.name)}' src='data:image/png;base64,{data}'>"
-                caption = f"<figcaption>{e(CAPTIONS[p.name])}</figcaption>"
+                caption = f"<figcaption>{_inline(CAPTIONS[p.name])}</figcaption>"
                 parts.append(f"<figure>{img}{caption}</figure>")
     spec = e(json.dumps(page.spec, indent=2))
     parts.append(

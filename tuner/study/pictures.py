@@ -10,7 +10,7 @@ import io
 import logging
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +35,8 @@ SHARE = 20
 CAPTIONS = {
     "optimization_history": "Validation accuracy of each completed trial, and the best so far.",
     "param_importances": "How much of the spread in validation accuracy each parameter "
-    "explains (Optuna's default evaluator).",
+    "explains (Optuna's default evaluator); in the report, error bars give its spread over "
+    "resamples of the trials.",
     "intermediate_values": "Validation accuracy after each epoch, for every trial that "
     "reported one: pruned trials stop early.",
     "parallel_coordinate": "Completed trials across the parameters (log-scale parameters on "
@@ -112,8 +113,11 @@ def _drawn(name: str, make: Callable[[], Any]) -> Any | None:
         return None
 
 
-def figures(study: optuna.Study) -> Iterator[tuple[str, Figure]]:
-    """Each picture the study has the trials for, as a matplotlib figure (closed by the caller)."""
+def figures(
+    study: optuna.Study, instead: Mapping[str, Callable[[], Figure]] | None = None
+) -> Iterator[tuple[str, Figure]]:
+    """Each picture the study has the trials for, as a matplotlib figure (closed by the caller);
+    `instead` draws some of them in place of Optuna (the report's importances, with spread)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,7 +125,7 @@ def figures(study: optuna.Study) -> Iterator[tuple[str, Figure]]:
 
     trials = study.get_trials(deepcopy=False)
     for name, make in _makers(study, ovm, lambda: worker_timeline(trials)):
-        drawn = _drawn(name, make)
+        drawn = _drawn(name, (instead or {}).get(name, make))
         if drawn is None:
             continue
         figure = drawn if hasattr(drawn, "savefig") else _figure_of(drawn)
@@ -136,12 +140,14 @@ def _figure_of(axes: Any) -> Figure:
     return first.figure
 
 
-def pictures(study: optuna.Study) -> list[Picture]:
-    """Every picture the study has the trials for, as PNG bytes."""
+def pictures(
+    study: optuna.Study, instead: Mapping[str, Callable[[], Figure]] | None = None
+) -> list[Picture]:
+    """Every picture the study has the trials for, as PNG bytes (`instead`: as `figures`)."""
     import matplotlib.pyplot as plt
 
     drawn = []
-    for name, figure in figures(study):
+    for name, figure in figures(study, instead):
         try:
             buffer = io.BytesIO()
             # Optuna's plots put long parameter names outside the axes: keep them in the picture
