@@ -24,7 +24,7 @@ from tuner.stores import (
     schema_race,
     server_database,
 )
-from tuner.study.setup import make_sampler, sampler_seed
+from tuner.study.setup import make_sampler
 
 from .conftest import TINY_STUDY
 
@@ -139,18 +139,6 @@ def test_the_first_claim_wins_and_the_others_adopt_it(tmp_path: Path) -> None:
     assert storage.get_study_user_attrs(study_id)["parent"] == "first"
 
 
-def test_each_process_seeds_its_own_sampler() -> None:
-    spec = parse(TINY_STUDY)
-    seeds = {
-        sampler_seed(spec, "session", 0, "node-a:100"),
-        sampler_seed(spec, "session", 0, "node-b:100"),
-        sampler_seed(spec, "session", 0, "node-a:101"),
-        sampler_seed(spec, "session", 1, "node-a:100"),
-    }
-    assert len(seeds) == 4
-    assert sampler_seed(spec, "s", 0, "h:1") == sampler_seed(spec, "s", 0, "h:1")
-
-
 def test_tpe_counts_the_trials_of_other_nodes_as_running_lies() -> None:
     sampler = make_sampler(parse(TINY_STUDY), 0)
     assert sampler._constant_liar is True
@@ -173,9 +161,15 @@ def test_the_progress_note_gives_the_runs_pace_and_what_is_left() -> None:
         trial.datetime_start = start + datetime.timedelta(seconds=10 * n)
         trial.datetime_complete = trial.datetime_start + datetime.timedelta(seconds=10)
         study.add_trial(trial)
-    budget = Budget("s1", trials=8, deadline=None)
+    killed = create_trial(state=TrialState.FAIL, user_attrs={SESSION_ATTR: "s1"})
+    killed.datetime_start = start + datetime.timedelta(seconds=30)
+    study.add_trial(killed)  # Ctrl-C: queued again, so not done
+    study.enqueue_trial({}, user_attrs={"retry_of": 3})
     now = start.timestamp() + 40  # 2 of this run's trials finished in 40 s: 20 s each
-    assert progress_note(budget, study, now) == "  (2/8 done, about 2 min 00 s left)"
-    soon = Budget("s1", trials=8, deadline=now + 30)
+    budget = Budget("s1", trials=8, deadline=None)  # the study aims at 8: 3 done, 5 left
+    assert progress_note(budget, study, now) == "  (3/8 done, about 1 min 40 s left)"
+    more = Budget("s1", trials=8, deadline=None, more=True)  # 8 more: 2 done, 6 left
+    assert progress_note(more, study, now) == "  (2/8 done, about 2 min 00 s left)"
+    soon = Budget("s1", trials=8, deadline=now + 30, more=True)
     assert progress_note(soon, study, now) == "  (2/8 done, about 30 s left)"
-    assert progress_note(Budget("s1", trials=2, deadline=None), study, now) == "  (2/2 done)"
+    assert progress_note(Budget("s1", trials=3, deadline=None), study, now) == "  (3/3 done)"

@@ -88,3 +88,15 @@ class StepBar:
             self.bar = None
 
     close = end_epoch
+
+
+def duration(seconds: float) -> str:
+    """`45 s`, `3 min 20 s`, `2 h 05 min`, `3 days 04 h`."""
+    seconds = round(seconds)
+    if seconds >= 2 * 86400:
+        return f"{seconds // 86400} days {seconds % 86400 // 3600:02d} h"
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"

@@ -77,7 +77,6 @@ class StudyContext:
     data: TrainVal
     tracker: Tracker
     runs: StudyRuns
-    sampler_seed: int = 0  # of the worker's sampler, recorded on each of its trials
     # after a trial's line: how far the run is, and its ETA (`worker.progress_note`)
     progress: Callable[[optuna.Study], str] = lambda study: ""
     trainer: Callable[..., TrainResult] = train  # a benchmark replays epochs instead
@@ -129,7 +128,9 @@ def _timed_out(run: TrialRun, exc: BaseException) -> Ending:
 
 
 def _stopped(run: TrialRun, exc: BaseException) -> Ending:
-    return Ending(Outcome.KILLED, interrupts.reason(exc), stop=exc)
+    """Ctrl-C or SIGTERM: the trial is killed and its point queued again, so that the next
+    `study run` trains it first (an interrupted baseline too)."""
+    return Ending(Outcome.KILLED, interrupts.reason(exc), requeue=True, stop=exc)
 
 
 def _out_of_memory(run: TrialRun, exc: BaseException) -> Ending:
@@ -242,8 +243,7 @@ class TrialRun:
         retry = retry_origin(trial.user_attrs, _optuna.frozen(trial).system_attrs)
         note = f" (retry of trial {retry})" if retry is not None else ""
         baseline = trial.user_attrs.get(BASELINE_ATTR)
-        label = params.label() + (f" [{baseline}]" if baseline else "")
-        note += f" (baseline {baseline!r})" if baseline else ""
+        label = params.label() + (f" [{baseline}]" if baseline else "")  # one name, everywhere
         if self.accumulation > 1:
             micro = spec.train.batch_size // self.accumulation
             note += f" at batch {micro} × {self.accumulation} steps"
@@ -252,7 +252,7 @@ class TrialRun:
         if self.refit_of is not None:
             self.run = self._start_refit(drawn, label, note)
         else:
-            log.info(f"{self.tag} start: {params.describe()}{note}")
+            log.info(f"{self.tag} start: {label} {params.details()}{note}")
             self.run = self.ctx.tracker.start_trial(
                 self.ctx.runs, spec.name, trial.number, drawn, spec.trial_settings(), label
             )
@@ -263,7 +263,7 @@ class TrialRun:
         spec, source = self.spec, self.refit_of
         epochs = spec.train.epochs
         log.info(f"{self.tag} start ({epochs} epochs on train + validation): "
-                 f"{self.params.describe()}{note}")  # fmt: skip
+                 f"{label} {self.params.details()}{note}")  # fmt: skip
         tags = {REFIT_OF_TAG: str(source)}
         origin = self.trial.user_attrs.get(REFIT_OF_RUN_ATTR)
         if origin:
@@ -444,10 +444,11 @@ class TrialRun:
         (what Optuna holds: the value of a completed trial, the last value a pruned or
         diverged one reported; none for a failed one), `best_val_acc` and `epochs_trained`.
         A pruned trial has no `final_val_acc`: on that axis alone it would be drawn best.
-        `overhead_seconds`: the trial's time outside its epochs so far (building the model,
-        the run, saving the weights and predictions)."""
+        `overhead_seconds`: the trial's time outside its epochs (building the model, the run,
+        saving the weights and predictions); only where training ended between epochs
+        (complete, pruned): an epoch cut short is neither training counted nor overhead."""
         overhead = {}
-        if self.began is not None:
+        if self.began is not None and outcome in (Outcome.COMPLETE, Outcome.PRUNED):
             overhead["overhead_seconds"] = time.perf_counter() - self.began - self.epoch_seconds
         if self.ctx.refit:
             refit = {"epochs_trained": float(self.epochs), **overhead}
@@ -463,9 +464,13 @@ class TrialRun:
         return metrics
 
     def _requeue(self) -> str:
-        """Queue the same parameters once more, as they were (the trial was lost to a store)."""
-        queue_again(self.trial.study, self.trial, self.trial.params, self.accumulation)
-        return "; queued again (not counted against the budget)"
+        """Queue the same point once more, as it was (the trial was lost to a store, or
+        stopped by Ctrl-C or SIGTERM): what was fixed when it was queued (a baseline), and
+        what it drew, were it stopped while drawing."""
+        fixed = _optuna.frozen(self.trial).system_attrs.get("fixed_params", {})
+        point = {**fixed, **self.trial.params}
+        queue_again(self.trial.study, self.trial, point, self.accumulation)
+        return "; queued again, to run first next time (not counted)"
 
     def _save(self, result: TrainResult) -> str:
         """The trial's weights, architecture and predictions; the weights' SHA-256."""

@@ -41,3 +41,30 @@ def decision_epochs(spec: StudySpec) -> frozenset[int]:
     if p.type == "median":
         return frozenset(range(max(1, p.warmup_epochs), epochs + 1))
     return frozenset()
+
+
+def expected_epochs(spec: StudySpec) -> float:
+    """The epochs a trial trains on average under `make_pruner(spec)`, were the pruner to keep
+    what it means to keep. Hyperband: Optuna's brackets b = 0, 1, … in turn, each a
+    successive-halving pruner keeping 1 in `reduction_factor` at each of its rungs (from
+    `min_epochs × reduction_factor**b` on). Median: half the trials stop at the first epoch
+    it decides at. None: every epoch."""
+    p, epochs = spec.pruner, spec.train.epochs
+    if p.type == "hyperband":
+        rungs = sorted(decision_epochs(spec))
+        brackets = [rungs[b:] for b in range(len(rungs))] or [[]]
+        return sum(_kept(bracket, p.reduction_factor, epochs) for bracket in brackets) / len(
+            brackets
+        )
+    if p.type == "median":
+        return (min(decision_epochs(spec), default=epochs) + epochs) / 2
+    return float(epochs)
+
+
+def _kept(rungs: list[int], factor: int, epochs: int) -> float:
+    """Epochs a trial trains on average where 1 in `factor` goes on past each rung."""
+    total, since, alive = 0.0, 0, 1.0
+    for rung in [*rungs, epochs]:
+        total += alive * (rung - since)
+        since, alive = rung, alive / factor
+    return total

@@ -66,10 +66,10 @@ class _Budget:
     def spent(self, study: object) -> bool:
         return self._spent
 
-    def finished(self, study: object) -> int:
-        return self.done
+    def counted(self, study: object) -> int:
+        return self.finished
 
-    done = 0  # the run's finished trials
+    finished = 0  # the trials counted against the budget
 
 
 class _Plan:
@@ -104,7 +104,7 @@ def test_a_killed_or_hung_worker_is_replaced_while_trials_finish_between_its_dea
     plan = _Plan()
     supervisor = Supervisor({"w0": plan}, study=None, tracker=None)
     for death in range(10):  # killed again and again, a trial finishing in between each time
-        plan.budget.done += 1
+        plan.budget.finished += 1
         assert supervisor.on_exit(Exit("w0", f"h:{death}:1", code)) is plan
     assert recovered[0] == ("h:0:1", Exit("w0", "h:0:1", code).describe())
     assert supervisor.on_exit(Exit("w0", "h:20:1", code)) is plan, "2 deaths in a row"

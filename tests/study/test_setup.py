@@ -7,35 +7,47 @@ from tuner.errors import TunerError
 from tuner.space import suggest
 from tuner.spec import parse
 from tuner.study.setup import (
+    TrialSeeded,
     create,
     make_pruner,
     make_sampler,
     open_study,
-    sampler_seed,
     spec_changed,
+    trial_seed,
 )
 
 from ..conftest import TINY_STUDY
 
 
-def _first_point(session: str, worker: int = 0) -> dict:
+def _points(n: int, seed: int = 0, skip: int = 0) -> list[dict]:
+    """The points of trials skip .. skip + n - 1 of a fresh study seeded `seed`."""
+    spec = parse({**TINY_STUDY, "seed": seed})
+    study = optuna.create_study(direction="maximize", sampler=TrialSeeded(spec))
+    points = []
+    for number in range(skip + n):
+        trial = study.ask()
+        suggest(trial, spec.space)
+        study.tell(trial, 0.5 + 0.01 * number)
+        points.append(trial.params)
+    return points[skip:]
+
+
+def test_a_study_in_one_process_draws_the_same_points_trial_for_trial() -> None:
+    assert _points(6) == _points(6)
+    assert _points(6) != _points(6, seed=1), "another seed, other points"
+
+
+def test_no_two_trials_share_a_seed_whoever_asks_for_them() -> None:
+    """Workers, nodes and later runs ask for trials of other numbers: other seeds."""
     spec = parse(TINY_STUDY)
-    sampler = make_sampler(spec, sampler_seed(spec, session, worker))
-    study = optuna.create_study(direction="maximize", sampler=sampler)
-    trial = study.ask()
-    suggest(trial, spec.space)
-    return trial.params
+    assert len({trial_seed(spec, n) for n in range(1000)}) == 1000
+    assert trial_seed(spec, 3) == trial_seed(spec, 3)
 
 
-def test_sampler_is_seeded_and_a_new_run_does_not_replay_startup_points() -> None:
-    assert _first_point("a1b2") == _first_point("a1b2"), "same run, same first point"
-    assert _first_point("a1b2") != _first_point("c3d4"), "another run draws new points"
-
-
-def test_workers_started_together_draw_different_points() -> None:
+def test_workers_asking_in_turn_draw_different_points() -> None:
     """Seen: two workers of one run both trained the same first point."""
-    points = [_first_point("a1b2", worker) for worker in range(3)]
-    assert points[0] != points[1] != points[2] != points[0]
+    points = [tuple(sorted(p.items())) for p in _points(3)]
+    assert len(set(points)) == 3
 
 
 @pytest.mark.parametrize(

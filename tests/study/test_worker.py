@@ -40,9 +40,10 @@ def setup(stores, data, request: pytest.FixtureRequest):
     return open_study(spec, stores), StudyContext(spec, data, created.tracker, created.runs)
 
 
-def test_the_budget_counts_this_runs_trials_once_each(setup) -> None:
+def test_trials_more_counts_this_runs_trials_once_each(setup) -> None:
+    """`--trials 2`: two more, counted once each."""
     study, _ = setup
-    budget = Budget("me", trials=2, deadline=None)
+    budget = Budget("me", trials=2, deadline=None, more=True)
     assert not budget.spent(study)
     study.enqueue_trial({}, user_attrs={"session": "other"})
     study.tell(_optuna.ask(study), 0.5)  # another run's trial
@@ -61,10 +62,31 @@ def test_the_budget_counts_this_runs_trials_once_each(setup) -> None:
     assert Budget("new", trials=5, deadline=time.time() - 1).spent(study), "past the --timeout"
 
 
+def test_the_files_trials_are_what_the_study_aims_at_whoever_ran_them(setup) -> None:
+    """Run again after a stop, a study runs the trials left of its budget, not a new budget;
+    a trial queued again (interrupted, lost) counts once it has run again."""
+    study, _ = setup
+    aim = Budget("second", trials=4, deadline=None)
+    for value in (0.5, 0.6):  # an earlier run's
+        trial = _optuna.ask(study)
+        trial.set_user_attr("session", "first")
+        study.tell(trial, value)
+    stopped = _optuna.ask(study)
+    stopped.set_user_attr("session", "first")
+    study.tell(stopped, state=TrialState.FAIL)
+    study.enqueue_trial(stopped.params, user_attrs={"retry_of": stopped.number})
+    assert aim.left(study) == 2, "two of four counted; the stopped one runs again"
+    running = _optuna.ask(study)  # the retry, on another worker or node
+    assert aim.left(study) == 1
+    study.tell(running, 0.7)
+    assert aim.left(study) == 1 and aim.counted(study) == 3
+    assert Budget("third", trials=4, deadline=None, more=True).left(study) == 4
+
+
 def test_a_budget_of_queued_trials_never_asks_the_sampler(setup) -> None:
     """Refits: what is queued is the budget, whatever is left of the count."""
     study, _ = setup
-    budget = Budget("me", trials=5, deadline=None, queued_only=True)
+    budget = Budget("me", trials=5, deadline=None, more=True, queued_only=True)
     assert budget.left(study) == 0 and budget.spent(study)
     for lr in (0.1, 0.2):
         study.enqueue_trial({"lr_sgd": lr})
@@ -73,7 +95,7 @@ def test_a_budget_of_queued_trials_never_asks_the_sampler(setup) -> None:
     taken.set_user_attr("session", "me")
     assert budget.left(study) == 1
     study.tell(taken, 0.5)
-    assert budget.left(study) == 1 and Budget("me", 5, None).left(study) == 4
+    assert budget.left(study) == 1 and Budget("me", 5, None, more=True).left(study) == 4
 
 
 def test_run_one_takes_a_trial_until_the_budget_is_spent(setup, signal_handlers) -> None:
@@ -87,20 +109,24 @@ def test_run_one_takes_a_trial_until_the_budget_is_spent(setup, signal_handlers)
     assert run.info.status == "FINISHED", "recorded before run_one returns"
 
 
-def test_sigterm_while_training_fails_the_trial_and_stops_the_worker(
+def test_sigterm_while_training_kills_the_trial_queues_its_point_and_stops_the_worker(
     setup, signal_handlers
 ) -> None:
     study, ctx = setup
+    budget = Budget("me", 3, None)
 
     def interrupted(*args, **kwargs):
         signal.raise_signal(signal.SIGTERM)
 
     with pytest.raises(interrupts.Terminated):
-        run_one(study, replace(ctx, trainer=interrupted), Budget("me", 3, None))
-    [trial] = study.get_trials()
+        run_one(study, replace(ctx, trainer=interrupted), budget)
+    trial, again = study.get_trials()
     assert trial.state == TrialState.FAIL and trial.user_attrs["fail_reason"] == "terminated"
     run = ctx.tracker.client.get_run(trial.user_attrs["mlflow_run_id"])
     assert run.info.status == "KILLED"
+    assert again.state == TrialState.WAITING and again.user_attrs["retry_of"] == trial.number
+    assert study._storage.get_trial(again._trial_id).system_attrs["fixed_params"] == trial.params
+    assert budget.counted(study) == 0, "it counts once it has run again"
 
 
 def test_sigterm_mid_trial_leaves_every_epoch_it_trained_in_both_stores(
@@ -118,7 +144,7 @@ def test_sigterm_mid_trial_leaves_every_epoch_it_trained_in_both_stores(
                   trainer=three_epochs_then_sigterm)  # fmt: skip
     with pytest.raises(interrupts.Terminated):
         run_one(study, ctx, Budget("me", 3, None))
-    [trial] = study.get_trials()
+    trial, _again = study.get_trials()
     assert trial.state == TrialState.FAIL and trial.intermediate_values == {1: 0.1, 2: 0.2, 3: 0.3}
     history = ctx.tracker.client.get_metric_history(trial.user_attrs["mlflow_run_id"], "val_acc")
     assert sorted((m.step, m.value) for m in history) == [(1, 0.1), (2, 0.2), (3, 0.3)]

@@ -112,7 +112,7 @@ class Supervisor:
     study: optuna.Study
     tracker: Tracker
     deaths: dict[str, int] = field(default_factory=dict)  # in a row, with no trial finishing
-    finished: int = 0  # the run's finished trials at the last death
+    finished: int = 0  # the trials counted against the budget at the last death
     stopped: list[str] = field(default_factory=list)  # workers not replaced: a crash loop
 
     def on_exit(self, ended: Exit) -> WorkerPlan | None:
@@ -124,7 +124,7 @@ class Supervisor:
         # an error of its own (exit 1, 2) would only recur
         if ended.code not in REPLACEABLE or plan.budget.spent(self.study):
             return None
-        finished = plan.budget.finished(self.study)
+        finished = plan.budget.counted(self.study)
         if finished > self.finished:  # progress since the last death: no loop
             self.finished = finished
             self.deaths.clear()

@@ -22,6 +22,7 @@ from tuner.records import worker_id
 from tuner.spec import StudySpec
 from tuner.store_errors import store_wait_cut
 from tuner.stores import Stores, store_error
+from tuner.study.cost import check, measure
 from tuner.study.pictures import paint
 from tuner.study.pool import run_pool
 from tuner.study.recovery import recover_dead_worker, recover_stale, watchdog
@@ -46,12 +47,15 @@ class RunRequest:
 
     devices: tuple[torch.device, ...]
     jobs_per_device: int = 1
-    trials: int | None = None  # None: the study file's `trials`
+    trials: int | None = None  # N more; None: until the study has the file's `trials`
     timeout: float | None = None  # seconds after which no trial starts
     data_dir: Path | None = None  # None: --data-dir's default (TUNER_DATA_DIR, the cache)
     allow_changed_settings: bool = False  # run on although train/data/seed were edited
     # the training loop (`tuner.train.train`); `tuner bench overhead` replays epochs instead
     trainer: Callable[..., TrainResult] | None = None
+    # measure what the trials left will cost here, and stop past this many hours (None: no
+    # measurement; `study run` asks for one)
+    max_hours: float | None = None
 
 
 def run_study(spec: StudySpec, stores: Stores, request: RunRequest) -> RunSummary:
@@ -66,11 +70,16 @@ def run_study(spec: StudySpec, stores: Stores, request: RunRequest) -> RunSummar
         log.info(cut)
     recover_stale(study, tracker, runs)
     plans = worker_plans(spec, stores, runs, request)
-    log.info(
-        f"running {plans[0].budget.trials} trials of {spec.name!r} on "
-        f"{_where(request)}"
-        + (f", starting none after {request.timeout:.0f} s" if request.timeout else "")
-    )
+    budget = plans[0].budget
+    left = budget.left(study)
+    if not left:
+        log.info(f"{spec.name!r} has its {budget.trials} trials; `--trials N` runs N more")
+        return summarize(study, budget.session, 0.0)
+    log.info(_plan_line(spec, study, budget, left, request))
+    if request.max_hours is not None:
+        limit = request.max_hours * 3600
+        cost = measure(spec, request.devices[0], left, len(request.devices), limit)
+        check(cost, spec, request.devices[0], request.max_hours)
     started = time.perf_counter()
     exits: list[str] = []
     tracker.parent_running(runs.parent_run_id, True)
@@ -155,11 +164,12 @@ def worker_plans(
     trials only: refits)."""
     from tuner.data import resolve_data_dir
 
+    more = request.trials is not None
     n = request.trials if request.trials is not None else spec.trials
     deadline = time.time() + request.timeout if request.timeout else None
     slots = [(d, j) for d in request.devices for j in range(request.jobs_per_device)]
     slots = slots[:n] if queued_only else slots  # no worker for a refit that is not there
-    budget = Budget(uuid.uuid4().hex[:12], n, deadline, queued_only)
+    budget = Budget(uuid.uuid4().hex[:12], n, deadline, more, queued_only)
     data_dir = resolve_data_dir(request.data_dir)
     if len(slots) == 1:
         return [WorkerPlan("main", spec, stores, runs, data_dir, slots[0][0], budget,
@@ -179,10 +189,9 @@ def worker_plans(
             budget,
             claim,
             threads,
-            index,
             request.trainer,
         )
-        for index, (device, j) in enumerate(slots)
+        for device, j in slots
     ]
 
 
@@ -244,6 +253,23 @@ def _recover_quietly(
         if error is None:
             raise
         log.info(f"what dead workers left could not be recovered now: {error}")
+
+
+def _plan_line(
+    spec: StudySpec, study: optuna.Study, budget: Budget, left: int, request: RunRequest
+) -> str:
+    """`running 5 trials of 'x' on cpu`, or how far the study is and what is left of it."""
+    done = budget.counted(study)
+    where = _where(request) + (
+        f", starting none after {request.timeout:.0f} s" if request.timeout else ""
+    )
+    if budget.more:
+        return f"running {left} more trials of {spec.name!r} on {where}"
+    if not done:
+        return f"running {left} trials of {spec.name!r} on {where}"
+    return (
+        f"{spec.name!r} has {done} of its {budget.trials} trials: running {left} more on {where}"
+    )
 
 
 def _where(request: RunRequest) -> str:

@@ -8,10 +8,13 @@ import hashlib
 import json
 import logging
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import optuna
+from optuna.distributions import BaseDistribution
+from optuna.trial import FrozenTrial, TrialState
 
 from tuner import _optuna
 from tuner.errors import SpecError, TunerError
@@ -46,7 +49,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-SAMPLER_SEED_STRIDE = 1_000_003  # between workers' seeds: far apart, whatever the study's size
 
 # What a study file may change once the study exists. The search space: never (Optuna cannot
 # mix two spaces in one study). The fixed settings of every trial: only when asked, and then
@@ -82,15 +84,58 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def sampler_seed(spec: StudySpec, session: str = "", worker: int = 0, process: str = "") -> int:
-    """The seed of one worker's sampler. It includes the run's session id, unique to each
-    `study run`, and the process (`host:pid`): two runs started together, on one node or on
-    many, must not draw the same points, nor a run restarted; and the worker's index: nor
-    must the workers of one run."""
+def trial_seed(spec: StudySpec, number: int) -> int:
+    """The seed of the sampler that draws trial `number`'s point: the study's seed (or the
+    sampler's own) and the trial's number. A study run in one process draws the same points,
+    trial for trial, every time; trial numbers are unique in a study, so no two trials share a
+    seed, whichever worker, node or run asks for them."""
     base = spec.sampler.seed if spec.sampler.seed is not None else spec.seed
-    salt = f"{session}/{process}" if process else session
-    unique = int(hashlib.sha256(salt.encode()).hexdigest()[:12], 16) if salt else 0
-    return (base + unique + SAMPLER_SEED_STRIDE * worker) % 2**32
+    return int(hashlib.sha256(f"{base}/{number}".encode()).hexdigest()[:8], 16)
+
+
+class TrialSeeded(optuna.samplers.BaseSampler):
+    """The study file's sampler, made afresh for each trial and seeded with `trial_seed`.
+    Optuna hands the sampler the new trial (its number) in `before_trial`, before any point
+    is drawn; everything else is the file's sampler's own. One trial at a time per process."""
+
+    def __init__(self, spec: StudySpec) -> None:
+        self._spec = spec
+        self._inner = make_sampler(spec, trial_seed(spec, -1))
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._inner = make_sampler(self._spec, trial_seed(self._spec, trial.number))
+        self._inner.before_trial(study, trial)
+
+    def infer_relative_search_space(
+        self, study: optuna.Study, trial: FrozenTrial
+    ) -> dict[str, BaseDistribution]:
+        return self._inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        return self._inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        param_name: str,
+        param_distribution: BaseDistribution,
+    ) -> Any:
+        return self._inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        state: TrialState,
+        values: Sequence[float] | None,
+    ) -> None:
+        self._inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._inner.reseed_rng()
 
 
 def make_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
@@ -314,8 +359,8 @@ def diff(old: Any, new: Any, key: str = "") -> list[tuple[str, str]]:
     return [] if old == new else [(key, f"  {key}: {old!r} → {new!r}")]
 
 
-def open_study(spec: StudySpec, stores: Stores, seed: int | None = None) -> optuna.Study:
-    """The stored study, with a sampler seeded by `seed` (see `sampler_seed`) and the file's
+def open_study(spec: StudySpec, stores: Stores) -> optuna.Study:
+    """The stored study, with the file's sampler (seeded for each trial: `TrialSeeded`) and
     pruner."""
     storage = storage_for(spec, stores)
     try:
@@ -327,6 +372,6 @@ def open_study(spec: StudySpec, stores: Stores, seed: int | None = None) -> optu
     return optuna.load_study(
         study_name=spec.name,
         storage=storage,
-        sampler=make_sampler(spec, sampler_seed(spec) if seed is None else seed),
+        sampler=TrialSeeded(spec),
         pruner=make_pruner(spec),
     )

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import filelock
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from tuner import _optuna, background, console, interrupts
 from tuner.errors import TunerError
@@ -39,7 +39,7 @@ from tuner.records import (
 from tuner.spec import StudySpec
 from tuner.stores import Stores, store_error
 from tuner.study.recovery import fail_stale
-from tuner.study.setup import open_study, sampler_seed, settings_digest
+from tuner.study.setup import open_study, settings_digest, trial_seed
 
 if TYPE_CHECKING:
     import torch
@@ -53,31 +53,43 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Budget:
-    """One `tuner study run`'s trials and clock, shared by its workers."""
+    """One `tuner study run`'s trials and clock, shared by its workers. A trial counts once it
+    has ended and its point is not queued again (`counted`): complete, pruned, diverged,
+    failed for good. `trials` is what the study aims at (the file's `trials`: a run continues
+    until the study has that many), or with `more` what this run adds (`--trials N`)."""
 
     session: str  # the run's id, on each of its trials
-    trials: int  # trials this run may start; a trial lost and retried counts once
+    trials: int  # counted trials aimed at: in the study, or (`more`) of this run
     deadline: float | None  # time.time() after which no trial starts
+    more: bool = False  # `trials` counts this run's trials only
     queued_only: bool = False  # take only queued trials, never ask the sampler (refits)
 
     def expired(self) -> bool:
         """Past the run's --timeout: no trial starts."""
         return self.deadline is not None and time.time() >= self.deadline
 
+    def mine(self, trials: list[FrozenTrial]) -> list[FrozenTrial]:
+        """The trials this budget is about: the study's, or (`more`) this run's."""
+        if not self.more:
+            return trials
+        return [t for t in trials if t.user_attrs.get(SESSION_ATTR) == self.session]
+
+    def counting(self, trials: list[FrozenTrial]) -> list[FrozenTrial]:
+        """The trials that count against `trials`: ended, and their point not queued again."""
+        retried = retried_numbers(trials)
+        return [t for t in self.mine(trials) if t.state.is_finished() and t.number not in retried]
+
+    def counted(self, study: optuna.Study) -> int:
+        return len(self.counting(study.get_trials(deepcopy=False)))
+
     def left(self, study: optuna.Study) -> int:
-        """Trials this run may still start (0 past the --timeout)."""
+        """Trials this run may still start: those aimed at, less those counted and those
+        running (0 past the --timeout)."""
         if self.expired():
             return 0
         trials = study.get_trials(deepcopy=False)
-        retried = retried_numbers(trials)
-        mine = [
-            t
-            for t in trials
-            if t.user_attrs.get(SESSION_ATTR) == self.session
-            and t.state != TrialState.WAITING
-            and t.number not in retried
-        ]
-        left = max(0, self.trials - len(mine))
+        running = sum(t.state == TrialState.RUNNING for t in self.mine(trials))
+        left = max(0, self.trials - len(self.counting(trials)) - running)
         if self.queued_only:
             left = min(left, sum(t.state == TrialState.WAITING for t in trials))
         return left
@@ -85,43 +97,23 @@ class Budget:
     def spent(self, study: optuna.Study) -> bool:
         return self.left(study) == 0
 
-    def finished(self, study: optuna.Study) -> int:
-        """This run's trials that have ended (however they ended)."""
-        return sum(
-            t.user_attrs.get(SESSION_ATTR) == self.session and t.state.is_finished()
-            for t in study.get_trials(deepcopy=False)
-        )
-
 
 def progress_note(budget: Budget, study: optuna.Study, now: float | None = None) -> str:
-    """`  (3/8 done, about 1 min 20 s left)`: the run's finished trials, and the time its
-    trials left take at the pace of those finished (all workers together, pruning included;
-    no later than its --timeout)."""
-    mine = [
-        t
-        for t in study.get_trials(deepcopy=False)
-        if t.user_attrs.get(SESSION_ATTR) == budget.session and t.state.is_finished()
-    ]
-    done = len(mine)
-    left = max(0, budget.trials - done)
-    if not mine or not left:
+    """`  (3/8 done, about 1 min 20 s left)`: the trials counted against the budget, and the
+    time those left take at the pace of this run's counted trials (all workers together,
+    pruning included; no later than its --timeout)."""
+    trials = study.get_trials(deepcopy=False)
+    counted = budget.counting(trials)
+    done, left = len(counted), max(0, budget.trials - len(counted))
+    ours = [t for t in counted if t.user_attrs.get(SESSION_ATTR) == budget.session]
+    if not ours or not left:
         return f"  ({done}/{budget.trials} done)"
     now = time.time() if now is None else now
-    began = min(t.datetime_start.timestamp() for t in mine if t.datetime_start)
-    seconds = (now - began) / done * left
+    began = min(t.datetime_start.timestamp() for t in ours if t.datetime_start)
+    seconds = (now - began) / len(ours) * left
     if budget.deadline is not None:
         seconds = min(seconds, max(0.0, budget.deadline - now))
-    return f"  ({done}/{budget.trials} done, about {_duration(seconds)} left)"
-
-
-def _duration(seconds: float) -> str:
-    """`45 s`, `3 min 20 s`, `2 h 05 min`."""
-    seconds = round(seconds)
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    return f"  ({done}/{budget.trials} done, about {console.duration(seconds)} left)"
 
 
 @dataclass(frozen=True)
@@ -139,15 +131,8 @@ class WorkerPlan:
     # lets go of it when the process holding it dies. None: a worker alone in its run
     claim: Path | None = None
     threads: int | None = None  # CPU threads for torch; None: torch's default (all cores)
-    index: int = 0  # the worker's number in its run: seeds its own sampler
     # the training loop (`tuner.train.train`); `tuner bench overhead` replays epochs instead
     trainer: Callable[..., TrainResult] | None = None
-
-    @property
-    def seed(self) -> int:
-        """Its sampler's seed: unique to the run, the worker and the process it runs in (read
-        in that process; recorded on each trial)."""
-        return sampler_seed(self.spec, self.budget.session, self.index, worker_id())
 
 
 def work(plan: WorkerPlan) -> None:
@@ -168,7 +153,7 @@ def work(plan: WorkerPlan) -> None:
     import torch._dynamo  # noqa: F401
 
     tracker = Tracker(plan.stores)
-    study = open_study(plan.spec, plan.stores, plan.seed)
+    study = open_study(plan.spec, plan.stores)
     log.info(f"loading CIFAR-10 from {plan.data_dir} onto {plan.device} …")
     data = load_train_val(plan.data_dir, plan.spec.data, plan.spec.seed, plan.device)
     if trial_role(plan.spec.name) is Role.REFIT:
@@ -184,7 +169,7 @@ def work(plan: WorkerPlan) -> None:
     with concurrent.futures.ThreadPoolExecutor(
         1, "tuner-epochs", initializer=background.leave_signals_to_the_main_thread
     ) as writer:
-        ctx = StudyContext(plan.spec, data, tracker, plan.runs, plan.seed, progress,
+        ctx = StudyContext(plan.spec, data, tracker, plan.runs, progress,
                            plan.trainer or train, writer)  # fmt: skip
         # what the worker has made so far (modules, the data, the study's trials) lives as
         # long as it: a collection after each trial need not walk it again (0.38 s of 0.5)
@@ -209,16 +194,20 @@ def run_one(
     try:
         with contextlib.ExitStack() as beating:
             with claim:  # one worker at a time turns budget into a trial (exact count)
-                if interrupts.pending() or budget.spent(study):
+                if interrupts.pending():
                     return False
-                fail_stale(study, ctx.tracker)  # as study.optimize does before each trial
+                # as study.optimize does before each trial; before the count, which a trial
+                # left RUNNING by a dead worker would hold up
+                fail_stale(study, ctx.tracker)
+                if budget.spent(study):
+                    return False
                 trial = _optuna.ask(study)  # a queued trial first (popped atomically)
                 # its heartbeat from the start: if this process dies from here on, another
                 # (its supervisor, a later run, another node) fails it and queues it again
                 beating.enter_context(_optuna.heartbeat(trial, f"[trial {trial.number}]"))
                 trial.set_user_attr(WORKER_ATTR, worker_id())  # it says the trial is live
                 trial.set_user_attr(SESSION_ATTR, budget.session)  # counted, under the claim
-            trial.set_user_attr(SAMPLER_SEED_ATTR, ctx.sampler_seed)
+            trial.set_user_attr(SAMPLER_SEED_ATTR, trial_seed(ctx.spec, trial.number))
             trial.set_user_attr(SETTINGS_ATTR, settings_digest(ctx.spec))
             run = TrialRun(ctx, trial)
             ending = run.attempt()  # draw, open the run, train: signals act at once here
