@@ -1,6 +1,6 @@
 """A new user's first look, in a real browser: headless Chromium (Debian's, driven by selenium
 through Debian's chromedriver; never a downloaded one) against `tuner ui` on a study made by
-the smoke run. Screenshots go to $TUNER_SCREENSHOTS (the README's come from there), else to
+the smoke run. Screenshots go to $TUNER_SCREENSHOTS (docs/ui.md's come from there), else to
 the test's folder."""
 
 from __future__ import annotations

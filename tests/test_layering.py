@@ -1,4 +1,4 @@
-"""Imports point one way, from the top of the package down (see README, "Layout")."""
+"""Imports point one way, from the top of the package down (see docs/architecture.md)."""
 
 from __future__ import annotations
 

@@ -28,16 +28,17 @@ def _trial(number: int, value: float) -> optuna.trial.FrozenTrial:
 def test_a_run_summary_lists_failures_retries_and_the_best() -> None:
     best = _trial(4, 0.8125)
     summary = RunSummary(
-        ran={Outcome.PRUNED: 2, Outcome.COMPLETE: 3, Outcome.DIVERGED: 1}, seconds=12.34,
+        ran={Outcome.PRUNED: 2, Outcome.COMPLETE: 3, Outcome.DIVERGED: 1, Outcome.FAILED: 1},
+        seconds=12.34,
         best=best,
         failures=(Failure(2, Outcome.DIVERGED, "diverged"), Failure(5, Outcome.FAILED, "timeout")),
         workers=("w0: finished", "w1: killed by SIGKILL"), retried={5: 6},
     )  # fmt: skip
     text = report.run_summary("vgg", summary)
-    assert "ran 3 complete, 1 diverged, 2 pruned in 12.3 s" in text
     assert (
-        "  trial 2 diverged\n  trial 5 failed: timeout\n  trial 5 was retried as trial 6" in text
-    )
+        "ran 3 complete, 2 pruned, 1 diverged (trial 2), 1 failed (trial 5: timeout) in 12.3 s\n"
+        "  trial 5 was retried as trial 6\n" in text
+    ), "each trial said once"
     assert "workers: w0: finished; w1: killed by SIGKILL" in text
     assert "best so far: trial 4, val_acc 0.8125" in text
 
@@ -50,8 +51,25 @@ def test_status_prints_the_counts_it_was_given() -> None:
     assert "complete: 3  pruned: 7  diverged: 1  failed: 2  running: 0  waiting: 0" in text
     assert "best: trial 0, val_acc 0.9000" in text and "  lr            0.05" in text
     assert "top 2:" in text and "     1    0.5000  vgg16  yes sgd" in text
+    assert "refits (on train + validation):\n  none yet: tuner refit vgg" in text
+    assert "  none yet: tuner ensemble vgg --top 5" in text
     empty = report.status("vgg", Status(counts, (), None), "sqlite:///x.db")
     assert empty.endswith("no completed trials yet")
+
+
+def test_status_lists_the_refits_and_the_ensembles_scored() -> None:
+    from tuner.study.status import RefitDone
+
+    counts = dict.fromkeys((Outcome.COMPLETE, Outcome.PRUNED), 1)
+    scored = {"name": "ensemble-greedy-top2-refit", "members": [0, 5], "test_acc": 0.46,
+              "gain_points": 0.5}  # fmt: skip
+    status = Status(counts, (_trial(0, 0.9),), "p", (RefitDone(0, 4, 1.5292),), (scored,))
+    text = report.status("vgg", status, "sqlite:///x.db")
+    assert "refits (on train + validation):\n  of trial 0: 4 epochs, train_loss 1.5292" in text
+    assert (
+        "ensembles scored (on the test images):\n  ensemble-greedy-top2-refit: members 0, 5; "
+        "test_acc 0.4600, +0.5 pts over the best single" in text
+    )
 
 
 def test_the_ensemble_report_shows_members_weights_and_the_gain() -> None:

@@ -107,6 +107,49 @@ def overview(
     )
 
 
+def completed_attrs(
+    engine: sqlalchemy.engine.Engine, name: str, keys: tuple[str, ...]
+) -> list[tuple[int, float, dict[str, Any]]]:
+    """Study `name`'s completed trials: number, value and the user attributes `keys`, by
+    number; none where there is no such study."""
+    tb = tables()
+    studies, trials, values, attrs = tb["studies"], tb["trials"], tb["values"], tb["trial_attrs"]
+    query = (
+        sqlalchemy.select(trials.c.trial_id, trials.c.number, values.c.value)
+        .join(studies, studies.c.study_id == trials.c.study_id)
+        .join(values, values.c.trial_id == trials.c.trial_id)
+        .where(studies.c.study_name == name, trials.c.state == "COMPLETE")
+        .where(values.c.objective == 0)
+        .order_by(trials.c.number)
+    )
+    with engine.connect() as db:
+        rows = db.execute(query).all()
+        found = db.execute(
+            sqlalchemy.select(attrs.c.trial_id, attrs.c.key, attrs.c.value_json)
+            .join(trials, trials.c.trial_id == attrs.c.trial_id)
+            .join(studies, studies.c.study_id == trials.c.study_id)
+            .where(studies.c.study_name == name, attrs.c.key.in_(keys))
+        ).all()
+    by_trial: dict[int, dict[str, Any]] = {}
+    for trial_id, key, value in found:
+        by_trial.setdefault(trial_id, {})[key] = json.loads(value)
+    return [(number, value, by_trial.get(trial_id, {})) for trial_id, number, value in rows]
+
+
+def study_attr(engine: sqlalchemy.engine.Engine, name: str, key: str) -> Any | None:
+    """Study `name`'s user attribute `key`; None where there is no such study or attribute."""
+    tb = tables()
+    studies, attrs = tb["studies"], tb["study_attrs"]
+    query = (
+        sqlalchemy.select(attrs.c.value_json)
+        .join(studies, studies.c.study_id == attrs.c.study_id)
+        .where(studies.c.study_name == name, attrs.c.key == key)
+    )
+    with engine.connect() as db:
+        value = db.scalar(query)
+    return None if value is None else json.loads(value)
+
+
 def external(internal: float, distribution_json: str) -> Any:
     """A stored parameter's value as the trial drew it: Optuna's
     `json_to_distribution(distribution_json).to_external_repr(internal)` for the three

@@ -121,6 +121,9 @@ SPEC_ATTR = "spec_sha256"
 SPEC_JSON_ATTR = "spec"  # the resolved study file the study was created with: its contract
 SETTINGS_PREFIX = "settings:"  # + a SETTINGS_ATTR value: the fixed settings it stands for
 OBJECTIVE_ATTR = "objective"
+# + the time it was logged and its run id: what `study status` shows of each ensemble scored
+# (its name, test accuracy and gain), without reading MLflow
+ENSEMBLE_PREFIX = "ensemble:"
 # the refits of study NAME are the trials of the Optuna study NAME + REFIT_SUFFIX, in the same
 # storage: their own sampler and budget, none of the search's ranking, pruning or counts
 REFIT_SUFFIX = ".refit"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from tuner.records import RECORDS, Outcome
+from tuner.records import COUNTED, RECORDS, Outcome
 
 if TYPE_CHECKING:
     import torch
@@ -22,7 +22,9 @@ if TYPE_CHECKING:
     from tuner.study.summary import RunSummary
 
 
-def created(name: str, result: Created, stores: Stores) -> str:
+def created(name: str, result: Created, stores: Stores, typed: str | None = None) -> str:
+    """`typed`: how the study was named on the command line (a path to its file, perhaps):
+    the next command names it the same way."""
     verb = "created" if result.created else "already exists:"
     runs = result.runs
     return "\n".join(
@@ -30,7 +32,7 @@ def created(name: str, result: Created, stores: Stores) -> str:
             f"study {name!r} {verb}",
             stores.describe(),
             f"  MLflow experiment {runs.experiment_id}, parent run {runs.parent_run_id}",
-            f"next: tuner study run {name}",
+            f"next: tuner study run {typed or name}",
         ]
     )
 
@@ -45,15 +47,19 @@ def report_written(written: Written) -> str:
     )
 
 
+_ORDER = [*COUNTED, Outcome.KILLED]
+
+
 def run_summary(name: str, summary: RunSummary, hints: bool = True) -> str:
-    ran = ", ".join(f"{n} {RECORDS[o].word}" for o, n in sorted(summary.ran.items()))
-    lines = [f"\nran {ran or 'no trials'} in {summary.seconds:.1f} s"]
+    which: dict[Outcome, list[str]] = {}  # which trials diverged or failed, and why
     for f in summary.failures:
-        lines.append(
-            f"  trial {f.number} diverged"
-            if f.outcome is Outcome.DIVERGED
-            else f"  trial {f.number} failed: {f.reason}"
-        )
+        why = "" if f.outcome is Outcome.DIVERGED else f": {f.reason.splitlines()[0][:120]}"
+        which.setdefault(f.outcome, []).append(f"trial {f.number}{why}")
+    ran = ", ".join(
+        f"{n} {RECORDS[o].word}" + (f" ({'; '.join(which[o])})" if o in which else "")
+        for o, n in sorted(summary.ran.items(), key=lambda item: _ORDER.index(item[0]))
+    )
+    lines = [f"\nran {ran or 'no trials'} in {summary.seconds:.1f} s"]
     lines += [
         f"  trial {lost} was retried as trial {retry}"
         for lost, retry in sorted(summary.retried.items())
@@ -98,7 +104,23 @@ def status(name: str, result: Status, where: str) -> str:
             f"{p.optimizer:<9} {p.lr:>9.2e} {p.weight_decay:>8.1e} {p.dropout:>7.2f}  "
             f"{p.augment}"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + _refits_and_ensembles(name, result))
+
+
+def _refits_and_ensembles(name: str, result: Status) -> list[str]:
+    """What `tuner refit` and `tuner ensemble` made of the study, or the command to make it."""
+    lines = ["\nrefits (on train + validation):"]
+    lines += [
+        f"  of trial {r.of}: {r.epochs} epochs, train_loss {r.train_loss:.4f}"
+        for r in result.refits
+    ] or [f"  none yet: tuner refit {name}"]
+    lines.append("ensembles scored (on the test images):")
+    lines += [
+        f"  {e['name']}: members {', '.join(str(n) for n in e['members'])}; "
+        f"test_acc {e['test_acc']:.4f}, {e['gain_points']:+.1f} pts over the best single"
+        for e in result.ensembles
+    ] or [f"  none yet: tuner ensemble {name} --top 5"]
+    return lines
 
 
 def _rounded(value: object) -> str:
@@ -108,6 +130,7 @@ def _rounded(value: object) -> str:
 
 def status_json(name: str, result: Status, where: str) -> str:
     """`study status --json`: the same as `status`, for scripts (values unrounded)."""
+    import dataclasses
     import json
 
     from tuner.space import decode
@@ -123,6 +146,8 @@ def status_json(name: str, result: Status, where: str) -> str:
             "best": trial(result.best) if result.best is not None else None,
             "top": [trial(t) for t in result.top],
             "parent_run_id": result.parent_run_id,
+            "refits": [dataclasses.asdict(r) for r in result.refits],
+            "ensembles": list(result.ensembles),
         },
         indent=2,
     )

@@ -31,16 +31,20 @@ class TrialParams:
         return asdict(self)
 
     def label(self) -> str:
-        """What the trial is, in a few characters: `vgg16-bn nesterov` (its run's name)."""
-        return f"{self.depth}{'-bn' if self.batch_norm else ''} {self.optimizer}"
+        """What the trial is, in a few characters: `vgg16-bn nesterov` (its run's name, and the
+        start of its line on the console)."""
+        return f"{self.depth}-{'bn' if self.batch_norm else 'no-bn'} {self.optimizer}"
+
+    def details(self) -> str:
+        """The rest of the point: `lr=5.00e-02 wd=5.0e-04 dropout=0.10 aug=crop_flip`."""
+        return (
+            f"lr={self.lr:.2e} wd={self.weight_decay:.1e} dropout={self.dropout:.2f} "
+            f"aug={self.augment}"
+        )
 
     def describe(self) -> str:
         """One line: `vgg16-bn sgd lr=5.00e-02 wd=5.0e-04 dropout=0.10 aug=crop_flip`."""
-        bn = "bn" if self.batch_norm else "no-bn"
-        return (
-            f"{self.depth}-{bn} {self.optimizer} lr={self.lr:.2e} wd={self.weight_decay:.1e} "
-            f"dropout={self.dropout:.2f} aug={self.augment}"
-        )
+        return f"{self.label()} {self.details()}"
 
 
 def log10_twins(params: TrialParams, space: SpaceSpec) -> dict[str, float]:

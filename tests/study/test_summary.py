@@ -126,7 +126,15 @@ def test_status_read_by_queries_agrees_with_the_whole_study(study_stores) -> Non
         elif i == 6:
             study.tell(trial, state=TrialState.FAIL)  # i == 7 stays running
     study.enqueue_trial({"dropout": 0.1, "depth": "vgg11"})
+    refits = optuna.create_study(study_name=f"{spec.name}.refit", storage=study._storage)
+    refits.add_trial(optuna.trial.create_trial(
+        value=1.25, user_attrs={"refit_of": 8, "refit_epochs": 4}))  # fmt: skip
+    scored = {"name": "ensemble-greedy-top2", "members": [8, 1], "test_acc": 0.61,
+              "gain_points": 1.5}  # fmt: skip
+    study.set_user_attr("ensemble:2026-12-07T01:00:00:run1", scored)
     status = study_status(spec, study_stores, top=3)
+    assert [(r.of, r.epochs, r.train_loss) for r in status.refits] == [(8, 4, 1.25)]
+    assert status.ensembles == (scored,)
     trials = study.get_trials()
     assert status.counts == counts(trials)
     assert status.counts[Outcome.DIVERGED] == 1 and status.counts[Outcome.WAITING] == 1

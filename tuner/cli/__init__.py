@@ -15,7 +15,6 @@ from typing import Any
 import click
 
 from tuner import console, devices, report
-from tuner import spec as spec_module
 from tuner.cli.options import (
     bench_options,
     data_options,
@@ -26,7 +25,9 @@ from tuner.cli.options import (
     worker_options,
 )
 from tuner.errors import TunerError
+from tuner.study.named import load as find
 
+REPORTS = Path("reports")  # `tuner report`'s folder; `ensemble` and `refit` update it there
 HELP_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 99}
 
 
@@ -57,9 +58,9 @@ def create(name: str, allow_changed_settings: bool, stores: Any) -> None:
     """Validate studies/NAME.yaml and create its Optuna study and MLflow parent run."""
     from tuner.study.setup import create as create_study
 
-    spec = spec_module.load(name)
+    spec = find(name, stores)
     made = create_study(spec, stores, allow_changed_settings=allow_changed_settings)
-    click.echo(report.created(spec.name, made, stores))
+    click.echo(report.created(spec.name, made, stores, typed=name))
 
 
 def run_request(
@@ -93,7 +94,16 @@ def run_request(
     "--trials",
     type=click.IntRange(min=1),
     default=None,
-    help="Run until this many more trials have finished [default: the file's trials].",
+    help="Run this many more trials, whatever the study has [default: until the study has "
+    "the file's `trials` finished trials].",
+)
+@click.option(
+    "--max-hours",
+    type=click.FloatRange(min=0, min_open=True),
+    default=4.0,
+    show_default=True,
+    help="First measure a few training steps here and estimate what the trials left will "
+    "cost; stop, saying what to run instead, when that is more than this.",
 )
 @worker_options
 @ALLOW_CHANGED
@@ -102,6 +112,7 @@ def run_request(
 def run(
     name: str,
     trials: int | None,
+    max_hours: float,
     timeout: float | None,
     jobs: int | None,
     gpus: str | None,
@@ -111,12 +122,17 @@ def run(
     data_dir: Path,
     device: Any,
 ) -> None:
-    """Run trials of a study (continuing it if it has some), pruning hopeless ones early."""
+    """Run a study's trials, pruning hopeless ones early, until the study has the file's
+    `trials` finished trials (a trial that is queued again, interrupted or lost, counts once
+    it has run again). Stopped, it continues where it stopped when run again."""
+    import dataclasses
+
     from tuner.study.session import run_study
 
-    spec = spec_module.load(name)
+    spec = find(name, stores)
     request = run_request(trials, timeout, jobs, gpus, jobs_per_gpu, allow_changed_settings,
                           data_dir, device)  # fmt: skip
+    request = dataclasses.replace(request, max_hours=max_hours)
     summary = run_study(spec, stores, request)
     click.echo(report.run_summary(name, summary))
     if summary.nothing_finished:
@@ -160,7 +176,7 @@ def refit(
     them."""
     from tuner.study.session import run_refit
 
-    spec = spec_module.load(name)
+    spec = find(name, stores)
     request = run_request(None, timeout, jobs, gpus, jobs_per_gpu, allow_changed_settings,
                           data_dir, device)  # fmt: skip
     k = k if k is not None else spec.refit.top
@@ -169,6 +185,8 @@ def refit(
     click.echo(report.refit_summary(name, summary, k))
     if summary.run.nothing_finished:
         raise TunerError("no refit of this run finished: each failed or diverged (reasons above)")
+    if summary.run.ran:
+        _bring_report_up_to_date(spec, stores)
 
 
 @study.command("status")
@@ -189,7 +207,7 @@ def status(name: str, top: int, as_json: bool, watch: float | None, stores: Any)
     """Trials by state, the best trial, and the current top trials."""
     from tuner.study.status import study_status
 
-    spec = spec_module.load(name)
+    spec = find(name, stores)
 
     def show() -> str:
         result = study_status(spec, stores, top)
@@ -278,10 +296,38 @@ def ensemble(
     CIFAR-10 test split against the best single trial, and log it to MLflow."""
     from tuner.ensemble import EnsembleRequest, evaluate
 
-    spec = spec_module.load(name)
+    spec = find(name, stores)
     request = EnsembleRequest(k, method, source, tta, temperature)  # type: ignore[arg-type]
     result = evaluate(spec, stores, request, data_dir=data_dir, device=device)
     click.echo(report.ensemble(result))
+    _bring_report_up_to_date(spec, stores)
+
+
+def _bring_report_up_to_date(spec: Any, stores: Any) -> None:
+    """After an ensemble or refits, the study's report in REPORTS is made again: a report is
+    never older than what it reports on. It is a view: failing to write it is one line."""
+    from tuner.study.page import make_report
+
+    try:
+        written = make_report(spec, stores, REPORTS)
+    except Exception as exc:
+        click.echo(f"the report could not be brought up to date ({type(exc).__name__}: "
+                   f"{str(exc)[:200]}); `tuner report {spec.name}` tries again")  # fmt: skip
+        return
+    click.echo(f"report brought up to date: {written.html}")
+
+
+@cli.command("quickstart")
+@store_options
+@data_options
+def quickstart_(stores: Any, data_dir: Path, device: Any) -> None:
+    """The main job, sized for this machine: vgg-cifar on a GPU; on a CPU, where it would take
+    days (measured first), vgg-cifar-smoke. Then create, run, refit the best, score their
+    greedy ensemble with flip TTA, and write the report: `study create`, `study run`,
+    `refit`, `ensemble` and `report` in turn."""
+    from tuner.quickstart import quickstart
+
+    quickstart(stores, device, data_dir)
 
 
 @cli.command("report")
@@ -289,7 +335,7 @@ def ensemble(
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
-    default=Path("reports"),
+    default=REPORTS,
     show_default=True,
     help="Folder for NAME.html (self-contained), NAME.md and its pictures.",
 )
@@ -300,7 +346,7 @@ def report_(name: str, out: Path, top: int, stores: Any) -> None:
     provenance), written to --out and logged to the study's parent run."""
     from tuner.study.page import make_report
 
-    spec = spec_module.load(name)
+    spec = find(name, stores)
     click.echo(report.report_written(make_report(spec, stores, out, top)))
 
 
@@ -494,10 +540,12 @@ def ui(
 # What a Ctrl-C, SIGTERM or SIGHUP left behind, by command; each "again" is true (the set-up
 # of a study is made whole by the next command that needs it).
 STOPPED = {
-    "study run": "a trial that was running is recorded as failed ({reason}) and its MLflow run "
-    "as KILLED; run the same command again to continue the study",
+    "study run": "a trial that was running is recorded as killed ({reason}) and queued "
+    "again, its MLflow run as KILLED; run the same command again to continue the study",
     "refit": "a refit that was running is recorded as failed ({reason}) and its MLflow run as "
     "KILLED; run the same command again to finish the refits",
+    "quickstart": "what each step finished is kept (a trial that was running is queued "
+    "again); run the same command again to go on from there",
     "ensemble": "no ensemble was recorded (a run it had started is closed as KILLED); run the "
     "same command again",
 }

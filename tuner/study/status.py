@@ -6,12 +6,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tuner._tables import Ranked, overview
+from tuner._tables import Ranked, completed_attrs, overview
 from tuner.errors import TunerError
-from tuner.records import COUNTED, DIVERGED, PARENT_ATTR, REASON_ATTR, Outcome
+from tuner.records import (
+    COUNTED,
+    DIVERGED,
+    ENSEMBLE_PREFIX,
+    PARENT_ATTR,
+    REASON_ATTR,
+    REFIT_EPOCHS_ATTR,
+    REFIT_OF_ATTR,
+    REFIT_SUFFIX,
+    Outcome,
+)
 from tuner.spec import StudySpec
 from tuner.store_errors import patiently, shown
 from tuner.stores import Stores, engine_options, sqlite_file
+
+
+@dataclass(frozen=True)
+class RefitDone:
+    of: int  # the search trial it retrains
+    epochs: int
+    train_loss: float
 
 
 @dataclass(frozen=True)
@@ -19,6 +36,8 @@ class Status:
     counts: dict[Outcome, int]
     top: tuple[Ranked, ...]  # best first
     parent_run_id: str | None
+    refits: tuple[RefitDone, ...] = ()  # completed, by search trial
+    ensembles: tuple[dict, ...] = ()  # what `tuner ensemble` recorded of each, oldest first
 
     @property
     def best(self) -> Ranked | None:
@@ -32,12 +51,16 @@ def study_status(spec: StudySpec, stores: Stores, top: int = 5) -> Status:
 
     url = stores.optuna_url
     path = sqlite_file(url)
-    found = None
+    found, refits = None, []
     if path is None or path.exists():  # reading a SQLite file that is not there would make it
         engine = sqlalchemy.create_engine(url, **engine_options(url))
         try:
             found = patiently(
                 lambda: overview(engine, spec.name, top, REASON_ATTR, DIVERGED),
+                f"the Optuna storage {shown(url)}",
+            )
+            refits = patiently(
+                lambda: completed_attrs(engine, spec.name + REFIT_SUFFIX, REFIT_KEYS),
                 f"the Optuna storage {shown(url)}",
             )
         except sqlalchemy.exc.OperationalError as exc:
@@ -52,4 +75,16 @@ def study_status(spec: StudySpec, stores: Stores, top: int = 5) -> Status:
         diverged = found.tagged.get(state, 0)
         tally[Outcome.of_state(state)] += n - diverged
         tally[Outcome.DIVERGED] += diverged
-    return Status(tally, found.top, found.user_attrs.get(PARENT_ATTR))
+    done = tuple(
+        RefitDone(int(attrs[REFIT_OF_ATTR]), int(attrs.get(REFIT_EPOCHS_ATTR, 0)), value)
+        for _, value, attrs in refits
+        if REFIT_OF_ATTR in attrs
+    )
+    ensembles = tuple(
+        v for k, v in sorted(found.user_attrs.items()) if k.startswith(ENSEMBLE_PREFIX)
+    )
+    return Status(tally, found.top, found.user_attrs.get(PARENT_ATTR),
+                  tuple(sorted(done, key=lambda r: r.of)), ensembles)  # fmt: skip
+
+
+REFIT_KEYS = (REFIT_OF_ATTR, REFIT_EPOCHS_ATTR)
