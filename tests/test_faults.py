@@ -196,7 +196,7 @@ def test_divergence_ends_the_trial_and_tells_the_sampler(
     code = in_process(tmp_path, fake_cifar, monkeypatch, "study", "run", "boom")
     assert code == 1, "no trial finished, so the command fails"
     out, err = capsys.readouterr()
-    assert "trial 0 diverged" in out and "each failed or diverged" in err
+    assert "ran 2 diverged (trial 0; trial 1)" in out and "each failed or diverged" in err
     trials = stored(tmp_path, "boom").trials
     assert [t.state.name for t in trials] == ["PRUNED", "PRUNED"], "both ran: no crash"
     assert all(t.user_attrs["fail_reason"] == "diverged" for t in trials)
