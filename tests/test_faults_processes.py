@@ -124,7 +124,7 @@ def test_an_ensemble_stopped_mid_way_leaves_no_run_running(
 ) -> None:
     ensembles = {r.info.run_id for r in mlflow_runs(finished, "done") if role(r) == "ensemble"}
     run = start(finished, fake_cifar, "ensemble", "done", "--top", "2")
-    wait_for_line(run, r"; scoring \d+ networks on")  # its run is made, RUNNING
+    wait_for_line(run, r"; scoring \d+ networks? on")  # its run is made, RUNNING
     run.send_signal(signal.SIGSTOP)  # hold it inside the scoring, then stop it there
     run.send_signal(sig)
     run.send_signal(signal.SIGCONT)

@@ -132,3 +132,50 @@ def test_status_watch_prints_again_each_round(capsys) -> None:
     watch_status(lambda: next(shown), 0.0, rounds=2)
     out = capsys.readouterr().out
     assert out.index("first") < out.index("second") and "Ctrl-C stops" in out
+
+
+def _ensemble(request: EnsembleRequest, members: int, candidates: int, **kw) -> EnsembleReport:
+    """A report of `members` members chosen from `candidates`, test gain +6.5 points."""
+    chosen = tuple(Member(n, f"run{n}", 1 / members, 0.6, 0.62) for n in range(members))
+    return EnsembleReport(
+        request, chosen, candidates, 500, 1000, val=Scores(0.66, 1.1),
+        test=Scores(0.655, 1.2), single=chosen[0], single_val=Scores(0.63, 1.3),
+        single_test=Scores(0.59, 1.4), run_id="ens", **kw,
+    )  # fmt: skip
+
+
+def test_fewer_members_than_asked_are_explained_in_one_line() -> None:
+    """`--top 2 --from refit` with one refit, `--top 5` where greedy kept 3, and a study with
+    fewer completed trials than asked: each says why; a full ensemble says nothing of it."""
+    refit = report.ensemble(_ensemble(EnsembleRequest(2, source="refit"), 1, 1, study="vgg"))
+    assert "greedy ensemble of 1 from 1 refit (" in refit
+    assert "fewer than the 2 asked: 1 refit exists (`tuner refit vgg --top 2` makes more)" in refit
+    kept = report.ensemble(_ensemble(EnsembleRequest(5), 3, 12, study="vgg"))
+    [line] = [x for x in kept.splitlines() if x.startswith("fewer than the 5 asked")]
+    assert "greedy kept 3" in line and "new or repeated" in line and "log-loss" in line
+    few = report.ensemble(_ensemble(EnsembleRequest(5, "average"), 3, 3, study="vgg", left_out=1))
+    assert ("fewer than the 5 asked: the study has 3 completed trials with saved validation "
+            "predictions, 1 more without usable validation predictions (`tuner study run vgg` "
+            "runs more)") in few  # fmt: skip
+    assert "greedy kept" not in few
+    full = report.ensemble(_ensemble(EnsembleRequest(2), 2, 12, study="vgg"))
+    assert "fewer than" not in full
+
+
+def test_the_ensemble_says_what_its_weights_lower_and_that_validation_is_in_sample() -> None:
+    text = report.ensemble(_ensemble(EnsembleRequest(5), 5, 12))
+    assert "weights chosen to lower the validation log-loss" in text
+    assert ("validation figures are in-sample: members and weights were chosen on these 500 "
+            "images") in text and "the test figures are the fair comparison" in text  # fmt: skip
+
+
+def test_the_gain_is_in_points_on_the_console_and_on_the_study_page() -> None:
+    from tuner.study.page import Ensemble, Page, to_html, to_markdown
+
+    console = report.ensemble(_ensemble(EnsembleRequest(5), 5, 12))
+    assert "gain over the best single trial: +6.50 points" in console
+    ensemble = Ensemble("ens", "ensemble-greedy-top5", 0.655, None, 0.59, "0:0.20 1:0.20")
+    page = Page("vgg", "now", {}, (), (), (), (), (ensemble,), (), (), {}, {}, "p")
+    for text in (to_markdown(page, "pictures"), to_html(page)):
+        assert "+6.50 points" in text and "+0.0650" not in text
+        assert "in percentage points" in text

@@ -156,17 +156,10 @@ def status_json(name: str, result: Status, where: str) -> str:
 def ensemble(result: EnsembleReport) -> str:
     from tuner.ensemble import member_table
 
-    r = result.request
-    source = "refits of the " if r.source == "refit" else ""
-    chosen = (
-        "weights by greedy selection on the validation log-loss"
-        if r.method == "greedy"
-        else "the top by validation accuracy, equal weights"
-    )
-    temps = ", a temperature fitted per member" if r.temperature else ""
+    fewer = _fewer_members(result)
     lines = [
-        f"\n{r.method} ensemble of {len(result.members)} from {result.candidates} "
-        f"{source}completed trials ({chosen}{temps}):",
+        _ensemble_head(result),
+        *([fewer] if fewer else []),
         member_table(result),
         "",
         f"{'':<28}{'val_acc':>8}  {'val_loss':>8}  {'test_acc':>8}  {'test_loss':>9}",
@@ -186,17 +179,68 @@ def ensemble(result: EnsembleReport) -> str:
                      result.single_test))  # fmt: skip
     if result.single_test_tta is not None:
         lines.append(row("best single + flip", None, result.single_test_tta))
-    gain = f"{result.gain * 100:+.2f} points"
+    gain = _points(result.gain)
     if result.test_tta is not None and result.single_test_tta is not None:
         flip = result.test_tta.accuracy - result.single_test_tta.accuracy
         gain += f" ({flip * 100:+.2f} with flip on both)"
+    refit = " (the search trials' predictions: the refits trained on them)"
+    refit *= result.request.source == "refit"
     lines += [
         f"gain over the best single trial: {gain}, on {result.test_images} test images",
-        f"(validation scores are on the {result.val_images} images the weights were chosen on: "
-        "optimistic" + ("; of the search trials refitted)" if r.source == "refit" else ")"),
+        f"validation figures are in-sample: members and weights were chosen on these "
+        f"{result.val_images} images, which flatters the ensemble{refit}; the test figures are "
+        "the fair comparison",
         f"logged as MLflow run {result.run_id}",
     ]
     return "\n".join(lines)
+
+
+def _points(fraction: float) -> str:
+    """An accuracy difference as people read it, in percentage points: `+1.20 points`."""
+    return f"{fraction * 100:+.2f} points"
+
+
+def _counted(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
+def _ensemble_head(result: EnsembleReport) -> str:
+    """What it chose from, and what the weights optimise."""
+    r = result.request
+    pool = _counted(result.candidates, "refit" if r.source == "refit" else "completed trial")
+    chosen = (
+        "weights chosen to lower the validation log-loss, by bagged greedy selection"
+        if r.method == "greedy"
+        else "the top by validation accuracy, equal weights"
+    )
+    temps = ", a temperature fitted per member" if r.temperature else ""
+    return f"\n{r.method} ensemble of {len(result.members)} from {pool} ({chosen}{temps}):"
+
+
+def _fewer_members(result: EnsembleReport) -> str | None:
+    """Why the ensemble has fewer members than `--top` asked, or None."""
+    r, have, members = result.request, result.candidates, len(result.members)
+    if members >= r.k:
+        return None
+    name = result.study or "NAME"
+    skipped = f", {result.left_out} more without usable validation predictions"
+    skipped *= result.left_out > 0
+    why = []
+    if have < r.k and r.source == "refit":
+        exist = "exists" if have == 1 else "exist"
+        why.append(f"{_counted(have, 'refit')} {exist}{skipped} "
+                   f"(`tuner refit {name} --top {r.k}` makes more)")  # fmt: skip
+    elif have < r.k:
+        why.append(f"the study has {_counted(have, 'completed trial')} with saved validation "
+                   f"predictions{skipped} (`tuner study run {name}` runs more)")  # fmt: skip
+    if members == 1 < min(have, r.k):  # greedy's own choice: `average` takes all it may
+        why.append("greedy kept 1: no mixture with another network lowered the validation "
+                   "log-loss")  # fmt: skip
+    elif members < min(have, r.k):
+        why.append(f"greedy kept {members}: once these were in (a network picked twice "
+                   "weighs twice), no further pick, new or repeated, lowered the validation "
+                   "log-loss")  # fmt: skip
+    return f"fewer than the {r.k} asked: " + "; ".join(why)
 
 
 def ensemble_bench(rows: list[SeedRow], cfg: EnsembleBenchConfig) -> str:

@@ -58,6 +58,11 @@ def test_the_top_trials_by_validation_accuracy_are_averaged(trained, stores, fak
     assert run.data.metrics["val_log_loss"] == pytest.approx(report.val.log_loss)
     assert run.data.params["top_k"] == "2" and run.data.params["method"] == "average"
     assert run.data.params["weights"] == "0.500,0.500"
+    from tuner.study.status import study_status
+
+    [noted] = [e for e in study_status(SPEC, stores).ensembles if e["run_id"] == report.run_id]
+    assert noted["name"] == "ensemble-average-top2" and noted["test_acc"] == report.accuracy
+    assert noted["members"] == [m.trial_number for m in report.members], "study status shows it"
 
 
 def test_greedy_chooses_members_and_weights_on_the_validation_predictions(
@@ -130,6 +135,23 @@ def test_temperatures_are_fitted_per_member_and_not_for_refits(
 def test_fewer_completed_trials_than_asked_are_ensembled(trained, stores, fake_cifar) -> None:
     report = evaluate_top(SPEC, stores, k=10, data_dir=fake_cifar, device=CPU)
     assert len(report.members) == 3 and report.top_k == 10
+
+
+def test_fewer_members_than_asked_are_explained_on_the_console(
+    trained, stores, fake_cifar, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`--top 10` of a study with 3 completed trials says so, and what makes more; one network
+    scored is `1 network`."""
+    from tuner import report as console
+
+    text = console.ensemble(evaluate(SPEC, stores, EnsembleRequest(k=10), data_dir=fake_cifar,
+                                     device=CPU))  # fmt: skip
+    assert ("fewer than the 10 asked: the study has 3 completed trials with saved validation "
+            "predictions (`tuner study run ens` runs more)") in text  # fmt: skip
+    assert "validation figures are in-sample" in text
+    with caplog.at_level("INFO", logger="tuner"):
+        evaluate_top(SPEC, stores, k=1, data_dir=fake_cifar, device=CPU)
+    assert "average selection from 3 trials; scoring 1 network on" in caplog.text
 
 
 def test_a_signal_as_the_ensemble_run_is_made_closes_it(

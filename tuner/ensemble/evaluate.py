@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -35,7 +36,7 @@ from tuner.ensemble.selection import (
 )
 from tuner.errors import DataError, TunerError
 from tuner.models import VGG, load_state
-from tuner.records import RUN_ID_ATTR, Outcome
+from tuner.records import ENSEMBLE_PREFIX, RUN_ID_ATTR, Outcome
 from tuner.spec import StudySpec
 from tuner.stores import Stores
 from tuner.study.recovery import reconcile_runs
@@ -109,7 +110,7 @@ class Member:
 class EnsembleReport:
     request: EnsembleRequest
     members: tuple[Member, ...]  # heaviest first
-    candidates: int  # completed trials it chose from
+    candidates: int  # completed trials it chose from (with `--from refit`: refits)
     val_images: int
     test_images: int
     val: Scores  # the images the weights were chosen on: optimistic
@@ -121,6 +122,8 @@ class EnsembleReport:
     test_tta: Scores | None = None
     single_test_tta: Scores | None = None
     run_id: str | None = None  # the ensemble's MLflow run, once logged
+    study: str = ""  # its name, for the commands the report suggests
+    left_out: int = 0  # completed trials (or refits) without usable validation predictions
     # the ensemble's test predictions (with flip where asked) and the labels: its confusion
     predicted: np.ndarray | None = field(default=None, repr=False, compare=False)
     labels: np.ndarray | None = field(default=None, repr=False, compare=False)
@@ -135,7 +138,8 @@ class EnsembleReport:
 
     @property
     def gain(self) -> float:
-        """Ensemble test accuracy minus the best single trial's, in accuracy points (0..1)."""
+        """Ensemble test accuracy minus the best single trial's, as a fraction (0.012: what
+        MLflow holds; people are shown percentage points, +1.20)."""
         return self.test.accuracy - self.single_test.accuracy
 
 
@@ -179,7 +183,9 @@ def evaluate(
     val = load_val(root, spec.data, spec.seed, device)
     labels = val.labels.cpu().numpy()
     with tempfile.TemporaryDirectory() as tmp:
-        pool = candidates(spec, stores, study, tracker, request.source, labels, Path(tmp))
+        pool, left_out = candidates(
+            spec, stores, study, tracker, request.source, labels, Path(tmp)
+        )
         if not pool:
             raise TunerError(_nothing_to_ensemble(spec.name, request.source))
         test = load_test(root, spec.data, spec.seed, device)
@@ -191,8 +197,9 @@ def evaluate(
                 run_id = tracker.start_ensemble(runs, request.run_name)
             batch = spec.train.batch_size * 2  # as training validates
             report = _score(tracker, pool, request, val, test, Path(tmp), batch)
-            report = dataclasses.replace(report, run_id=run_id)
+            report = dataclasses.replace(report, run_id=run_id, study=spec.name, left_out=left_out)
             log_ensemble(tracker, report)
+            _note_on_study(study, report)
         except BaseException as exc:
             stopped = isinstance(exc, KeyboardInterrupt)
             why = interrupts.reason(exc) if stopped else f"error: {type(exc).__name__}: {exc}"
@@ -202,6 +209,22 @@ def evaluate(
                     tracker.end_run(run_id, outcome, why[:500])
             raise
     return report
+
+
+def _note_on_study(study: optuna.Study, report: EnsembleReport) -> None:
+    """What `study status` shows of the ensemble (a study attribute: status reads Optuna's
+    tables, not MLflow)."""
+    when = time.strftime("%Y-%m-%dT%H:%M:%S")
+    study.set_user_attr(
+        f"{ENSEMBLE_PREFIX}{when}:{report.run_id}",
+        {
+            "name": report.request.run_name,
+            "members": [m.trial_number for m in report.members],
+            "test_acc": report.accuracy,
+            "gain_points": round(100 * report.gain, 2),
+            "run_id": report.run_id,
+        },
+    )
 
 
 def evaluate_top(
@@ -231,10 +254,11 @@ def candidates(
     source: Source,
     labels: np.ndarray,
     into: Path,
-) -> list[Candidate]:
+) -> tuple[list[Candidate], int]:
     """Every completed trial whose validation predictions are on today's validation images
-    (for `refit`: every one with a completed refit), in trial order. One whose predictions
-    are missing or on other images (its settings changed) is left out, with one line."""
+    (for `refit`: every one with a completed refit), in trial order, and how many were left
+    out: one whose predictions are missing or on other images (its settings changed), with
+    one line."""
     trials = ranked(study.get_trials(deepcopy=False), with_run=True)
     refits = completed_refits(spec, stores) if source == "refit" else {}
     if source == "refit":
@@ -265,7 +289,7 @@ def candidates(
             f"warning: {len(left_out)} completed trials left out, without usable validation "
             f"predictions: {', '.join(left_out[:5])}{' …' if len(left_out) > 5 else ''}"
         )
-    return found
+    return found, len(left_out)
 
 
 def select(pool: list[Candidate], request: EnsembleRequest, labels: np.ndarray) -> Selection:
@@ -292,13 +316,13 @@ def _score(
     pool = [Candidate(c.trial_number, c.run_id, c.val_acc, tempered(c.val_probs, t),
                       c.refit_epochs) for c, t in zip(pool, temps, strict=True)]  # fmt: skip
     chosen = select(pool, request, val_labels)
-    if len(pool) < request.k and request.method == "average":
-        log.info(f"warning: only {len(pool)} completed trials; ensembling those")
     best = min(range(len(pool)), key=lambda i: (-pool[i].val_acc, pool[i].trial_number))
     scored = list(dict.fromkeys([*chosen.members, best]))
     flip, search = request.tta == "flip", request.source == "search"
-    how = f"{len(scored)} networks on {len(test)} test images" + (", and flipped" if flip else "")
-    log.info(f"{request.method} selection from {len(pool)} trials; scoring {how} …")
+    chose = _counted(len(pool), "trial" if search else "refit")
+    how = f"{_counted(len(scored), 'network')} on {len(test)} test images"
+    how += ", and flipped" if flip else ""
+    log.info(f"{request.method} selection from {chose}; scoring {how} …")
     outputs = {}
     for i in scored:
         c = pool[i]
@@ -343,6 +367,11 @@ def _score(
         predicted=final.argmax(1),
         labels=test_labels,
     )
+
+
+def _counted(n: int, noun: str) -> str:
+    """`1 network`, `2 networks`."""
+    return f"{n} {noun}{'s' * (n != 1)}"
 
 
 @dataclass(frozen=True)

@@ -339,9 +339,11 @@ def _sections(page: Page) -> list[tuple[str, list[str], list[list[str]] | None]]
             gain = None if e.best_single_test_acc is None else e.test_acc - e.best_single_test_acc
             rows.append([e.name, _num(e.test_acc), _num(e.test_acc_flip),
                          _num(e.best_single_test_acc),
-                         "–" if gain is None else f"{gain:+.4f}", e.members])  # fmt: skip
+                         "–" if gain is None else f"{gain * 100:+.2f} points",
+                         e.members])  # fmt: skip
         note = ["Best single trial: the one with the best validation accuracy, on the same test "
-                "images. Members and weights were chosen on the validation images."]  # fmt: skip
+                "images; gain: the ensemble's test accuracy over it, in percentage points. "
+                "Members and weights were chosen on the validation images."]  # fmt: skip
         sections.append(("Ensembles", note, rows))
     else:
         k = max(2, min(5, len(page.best)))
