@@ -67,12 +67,16 @@ def measure(
     days on a CPU is told in seconds, not after a minute of measuring)."""
     epochs = expected_epochs(spec)
     measured: list[float] = []
-    for depth in sorted(spec.space.depth, key=lambda d: int(d.removeprefix("vgg"))):
-        measured.append(epoch_seconds(spec, depth, device))
-        cost = Cost(trials, epochs, sum(measured) / len(measured), devices)
-        if cost.seconds > limit and len(measured) < len(spec.space.depth):
-            return replace(cost, partial=True)
-    return cost
+    try:
+        for depth in sorted(spec.space.depth, key=lambda d: int(d.removeprefix("vgg"))):
+            measured.append(epoch_seconds(spec, depth, device))
+            cost = Cost(trials, epochs, sum(measured) / len(measured), devices)
+            if cost.seconds > limit and len(measured) < len(spec.space.depth):
+                return replace(cost, partial=True)
+        return cost
+    finally:
+        if device.type == "cuda":  # the workers, not this process, need the GPU's memory
+            torch.cuda.empty_cache()
 
 
 def epoch_seconds(spec: StudySpec, depth: Depth, device: torch.device) -> float:
