@@ -109,20 +109,44 @@ def exit_code(exc: BaseException) -> int:
     return getattr(exc, "exit_code", 130)
 
 
-def exit_with_parent(parent: int) -> None:
-    """Ask the kernel to send this process SIGTERM when its parent (pid `parent`) dies
-    (Linux), so a worker never outlives its supervisor; elsewhere, a thread watches."""
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _prctl() -> Callable[..., int] | None:
+    """libc's `prctl` (Linux), or None where there is none."""
     try:
         import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        if libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl")
+        return ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
+        return None
+
+
+def exit_with_parent(parent: int) -> None:
+    """Ask the kernel to send this process SIGTERM when its parent (pid `parent`) dies
+    (Linux), so a worker never outlives its supervisor; elsewhere, a thread watches."""
+    prctl = _prctl()
+    if prctl is None or prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
         threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
     if os.getppid() != parent:  # it died before the kernel was asked
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def on_parent_death(sig: int) -> Callable[[], None] | None:
+    """A `preexec_fn` for a child that must get `sig` when this process dies, even by SIGKILL
+    (Linux); None elsewhere. `prctl` is looked up here, in the parent: the child runs it
+    between fork and exec, where loading a library could deadlock."""
+    prctl = _prctl()
+    if prctl is None:
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        if os.getppid() != parent:  # it died before the kernel was asked
+            os.kill(os.getpid(), sig)
+
+    return preexec
 
 
 def _watch_parent(parent: int, every: float = 1.0) -> None:

@@ -6,12 +6,17 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
 
-from tuner.errors import ConfigError
+from tuner import interrupts
+from tuner.errors import ConfigError, TunerError
 from tuner.records import ROLE_TAG, Role
 from tuner.stores import REMOTE_SCHEMES, Stores, prepare_tracking
 
@@ -19,8 +24,11 @@ log = logging.getLogger(__name__)
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
-STOP_SECONDS = 10  # the server gets this long to end after SIGTERM, then is killed
-HEALTH_SECONDS = 120  # --open waits this long for the server to answer (a loaded machine)
+START_SECONDS = 180  # the server must answer within this (about 10 s seen on 2 loaded cores)
+TERM_SECONDS = 3  # after SIGTERM, the server's process group gets this long, then SIGKILL
+KILL_SECONDS = 5  # after SIGKILL, how long to wait for the kernel to end them all
+POLL_SECONDS = 0.1  # between looks at a server that is starting or stopping
+TAIL_LINES = 15  # of the server's own output, shown when it fails
 # the runs of a model-training experiment: MLflow 3's UI reads the view from `workflowType`,
 # and the table's columns, sort and filter from a shared view stored as an experiment tag
 VIEW = "#/experiments/{id}/runs?viewStateShareKey={key}&workflowType=machine_learning"
@@ -85,10 +93,13 @@ def command(stores: Stores, host: str, port: int, verbose: bool = False) -> list
     return line
 
 
-def quiet_env(verbose: bool) -> dict[str, str]:
-    """The server's environment: unless `verbose`, without MLflow's INFO lines and Python's
-    deprecation warnings (its own, about its own dependencies)."""
+def server_env(verbose: bool) -> dict[str, str]:
+    """The server's environment: without MLflow's job runner (seven huey consumers that serve
+    its GenAI features, not training runs: they slowed its start and its stop on a small
+    machine; set MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true for them); unless `verbose`, without
+    MLflow's INFO lines and Python's deprecation warnings (its own, about its dependencies)."""
     env = os.environ.copy()
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     if not verbose:
         env.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         env.setdefault("PYTHONWARNINGS", "ignore")
@@ -145,9 +156,11 @@ def serve(
     open_browser: bool = False,
     verbose: bool = False,
 ) -> int:
-    """Run the UI until Ctrl-C (then 0), or until the server ends (its exit code). The
-    server runs in a session of its own, and is stopped with its children whichever way
-    `tuner ui` ends. A tracking server is its own UI already."""
+    """Run the UI until Ctrl-C, SIGTERM or SIGHUP (the `KeyboardInterrupt` goes on up: the
+    CLI says what stopped it, with the exit code of that signal) or until the server ends
+    (0, else a `TunerError`). Its address is printed once the server answers there. The
+    server runs in a session of its own and is stopped with every process in it whichever
+    way `tuner ui` ends. A tracking server is its own UI already."""
     if stores.tracking_uri.split(":", 1)[0] in REMOTE_SCHEMES:
         lines = where_lines(stores.tracking_uri, study_where(stores, study), served=False)
         log.info(f"the tracking store is a server already:\n{lines}")
@@ -159,61 +172,157 @@ def serve(
         )
     check_port_free(host, port)
     prepare_tracking(stores)
-    base = f"http://{host}:{port}"
+    base = base_url(host, port)
     where = study_where(stores, study)
-    url = study_url(base, where and where.experiment_id)
-    log.info(f"MLflow UI for {stores.tracking_uri}\n{where_lines(base, where)}")
-    server = subprocess.Popen(
-        command(stores, host, port, verbose), env=quiet_env(verbose), start_new_session=True
-    )
+    log.info(f"starting the MLflow UI for {stores.tracking_uri}…")
+    server = None
     try:
-        if open_browser and wait_for_health(host, port, server):
+        with interrupts.shielded():  # a Ctrl-C now must not lose the process being started
+            server = start(stores, host, port, verbose)
+        wait_until_answering(server, base)
+        log.info(where_lines(base, where))
+        if open_browser:
             import webbrowser
 
-            webbrowser.open(url)
-        return server.wait()
-    except KeyboardInterrupt:
-        stop(server)
-        log.info("stopped the MLflow UI")
-        return 0
+            webbrowser.open(study_url(base, where and where.experiment_id))
+        return ended(server, server.process.wait())
     finally:
-        stop(server)
+        if server is not None:
+            with interrupts.shielded():  # a second Ctrl-C waits until all of it is stopped
+                stop(server)
 
 
-def wait_for_health(host: str, port: int, server: subprocess.Popen) -> bool:
-    """The server answers `/health` (True), or it ended or did not answer in time (False)."""
-    import time
+def base_url(host: str, port: int) -> str:
+    """`http://HOST:PORT`, an IPv6 address in brackets."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+@dataclass(frozen=True)
+class Server:
+    """The `mlflow ui` process, leader of a session (so of a process group) of its own, and
+    the file its output goes to (None: the terminal, with `--verbose`)."""
+
+    process: subprocess.Popen
+    output: BinaryIO | None
+
+    def tail(self) -> str:
+        """The end of an error: `; its last lines:` and its last `TAIL_LINES` lines, indented;
+        nothing if it wrote none, or wrote them on the terminal. Read with `pread`, which
+        leaves the offset the server writes at (shared with it) where it is."""
+        if self.output is None:
+            return ""
+        fd = self.output.fileno()
+        size = os.fstat(fd).st_size
+        start = max(0, size - 200 * TAIL_LINES)  # bytes: about the lines wanted
+        lines = os.pread(fd, size - start, start).decode(errors="replace").splitlines()
+        shown = [f"    {line}" for line in lines[-TAIL_LINES:] if line.strip()]
+        return ("; its last lines:\n" + "\n".join(shown)) if shown else ""
+
+
+def start(stores: Stores, host: str, port: int, verbose: bool) -> Server:
+    """`command` in a session of its own (Ctrl-C on the terminal reaches `tuner` alone, which
+    stops the server's whole group), sent SIGTERM if `tuner` dies, even by SIGKILL (Linux);
+    its output in a temporary file unless `verbose`: shown only if it fails."""
+    import tempfile
+
+    output = None if verbose else tempfile.TemporaryFile()
+    process = subprocess.Popen(
+        command(stores, host, port, verbose),
+        env=server_env(verbose),
+        stdin=subprocess.DEVNULL,
+        stdout=output,
+        stderr=output,
+        start_new_session=True,
+        # SIGTERM: the server passes it on to its web worker and ends; no grandchild gets it
+        preexec_fn=interrupts.on_parent_death(signal.SIGTERM),
+    )
+    return Server(process, output)
+
+
+def answers(base: str) -> bool:
+    """The server at `base` answers `/health` (asked directly, whatever proxy is set)."""
+    import http.client
     import urllib.request
 
-    deadline = time.monotonic() + HEALTH_SECONDS
-    while server.poll() is None and time.monotonic() < deadline:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"{base}/health", timeout=2) as reply:
+            return reply.status == 200
+    except (OSError, http.client.HTTPException):
+        return False
+
+
+def wait_until_answering(server: Server, base: str) -> None:
+    """Return once the server answers at `base`; a `TunerError` with its last lines if it ends
+    first or does not answer within `START_SECONDS`."""
+    deadline = time.monotonic() + START_SECONDS
+    while not answers(base):
+        code = server.process.poll()
+        if code is not None:
+            raise TunerError(
+                f"the MLflow UI server exited ({code}) before it answered{server.tail()}"
+            )
+        if time.monotonic() > deadline:
+            raise TunerError(
+                f"the MLflow UI server did not answer at {base} within {START_SECONDS} s"
+                f"{server.tail()}"
+            )
+        time.sleep(POLL_SECONDS)  # a server that is starting
+
+
+def ended(server: Server, code: int) -> int:
+    """The server ended by itself, after serving: 0 if it ended well, else a `TunerError`
+    with its last lines."""
+    if code != 0:
+        raise TunerError(f"the MLflow UI server failed ({code}){server.tail()}")
+    log.info("the MLflow UI server ended")
+    return 0
+
+
+def stop(server: Server) -> None:
+    """End the server's whole process group (its web worker, and any job runner): SIGTERM,
+    then SIGKILL after `TERM_SECONDS`; return once none of them runs (or `KILL_SECONDS` after
+    the SIGKILL)."""
+    for sig, seconds in ((signal.SIGTERM, TERM_SECONDS), (signal.SIGKILL, KILL_SECONDS)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # none left to signal
+            os.killpg(server.process.pid, sig)
+        if _group_ends(server.process, seconds):
+            break
+    if server.output is not None:
+        server.output.close()
+
+
+def _group_ends(leader: subprocess.Popen, seconds: float) -> bool:
+    """Wait up to `seconds` until no process of `leader`'s group runs; True if none does."""
+    deadline = time.monotonic() + seconds
+    while True:
+        leader.poll()  # reaps the leader: else it stays in its group as a zombie
+        if not _group_runs(leader.pid):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(POLL_SECONDS)  # the group's processes are ending
+
+
+def _group_runs(pgid: int) -> bool:
+    """A process of group `pgid` runs. Zombies do not count: an orphan's zombie waits for
+    PID 1 to reap it, which some containers' PID 1 never does."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    if not Path("/proc/self/stat").exists():
+        return True  # no /proc to tell zombies apart: the group is there
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            with urllib.request.urlopen(f"http://{host}:{port}/health", timeout=2):
-                return True
+            fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
-            time.sleep(0.2)  # polling a server that is starting
+            continue  # it ended while we looked
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
     return False
-
-
-def stop(server: subprocess.Popen) -> None:
-    """SIGTERM to the server's whole session (its web workers too), SIGKILL after
-    `STOP_SECONDS`; nothing if it has ended."""
-    import signal
-
-    if server.poll() is not None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(server.pid, signal.SIGTERM)  # a web worker it left behind
-        return
-    for sig, wait in ((signal.SIGTERM, STOP_SECONDS), (signal.SIGKILL, STOP_SECONDS)):
-        try:
-            os.killpg(server.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            server.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def check_port_free(host: str, port: int) -> None:

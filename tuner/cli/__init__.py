@@ -548,6 +548,7 @@ STOPPED = {
     "again); run the same command again to go on from there",
     "ensemble": "no ensemble was recorded (a run it had started is closed as KILLED); run the "
     "same command again",
+    "ui": "stopped the MLflow UI and every process it started",
 }
 STOPPED_DEFAULT = "nothing was left half-made; run the same command again"
 
