@@ -172,6 +172,9 @@ def test_refits_and_their_greedy_ensemble_with_flip(study_dir: Path, fake_cifar:
                and r.info.run_name == "ensemble-greedy-top2-refit-flip")  # fmt: skip
     assert set(run.data.tags["tuner.members"].split(",")) <= {r.info.run_id for r in refits}
     assert run.data.params["source"] == "refit" and "test_acc_flip" in run.data.metrics
+    page = (study_dir / "reports" / "tiny.html").read_text()
+    assert "ensemble-greedy-top2-refit-flip" in page, "the report is made again after it"
+    assert "None yet: <code>tuner ensemble" not in page
     assert [(t.number, t.state, t.value) for t in stored(study_dir, "tiny").trials] == before
 
 
