@@ -185,7 +185,8 @@ def test_edited_settings_are_refused_unless_allowed_and_then_recorded(
                                         dst_path=str(ran_once))  # fmt: skip
     assert yaml.safe_load(spec_yaml.read_text())["train"]["epochs"] == 1, "kept as created"
 
-    out = tuner(ran_once, fake_cifar, "study", "run", "edited", "--allow-changed-settings")
+    out = tuner(ran_once, fake_cifar, "study", "run", "edited", "--allow-changed-settings",
+                "--trials", "1")  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "trials from now on train with changed settings" in out.stdout
     study = stored(ran_once, "edited")

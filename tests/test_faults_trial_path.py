@@ -60,9 +60,10 @@ def consistent(cwd: Path, name: str) -> list[optuna.trial.FrozenTrial]:
         if "retry_of" in t.user_attrs:
             retries.setdefault(t.user_attrs["retry_of"], []).append(t)
     for t in trials:
-        if "worker" in t.user_attrs.get("fail_reason", "") or "died" in t.user_attrs.get(
-            "fail_reason", ""
-        ):
+        reason = t.user_attrs.get("fail_reason", "")
+        # a point that died with its worker while training twice is left failed (MAX_LOST)
+        twice = t.user_attrs.get("lost_attempts", 0) + ("mlflow_run_id" in t.user_attrs) > 1
+        if ("worker" in reason or "died" in reason) and not twice:
             [retry] = retries.get(t.number, [None])
             assert retry is not None, f"trial {t.number} was lost and not queued again"
             point = retry.params or retry.system_attrs["fixed_params"]

@@ -82,6 +82,7 @@ def _interrupted_at(number: int):
     return trainer
 
 
+@pytest.mark.slow  # four whole runs, pictures included: half a minute
 def test_run_again_after_ctrl_c_it_runs_what_is_left_and_the_interrupted_baseline_first(
     stores, fake_cifar
 ) -> None:
@@ -106,6 +107,7 @@ def test_run_again_after_ctrl_c_it_runs_what_is_left_and_the_interrupted_baselin
     assert sum(more.ran.values()) == 1, "--trials 1: one more"
 
 
+@pytest.mark.slow
 def test_a_study_in_one_process_draws_the_same_points_every_time(stores, fake_cifar) -> None:
     from tuner.study.setup import open_study
 

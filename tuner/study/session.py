@@ -69,8 +69,7 @@ def run_study(spec: StudySpec, stores: Stores, request: RunRequest) -> RunSummar
     if cut := store_wait_cut():
         log.info(cut)
     recover_stale(study, tracker, runs)
-    plans = worker_plans(spec, stores, runs, request)
-    budget = plans[0].budget
+    budget = budget_for(spec, request)
     left = budget.left(study)
     if not left:
         log.info(f"{spec.name!r} has its {budget.trials} trials; `--trials N` runs N more")
@@ -80,6 +79,7 @@ def run_study(spec: StudySpec, stores: Stores, request: RunRequest) -> RunSummar
         limit = request.max_hours * 3600
         cost = measure(spec, request.devices[0], left, len(request.devices), limit)
         check(cost, spec, request.devices[0], request.max_hours)
+    plans = worker_plans(spec, stores, runs, request)  # --timeout counts from here
     started = time.perf_counter()
     exits: list[str] = []
     tracker.parent_running(runs.parent_run_id, True)
@@ -153,6 +153,15 @@ def _wind_up(study: optuna.Study, tracker: Tracker, runs: StudyRuns, stores: Sto
         log.info(f"the study's pictures could not be drawn: {type(exc).__name__}: {exc}")
 
 
+def budget_for(spec: StudySpec, request: RunRequest, queued_only: bool = False) -> Budget:
+    """The run's budget: `--trials N` more, or the file's `trials` for the study; its
+    `--timeout` counts from now."""
+    more = request.trials is not None
+    n = request.trials if request.trials is not None else spec.trials
+    deadline = time.time() + request.timeout if request.timeout else None
+    return Budget(uuid.uuid4().hex[:12], n, deadline, more, queued_only)
+
+
 def worker_plans(
     spec: StudySpec,
     stores: Stores,
@@ -164,12 +173,10 @@ def worker_plans(
     trials only: refits)."""
     from tuner.data import resolve_data_dir
 
-    more = request.trials is not None
-    n = request.trials if request.trials is not None else spec.trials
-    deadline = time.time() + request.timeout if request.timeout else None
+    budget = budget_for(spec, request, queued_only)
     slots = [(d, j) for d in request.devices for j in range(request.jobs_per_device)]
-    slots = slots[:n] if queued_only else slots  # no worker for a refit that is not there
-    budget = Budget(uuid.uuid4().hex[:12], n, deadline, more, queued_only)
+    # no worker for a refit that is not there
+    slots = slots[: budget.trials] if queued_only else slots
     data_dir = resolve_data_dir(request.data_dir)
     if len(slots) == 1:
         return [WorkerPlan("main", spec, stores, runs, data_dir, slots[0][0], budget,
