@@ -72,15 +72,17 @@ def consistent(cwd: Path, name: str) -> list[optuna.trial.FrozenTrial]:
     return trials
 
 
-def _claim_holder(since: float) -> int | None:
-    """The pid holding a flock on a budget claim file made after `since`, if any."""
+def _claim_holder(since: float, parent: int) -> int | None:
+    """The pid holding a flock on a budget claim file made after `since`, if any, among the
+    workers of `parent` (another run on the machine has claims of its own)."""
     claims = [p for p in Path(tempfile.gettempdir()).glob("tuner-*.claim")
               if p.stat().st_mtime >= since]  # fmt: skip
     inodes = {os.stat(p).st_ino for p in claims}
     for line in Path("/proc/locks").read_text().splitlines():
         fields = line.split()
         if fields[1] == "FLOCK" and int(fields[5].rsplit(":", 1)[1]) in inodes:
-            return int(fields[4])
+            if int(fields[4]) in workers_of(parent):
+                return int(fields[4])
     return None
 
 
@@ -95,7 +97,7 @@ def test_a_worker_killed_while_it_holds_the_claim_stops_no_one(
     deadline = time.monotonic() + 120
     holder = None
     while holder is None and time.monotonic() < deadline and run.poll() is None:
-        holder = _claim_holder(began)
+        holder = _claim_holder(began, run.pid)
         time.sleep(0.0005)
     assert holder is not None, "no worker was ever seen holding the claim"
     os.kill(holder, signal.SIGKILL)
