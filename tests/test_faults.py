@@ -257,7 +257,8 @@ def test_a_trial_past_its_time_limit_fails_with_reason_timeout(
 ) -> None:
     limits = {**FAST_LIMITS, "trial_timeout": 2.0}
     study_file(tmp_path, "slow", train={**TINY_STUDY["train"], "epochs": 10_000}, limits=limits)
-    out = tuner(tmp_path, fake_cifar, "study", "run", "slow", "--trials", "2")
+    # 10,000 epochs a trial: hours by the estimate, which the time limit cuts to seconds
+    out = tuner(tmp_path, fake_cifar, "study", "run", "slow", "--trials", "2", "--max-hours", "99")
     assert out.returncode == 1
     assert "2 failed (trial 0: timeout; trial 1: timeout)" in out.stdout, "it goes on after one"
     trials = stored(tmp_path, "slow").trials
