@@ -26,7 +26,8 @@ CIFAR_TRAIN_IMAGES = 50_000  # the training split, before the validation images 
 # a CPU's time grows with the batch: a small one measured is as true and costs a second;
 # a GPU's does not (a small batch leaves it idle), so it is measured at the study's own
 CPU_BATCH = 32
-STEPS = 3  # timed, after one to warm up; their median: one step now and then takes twice as long
+STEPS = 3  # timed at least, after one to warm up; their median: a step now and then is slow
+ENOUGH_SECONDS = 0.5  # per depth: cheap steps are timed until this much has passed
 
 
 @dataclass(frozen=True)
@@ -81,16 +82,18 @@ def measure(
 
 def epoch_seconds(spec: StudySpec, depth: Depth, device: torch.device) -> float:
     """One epoch of the study's training images on a VGG of `depth` (with batch norm: the
-    dearer kind), from eager steps (`STEPS`, after one to warm up). On the CPU at a small batch,
-    scaled per image."""
+    dearer kind), from eager steps (at least `STEPS` after one to warm up; more while cheap).
+    On the CPU at a small batch, scaled per image."""
     batch = spec.train.batch_size
     batch = min(CPU_BATCH, batch) if device.type == "cpu" else batch
     images = torch.randn(batch, 3, 32, 32, device=device)
     labels = torch.randint(0, 10, (batch,), device=device)
     model = VGG(Architecture(depth, True, 0.0, spec.train.width), seed=0).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    times = []
-    for _ in range(STEPS + 1):  # the first warms up
+    times: list[float] = []
+    # the first warms up; then at least STEPS, and more while they are cheap: a loaded
+    # machine's odd slow step weighs less in the median of many
+    while len(times) < STEPS + 1 or (sum(times[1:]) < ENOUGH_SECONDS and len(times) < 50):
         _sync(device)
         began = time.perf_counter()
         loss = F.cross_entropy(model(images), labels)
