@@ -31,6 +31,7 @@ from tuner.records import (
     ACCUMULATION_ATTR,
     BASELINE_ATTR,
     DIVERGED,
+    FIRST_OF_POINT_ATTR,
     OUT_OF_MEMORY,
     PRUNED_AT_ATTR,
     REASON_ATTR,
@@ -41,6 +42,7 @@ from tuner.records import (
     REFIT_OF_RUN_TAG,
     REFIT_OF_TAG,
     RUN_ID_ATTR,
+    STORE_ERROR,
     TIMEOUT,
     Outcome,
     Role,
@@ -154,7 +156,7 @@ def _store_failed(run: TrialRun, exc: BaseException) -> Ending:
     assert error is not None
     log.info(f"{run.tag} lost to a store error: {error}")
     details = "".join(traceback.format_exception(exc))
-    return Ending(Outcome.FAILED, f"store error: {error}", details, requeue=True, stop=error)
+    return Ending(Outcome.FAILED, f"{STORE_ERROR}: {error}", details, requeue=True, stop=error)
 
 
 def _error(run: TrialRun, exc: BaseException) -> Ending:
@@ -278,7 +280,9 @@ class TrialRun:
         spec, device = self.spec, self.ctx.device
         # each trial gets its own seed: same study seed and trial number, same run (a refit
         # starts from the weights its search trial started from)
-        number = self.refit_of if self.refit_of is not None else self.trial.number
+        number = self.refit_of
+        if number is None:  # a retry: the number of its point's first trial
+            number = int(self.trial.user_attrs.get(FIRST_OF_POINT_ATTR, self.trial.number))
         seed = spec.seed * 100_003 + number
         model = VGG(self.architecture, seed=seed).to(device)
         config = train_config(
@@ -470,7 +474,7 @@ class TrialRun:
         fixed = _optuna.frozen(self.trial).system_attrs.get("fixed_params", {})
         point = {**fixed, **self.trial.params}
         queue_again(self.trial.study, self.trial, point, self.accumulation)
-        return "; queued again, to run first next time (not counted)"
+        return "; queued again: it runs before any new point is drawn (not counted)"
 
     def _save(self, result: TrainResult) -> str:
         """The trial's weights, architecture and predictions; the weights' SHA-256."""

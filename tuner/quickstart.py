@@ -57,6 +57,11 @@ def choose(device: torch.device, stores: Stores) -> Choice:
 def quickstart(stores: Stores, device: torch.device, data_dir: Path | None) -> Path:
     """Choose, then create, run, refit, ensemble and report; the report's HTML file."""
     began = time.perf_counter()
+    if not Path("studies", f"{CPU_STUDY}.yaml").is_file():
+        raise TunerError(
+            f"quickstart runs the study files in studies/ ({GPU_STUDY}.yaml, {CPU_STUDY}.yaml): "
+            "run it from the folder of tuner's repository, which holds them"
+        )
     choice = choose(device, stores)
     log.info(f"quickstart: {choice.study} — {choice.why}")
     spec = load(choice.study, stores)

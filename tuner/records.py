@@ -91,6 +91,7 @@ OUT_OF_MEMORY = "out_of_memory"
 TERMINATED = "terminated"  # SIGTERM
 INTERRUPTED = "interrupted"  # Ctrl-C
 WORKER_DIED = "worker died"  # its heartbeat went stale; the pool says how it died
+STORE_ERROR = "store error"  # + ": the error": the trial is queued again
 
 # -- Optuna trial user attributes ---------------------------------------------------------------
 RUN_ID_ATTR = "mlflow_run_id"
@@ -100,6 +101,9 @@ SESSION_ATTR = "session"  # which `tuner study run` ran the trial (its budget co
 ACCUMULATION_ATTR = "grad_accumulation"  # on the retry of a trial that ran out of memory
 RETRY_OF_ATTR = "retry_of"  # on a retry (out of memory, a lost trial): the trial it repeats
 LOST_ATTR = "lost_attempts"  # on a retry: attempts of its point that died while training
+# on a retry: the number of the first trial of its point, which seeds its training: a retry
+# trains as the trial it repeats did (a baseline that diverged diverges again)
+FIRST_OF_POINT_ATTR = "first_of_point"
 PRUNED_AT_ATTR = "pruned_at_epoch"
 BASELINE_ATTR = "baseline"  # a trial enqueued from the study file's `baselines`: its name
 SETTINGS_ATTR = "settings_sha256"  # the fixed settings the trial trained with (see SETTINGS_KEYS)
@@ -210,6 +214,13 @@ def retry_origin(user_attrs: Mapping[str, Any], system_attrs: Mapping[str, Any])
     """The trial this one repeats (after out-of-memory, or a dead worker), if any."""
     origin = user_attrs.get(RETRY_OF_ATTR, system_attrs.get(HEARTBEAT_RETRY_OF))
     return int(origin) if origin is not None else None
+
+
+def requeued(trial: FrozenTrial) -> bool:
+    """A trial whose point is always queued again once it has ended: stopped by Ctrl-C,
+    SIGTERM or SIGHUP, or lost to a store error."""
+    reason = str(trial.user_attrs.get(REASON_ATTR, ""))
+    return reason in (INTERRUPTED, TERMINATED) or reason.startswith(STORE_ERROR)
 
 
 def retried_numbers(trials: Iterable[FrozenTrial]) -> set[int]:

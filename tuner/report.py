@@ -115,10 +115,12 @@ def _refits_and_ensembles(name: str, result: Status) -> list[str]:
         for r in result.refits
     ] or [f"  none yet: tuner refit {name}"]
     lines.append("ensembles scored (on the test images):")
+    latest = {e["name"]: e for e in result.ensembles}  # one line each: the last scored
     lines += [
-        f"  {e['name']}: members {', '.join(str(n) for n in e['members'])}; "
-        f"test_acc {e['test_acc']:.4f}, {e['gain_points']:+.1f} pts over the best single"
-        for e in result.ensembles
+        f"  {e['name']}: trial{'s' if len(e['members']) != 1 else ''} "
+        f"{', '.join(str(n) for n in e['members'])}; test_acc {e['test_acc']:.4f}, "
+        f"{e['gain_points']:+.1f} pts over the best single"
+        for e in latest.values()
     ] or [f"  none yet: tuner ensemble {name} --top 5"]
     return lines
 

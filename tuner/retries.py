@@ -12,6 +12,7 @@ from optuna.trial import FrozenTrial
 from tuner.records import (
     ACCUMULATION_ATTR,
     CARRIED_ATTRS,
+    FIRST_OF_POINT_ATTR,
     LOST_ATTR,
     RETRY_OF_ATTR,
     RUN_ID_ATTR,
@@ -35,7 +36,9 @@ def queue_again(
 ) -> None:
     """Queue `trial`'s point (`params`) again, with what a retry keeps of it (`carried`) and
     the trial it repeats; `lost`: how many attempts of this point died while training."""
-    attrs = {**carried(trial), ACCUMULATION_ATTR: accumulation, RETRY_OF_ATTR: trial.number}
+    first = int(trial.user_attrs.get(FIRST_OF_POINT_ATTR, trial.number))
+    attrs = {**carried(trial), ACCUMULATION_ATTR: accumulation, RETRY_OF_ATTR: trial.number,
+             FIRST_OF_POINT_ATTR: first}  # fmt: skip
     if lost:
         attrs[LOST_ATTR] = lost
     study.enqueue_trial(dict(params), user_attrs=attrs, skip_if_exists=False)

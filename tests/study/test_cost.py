@@ -11,9 +11,9 @@ from tuner import spec as spec_module
 from tuner.errors import TunerError
 from tuner.pruning import expected_epochs
 from tuner.spec import parse
-from tuner.study.cost import Cost, measure
+from tuner.study.cost import Cost, check, measure
+from tuner.study.named import stored_file
 from tuner.study.session import RunRequest, run_study
-from tuner.study.setup import open_study
 
 from ..conftest import TINY_STUDY
 
@@ -35,7 +35,7 @@ def test_a_study_far_beyond_the_wait_stops_before_it_trains_saying_what_to_run_i
     assert "'cost-slow' would take too long on cpu: 200 trials × ~" in said
     assert "more than --max-hours 4" in said and "vgg-cifar-smoke" in said
     assert "--device cuda" in said and "to run it anyway" in said
-    assert open_study(spec, stores).trials == [], "nothing trained"
+    assert stored_file("cost-slow", stores) is None, "nothing made: the file can change freely"
 
 
 def test_a_study_that_fits_says_what_it_will_cost_and_runs(stores, fake_cifar, caplog) -> None:
@@ -43,7 +43,7 @@ def test_a_study_that_fits_says_what_it_will_cost_and_runs(stores, fake_cifar, c
     request = RunRequest(devices=(CPU,), data_dir=fake_cifar, max_hours=4)
     with caplog.at_level(logging.INFO, logger="tuner"):
         summary = run_study(spec, stores, request)
-    assert "estimate on cpu: 1 trials × ~1.5 epochs × " in caplog.text
+    assert "estimate on cpu: 1 trial × ~1.5 epochs × " in caplog.text
     assert sum(summary.ran.values()) == 1
 
 
@@ -52,6 +52,9 @@ def test_the_cheaper_depths_alone_can_tell_a_study_is_too_long() -> None:
     cost = measure(spec, CPU, spec.trials, limit=60.0)
     assert cost.partial and cost.seconds > 60
     assert "the cheaper depths only" in cost.says() and "at least" in cost.says()
+    with pytest.raises(TunerError, match="a --max-hours above the whole study's cost") as caught:
+        check(cost, spec, CPU, max_hours=60 / 3600)
+    assert "`--max-hours " not in str(caught.value), "no number from a floor"
 
 
 def test_the_epochs_a_trial_trains_follow_its_pruner() -> None:

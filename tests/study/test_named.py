@@ -29,3 +29,21 @@ def test_a_name_neither_filed_nor_stored_is_the_files_error(stores, tmp_path, mo
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SpecError, match=r"studies/nowhere\.yaml: no such study file"):
         load("nowhere", stores)
+
+
+@pytest.mark.parametrize("kept", ["hello", {"name": "another"}])
+def test_a_damaged_stored_study_file_is_one_error(stores, tmp_path, monkeypatch, kept) -> None:
+    from tuner.study.setup import open_study
+
+    monkeypatch.chdir(tmp_path)
+    spec = load_dict({**TINY_STUDY, "name": f"damaged-{len(str(kept))}"})
+    create(spec, stores)
+    open_study(spec, stores).set_user_attr("spec", kept)
+    with pytest.raises(SpecError, match="keeps a damaged study file"):
+        load(spec.name, stores)
+
+
+def load_dict(raw: dict):
+    from tuner.spec import parse
+
+    return parse(raw)

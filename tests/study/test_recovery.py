@@ -53,7 +53,8 @@ def test_a_dead_workers_trial_is_failed_queued_and_its_run_killed(setup) -> None
     assert queued.state == TrialState.WAITING
     assert queued.system_attrs["fixed_params"] == trials[dead.number].params
     assert queued.user_attrs == {"grad_accumulation": 1, "retry_of": dead.number,
-                                 "lost_attempts": 1}, "the point, not the past"  # fmt: skip
+                                 "lost_attempts": 1, "first_of_point": dead.number}, (
+        "the point (and the seed it trained with), not the past")  # fmt: skip
     assert tracker.client.get_run(dead_run).info.status == "KILLED"
     assert tracker.client.get_run(alive_run).info.status == "RUNNING"
 

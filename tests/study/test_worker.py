@@ -83,6 +83,30 @@ def test_the_files_trials_are_what_the_study_aims_at_whoever_ran_them(setup) -> 
     assert Budget("third", trials=4, deadline=None, more=True).left(study) == 4
 
 
+def test_a_trial_stopped_by_a_signal_never_counts_even_before_its_retry_is_queued(setup) -> None:
+    """Seen: `(2/8 done)` in the moment between a stopped trial's end and its retry."""
+    study, _ = setup
+    stopped = _optuna.ask(study)
+    stopped.set_user_attr("fail_reason", "terminated")
+    study.tell(stopped, state=TrialState.FAIL)
+    assert Budget("me", 4, None).counted(study) == 0
+
+
+def test_a_retry_trains_with_the_seed_of_its_points_first_trial(setup) -> None:
+    from tuner.retries import queue_again
+
+    study, _ = setup
+    first = _optuna.ask(study)
+    study.tell(first, state=TrialState.FAIL)
+    queue_again(study, first, {})
+    second = _optuna.ask(study)  # the retry
+    study.tell(second, state=TrialState.FAIL)
+    queue_again(study, second, {})
+    third = _optuna.ask(study)
+    assert third.user_attrs["first_of_point"] == first.number
+    assert third.user_attrs["retry_of"] == second.number
+
+
 def test_a_budget_of_queued_trials_never_asks_the_sampler(setup) -> None:
     """Refits: what is queued is the budget, whatever is left of the count."""
     study, _ = setup

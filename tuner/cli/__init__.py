@@ -19,6 +19,7 @@ from tuner.cli.options import (
     bench_options,
     data_options,
     keep_option,
+    not_nan,
     parse_counts,
     parse_depths,
     store_options,
@@ -102,6 +103,7 @@ def run_request(
     type=click.FloatRange(min=0, min_open=True),
     default=4.0,
     show_default=True,
+    callback=not_nan,
     help="First measure a few training steps here and estimate what the trials left will "
     "cost; stop, saying what to run instead, when that is more than this.",
 )
@@ -540,8 +542,8 @@ def ui(
 # What a Ctrl-C, SIGTERM or SIGHUP left behind, by command; each "again" is true (the set-up
 # of a study is made whole by the next command that needs it).
 STOPPED = {
-    "study run": "a trial that was running is recorded as killed ({reason}) and queued "
-    "again, its MLflow run as KILLED; run the same command again to continue the study",
+    "study run": "any trial that was running is recorded as killed ({reason}) and its point "
+    "queued again, its MLflow run as KILLED; run the same command again to continue the study",
     "refit": "a refit that was running is recorded as failed ({reason}) and its MLflow run as "
     "KILLED; run the same command again to finish the refits",
     "quickstart": "what each step finished is kept (a trial that was running is queued "

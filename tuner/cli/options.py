@@ -13,6 +13,13 @@ from tuner import devices
 from tuner.spec import Depth
 
 
+def not_nan(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """A number of seconds or hours: NaN slips through a FloatRange (it compares false)."""
+    if value is not None and value != value:
+        raise click.BadParameter(f"takes a number, got {value}")
+    return value
+
+
 def store_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Where the study lives; every command takes the same four."""
 
@@ -164,6 +171,7 @@ WORKER_OPTIONS = [
         "--timeout",
         type=click.FloatRange(min=0, min_open=True),
         default=None,
+        callback=not_nan,
         help="Start no trial after this many seconds (limits.trial_timeout cuts one short).",
     ),
     click.option(

@@ -46,7 +46,8 @@ class Cost:
 
     def says(self) -> str:
         return (
-            f"{self.trials} trials × ~{self.epochs_per_trial:.1f} epochs × "
+            f"{self.trials} trial{'s' if self.trials != 1 else ''} × "
+            f"~{self.epochs_per_trial:.1f} epochs × "
             f"{self.epoch_seconds:.1f} s per epoch (measured"
             + (", the cheaper depths only" if self.partial else "")
             + ")"
@@ -119,9 +120,13 @@ def check(cost: Cost, spec: StudySpec, device: torch.device, max_hours: float) -
                "for a CPU)"]  # fmt: skip
     if device.type == "cpu":
         instead.append("on a GPU (`--device cuda`, `--gpus all`)")
-    hours = math.ceil(cost.seconds / 3600)
+    anyway = (  # a partial estimate is a floor: a number from it would not be enough
+        "a --max-hours above the whole study's cost (every depth is measured then)"
+        if cost.partial
+        else f"`--max-hours {math.ceil(cost.seconds / 3600)}`"
+    )
     raise TunerError(
         f"{spec.name!r} would take too long on {device}: {cost.says()}, more than "
-        f"--max-hours {max_hours:g}. Run {' or '.join(instead)}; or `--max-hours "
-        f"{hours}` to run it anyway"
+        f"--max-hours {max_hours:g}. Run {' or '.join(instead)}; or give {anyway} to run it "
+        "anyway"
     )

@@ -25,15 +25,21 @@ def load(name_or_path: str, stores: Stores) -> StudySpec:
     except SpecError as exc:
         if "no such study file" not in str(exc) or "/" in name_or_path:
             raise
-        raw = _stored(name_or_path, stores)
+        raw = stored_file(name_or_path, stores)
         if raw is None:
             raise
     where = shown(stores.optuna_url)
+    if not isinstance(raw, dict) or raw.get("name") != name_or_path:
+        raise SpecError(
+            f"study {name_or_path!r} in {where} keeps a damaged study file; name the study "
+            "by the path of its file"
+        )
     log.debug(f"study {name_or_path!r}: the study file it was created with, from {where}")
     return spec_module.parse(raw, source=f"study {name_or_path!r} in {where}")
 
 
-def _stored(name: str, stores: Stores) -> dict | None:
+def stored_file(name: str, stores: Stores) -> object | None:
+    """The study file the stored study `name` was created with; None where there is none."""
     import sqlalchemy
 
     url = stores.optuna_url
@@ -51,4 +57,4 @@ def _stored(name: str, stores: Stores) -> dict | None:
         return None
     finally:
         engine.dispose()
-    return raw if isinstance(raw, dict) else None
+    return raw

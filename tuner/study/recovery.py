@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from tuner import _optuna, background
+from tuner import _optuna, background, interrupts
 from tuner.records import (
     PROCESS_TAG,
     REASON_ATTR,
@@ -48,11 +48,13 @@ def fail_stale(study: optuna.Study, tracker: Tracker | None = None) -> list[int]
     for trial in _optuna.stale_trials(study):
         if _alive_here(trial):
             continue
-        if _optuna.fail_from_outside(study, trial, REASON_ATTR, STALE):
-            failed.append(trial.number)
+        with interrupts.shielded():  # failed and queued again, or neither: no point lost
+            if not _optuna.fail_from_outside(study, trial, REASON_ATTR, STALE):
+                continue
             lost(study, trial)
-            if tracker is not None:
-                _close_run(tracker, trial, STALE)
+        failed.append(trial.number)
+        if tracker is not None:
+            _close_run(tracker, trial, STALE)
     return failed
 
 
@@ -94,10 +96,12 @@ def recover_dead_worker(
     for trial in _optuna.trials_in(study, (TrialState.RUNNING,)):
         if trial.user_attrs.get(WORKER_ATTR) != worker:
             continue
-        if _optuna.fail_from_outside(study, trial, REASON_ATTR, f"worker {how}"):
+        with interrupts.shielded():  # failed and queued again, or neither: no point lost
+            if not _optuna.fail_from_outside(study, trial, REASON_ATTR, f"worker {how}"):
+                continue
             said = "queued again" if lost(study, trial) else "not queued again (lost twice)"
-            _close_run(tracker, trial, f"{WORKER_DIED} ({how})")
-            log.info(f"[trial {trial.number}] lost with its worker ({how}); {said}")
+        _close_run(tracker, trial, f"{WORKER_DIED} ({how})")
+        log.info(f"[trial {trial.number}] lost with its worker ({how}); {said}")
     reconcile_runs(study, tracker, runs)
 
 

@@ -23,6 +23,7 @@ from tuner.spec import StudySpec
 from tuner.store_errors import store_wait_cut
 from tuner.stores import Stores, store_error
 from tuner.study.cost import check, measure
+from tuner.study.named import stored_file
 from tuner.study.pictures import paint
 from tuner.study.pool import run_pool
 from tuner.study.recovery import recover_dead_worker, recover_stale, watchdog
@@ -61,6 +62,10 @@ class RunRequest:
 def run_study(spec: StudySpec, stores: Stores, request: RunRequest) -> RunSummary:
     """Run a study's trials in this process (one job) or in worker processes (several)."""
     interrupts.install()
+    # a new study is measured before it is made: one found too long is changed freely
+    guard_first = request.max_hours is not None and stored_file(spec.name, stores) is None
+    if guard_first:
+        _guard(spec, request, budget_for(spec, request).trials)
     created = create(spec, stores, allow_changed_settings=request.allow_changed_settings)
     tracker, runs = created.tracker, created.runs
     if created.created:
@@ -75,10 +80,8 @@ def run_study(spec: StudySpec, stores: Stores, request: RunRequest) -> RunSummar
         log.info(f"{spec.name!r} has its {budget.trials} trials; `--trials N` runs N more")
         return summarize(study, budget.session, 0.0)
     log.info(_plan_line(spec, study, budget, left, request))
-    if request.max_hours is not None:
-        limit = request.max_hours * 3600
-        cost = measure(spec, request.devices[0], left, len(request.devices), limit)
-        check(cost, spec, request.devices[0], request.max_hours)
+    if request.max_hours is not None and not guard_first:
+        _guard(spec, request, left)
     plans = worker_plans(spec, stores, runs, request)  # --timeout counts from here
     started = time.perf_counter()
     exits: list[str] = []
@@ -229,7 +232,8 @@ def run_refit(
         ask = dataclasses.replace(request, trials=waiting)
         plans = worker_plans(queued.spec, stores, runs, ask, queued_only=True)
         session = plans[0].budget.session
-        log.info(f"refitting {waiting} configurations of {spec.name!r} on {_where(request)}")
+        what = f"{waiting} configuration{'s' if waiting != 1 else ''}"
+        log.info(f"refitting {what} of {spec.name!r} on {_where(request)}")
         try:
             with watchdog(study, tracker, runs):
                 exits = _work(plans, study, tracker)
@@ -262,6 +266,14 @@ def _recover_quietly(
         log.info(f"what dead workers left could not be recovered now: {error}")
 
 
+def _guard(spec: StudySpec, request: RunRequest, trials: int) -> None:
+    """What `trials` trials will cost here, said; stop past `request.max_hours`."""
+    assert request.max_hours is not None
+    device, limit = request.devices[0], request.max_hours * 3600
+    check(measure(spec, device, trials, len(request.devices), limit), spec, device,
+          request.max_hours)  # fmt: skip
+
+
 def _plan_line(
     spec: StudySpec, study: optuna.Study, budget: Budget, left: int, request: RunRequest
 ) -> str:
@@ -270,10 +282,9 @@ def _plan_line(
     where = _where(request) + (
         f", starting none after {request.timeout:.0f} s" if request.timeout else ""
     )
-    if budget.more:
-        return f"running {left} more trials of {spec.name!r} on {where}"
-    if not done:
-        return f"running {left} trials of {spec.name!r} on {where}"
+    trials = f"{left} {'more ' if budget.more else ''}trial{'s' if left != 1 else ''}"
+    if budget.more or not done:
+        return f"running {trials} of {spec.name!r} on {where}"
     return (
         f"{spec.name!r} has {done} of its {budget.trials} trials: running {left} more on {where}"
     )

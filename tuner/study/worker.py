@@ -32,6 +32,7 @@ from tuner.records import (
     SETTINGS_ATTR,
     WORKER_ATTR,
     Role,
+    requeued,
     retried_numbers,
     trial_role,
     worker_id,
@@ -75,9 +76,15 @@ class Budget:
         return [t for t in trials if t.user_attrs.get(SESSION_ATTR) == self.session]
 
     def counting(self, trials: list[FrozenTrial]) -> list[FrozenTrial]:
-        """The trials that count against `trials`: ended, and their point not queued again."""
+        """The trials that count against `trials`: ended, and their point not queued again. A
+        trial stopped by a signal or lost to a store is always queued again, so it never
+        counts, also in the moment between its end and its retry being queued."""
         retried = retried_numbers(trials)
-        return [t for t in self.mine(trials) if t.state.is_finished() and t.number not in retried]
+        return [
+            t
+            for t in self.mine(trials)
+            if t.state.is_finished() and t.number not in retried and not requeued(t)
+        ]
 
     def counted(self, study: optuna.Study) -> int:
         return len(self.counting(study.get_trials(deepcopy=False)))
