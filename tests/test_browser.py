@@ -141,7 +141,7 @@ def test_the_ui_opens_on_the_trials_best_first_by_their_readable_names(
     _close_assistant(browser)
     text = _text(browser)
     assert "Model training" in text and "Detect Issues" not in text
-    assert "0001 vgg11 sgd [lr-too-high] [diverged]" in text and "[pruned]" in text
+    assert "0001 vgg11-no-bn sgd [lr-too-high] [diverged]" in text and "[pruned]" in text
     for column in ("objective", "best_val_acc", "epochs_trained", "state", "depth", "optimizer"):
         assert column in text, f"the {column} column is shown"
     links = [a.text for a in browser.find_elements(By.CSS_SELECTOR, "a[href*='/runs/']")]
