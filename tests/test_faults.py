@@ -148,7 +148,7 @@ def test_sigterm_and_ctrl_c_fail_the_trial_and_exit_promptly(
     run.send_signal(sig)
     out, err = run.communicate(timeout=60)  # the bound: the trial has 38 epochs to go
     assert run.returncode == code
-    assert f"{'terminated (SIGTERM)' if code == 143 else 'interrupted'}: a trial" in err
+    assert f"{'terminated (SIGTERM)' if code == 143 else 'interrupted'}: any trial" in err
     assert "Traceback" not in err
     trial = stored(tmp_path, "stop").trials[0]
     assert trial.state.name == "FAIL" and trial.user_attrs["fail_reason"] == reason

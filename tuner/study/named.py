@@ -38,8 +38,9 @@ def load(name_or_path: str, stores: Stores) -> StudySpec:
     return spec_module.parse(raw, source=f"study {name_or_path!r} in {where}")
 
 
-def stored_file(name: str, stores: Stores) -> object | None:
-    """The study file the stored study `name` was created with; None where there is none."""
+def stored_file(name: str, stores: Stores, patient: bool = True) -> object | None:
+    """The study file the stored study `name` was created with; None where there is none.
+    `patient`: a locked or restarting store is waited for (`store_errors.patiently`)."""
     import sqlalchemy
 
     url = stores.optuna_url
@@ -48,9 +49,8 @@ def stored_file(name: str, stores: Stores) -> object | None:
         return None
     engine = sqlalchemy.create_engine(url, **engine_options(url))
     try:
-        raw = patiently(
-            lambda: study_attr(engine, name, SPEC_JSON_ATTR), f"the Optuna storage {shown(url)}"
-        )
+        read = lambda: study_attr(engine, name, SPEC_JSON_ATTR)  # noqa: E731
+        raw = patiently(read, f"the Optuna storage {shown(url)}") if patient else read()
     except sqlalchemy.exc.OperationalError as exc:
         if "no such table" not in str(exc):
             raise

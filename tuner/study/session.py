@@ -63,7 +63,7 @@ def run_study(spec: StudySpec, stores: Stores, request: RunRequest) -> RunSummar
     """Run a study's trials in this process (one job) or in worker processes (several)."""
     interrupts.install()
     # a new study is measured before it is made: one found too long is changed freely
-    guard_first = request.max_hours is not None and stored_file(spec.name, stores) is None
+    guard_first = request.max_hours is not None and _new(spec, stores)
     if guard_first:
         _guard(spec, request, budget_for(spec, request).trials)
     created = create(spec, stores, allow_changed_settings=request.allow_changed_settings)
@@ -264,6 +264,15 @@ def _recover_quietly(
         if error is None:
             raise
         log.info(f"what dead workers left could not be recovered now: {error}")
+
+
+def _new(spec: StudySpec, stores: Stores) -> bool:
+    """No study of this name in the stores, at a glance (a store that cannot be read at once
+    is left to the set-up, which says what is wrong with it)."""
+    try:
+        return stored_file(spec.name, stores, patient=False) is None
+    except Exception:
+        return False
 
 
 def _guard(spec: StudySpec, request: RunRequest, trials: int) -> None:
