@@ -144,7 +144,12 @@ def test_workers_killed_at_random_are_replaced_while_trials_finish(
     session = next(t.user_attrs["session"] for t in trials if "session" in t.user_attrs)
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     assert all(t.user_attrs["session"] == session for t in complete)
-    assert len(complete) == 14, out
+    # the budget: 14 ended and not queued again; each complete, or a point whose worker was
+    # killed under it twice while training (left failed: it would only kill a third)
+    retried = {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs}
+    counted = [t for t in trials if t.state.is_finished() and t.number not in retried]
+    assert len(counted) == 14, out
+    assert all(t.state.name == "COMPLETE" or t.user_attrs.get("lost_attempts") for t in counted)
 
 
 def test_a_store_locked_at_the_last_epochs_never_turns_a_trial_into_a_timeout(
