@@ -66,8 +66,10 @@ def consistent(cwd: Path, name: str) -> list[optuna.trial.FrozenTrial]:
         if ("worker" in reason or "died" in reason) and not twice:
             [retry] = retries.get(t.number, [None])
             assert retry is not None, f"trial {t.number} was lost and not queued again"
-            point = retry.params or retry.system_attrs["fixed_params"]
-            assert point == {**t.system_attrs.get("fixed_params", {}), **t.params}
+            # what was queued: the lost trial's point as far as it was drawn (nothing, for one
+            # killed before its draw: its retry draws afresh)
+            queued = retry.system_attrs.get("fixed_params", {})
+            assert queued == {**t.system_attrs.get("fixed_params", {}), **t.params}
     assert all(len(r) == 1 for r in retries.values()), "a point queued twice"
     return trials
 

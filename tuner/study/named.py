@@ -51,9 +51,9 @@ def stored_file(name: str, stores: Stores, patient: bool = True) -> object | Non
     try:
         read = lambda: study_attr(engine, name, SPEC_JSON_ATTR)  # noqa: E731
         raw = patiently(read, f"the Optuna storage {shown(url)}") if patient else read()
-    except sqlalchemy.exc.OperationalError as exc:
-        if "no such table" not in str(exc):
-            raise
+    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.ProgrammingError) as exc:
+        if "no such table" not in str(exc) and "does not exist" not in str(exc):
+            raise  # SQLite's words and PostgreSQL's for a database with no Optuna tables yet
         return None
     finally:
         engine.dispose()
