@@ -172,7 +172,8 @@ def four_nodes(
     storage = postgres.create_database()
     cluster = Cluster(tmp_path_factory.mktemp("nodes"), fake_cifar, storage, mlflow_server)
     name = "together"
-    folders = [cluster.folder(i, name) for i in range(NODES)]
+    # no pruner: the ensemble below takes four completed trials, whichever points are drawn
+    folders = [cluster.folder(i, name, pruner={"type": "none"}) for i in range(NODES)]
     peak: dict[str, int] = {}
     done = threading.Event()
 
