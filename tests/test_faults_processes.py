@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
+import subprocess
+import time
 from pathlib import Path
 
 import optuna
@@ -150,13 +153,29 @@ def test_an_ensemble_stopped_mid_way_leaves_no_run_running(
 # -- 13. a worker frozen past its grace period (a machine under heavy load) ---------------------
 
 
+def _stop_outside_a_write(process: subprocess.Popen, db: Path) -> None:
+    """SIGSTOP `process` at a moment it holds no write lock on `db` (its epoch writer thread
+    writes now and then): a process stopped mid-write would hold the lock for good."""
+    for _ in range(50):
+        process.send_signal(signal.SIGSTOP)
+        try:
+            with sqlite3.connect(db, timeout=0) as free:
+                free.execute("BEGIN IMMEDIATE")
+                free.rollback()
+            return
+        except sqlite3.OperationalError:  # locked: let it finish its write
+            process.send_signal(signal.SIGCONT)
+            time.sleep(0.05)  # a write's length, before stopping it again
+    raise AssertionError("the process held the store's lock at every try")
+
+
 def test_a_live_trial_whose_heartbeat_is_late_is_never_failed(
     tmp_path: Path, fake_cifar: Path
 ) -> None:
     study_file(tmp_path, "late", train={**TINY_STUDY["train"], "epochs": 6}, limits=FAST_LIMITS)
     first = start(tmp_path, fake_cifar, "study", "run", "late", "--trials", "1")
     wait_for_line(first, r"\[trial 0\] epoch 1/")
-    first.send_signal(signal.SIGSTOP)  # starved of CPU: no heartbeat
+    _stop_outside_a_write(first, tmp_path / "mlruns" / "mlflow.db")  # starved: no heartbeat
     try:
         wait_until(lambda: heartbeat_stale(tmp_path, FAST_LIMITS["grace"]), "a stale heartbeat")
         second = tuner(tmp_path, fake_cifar, "study", "run", "late", "--trials", "1")
