@@ -68,7 +68,7 @@ def test_status_lists_the_refits_and_the_ensembles_scored() -> None:
     assert "refits (on train + validation):\n  of trial 0: 4 epochs, train_loss 1.5292" in text
     assert (
         "ensembles scored (on the test images):\n  ensemble-greedy-top2-refit: trials 0, 5; "
-        "test_acc 0.4600, +0.5 pts over the best single" in text
+        "test_acc 0.4600, +0.50 points over the best single" in text
     )
 
 

@@ -90,6 +90,11 @@ class StepBar:
     close = end_epoch
 
 
+def counted(n: int, noun: str) -> str:
+    """`1 network`, `2 networks`, `3 more trials`."""
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
 def duration(seconds: float) -> str:
     """`45 s`, `3 min 20 s`, `2 h 05 min`, `3 days 04 h`."""
     seconds = round(seconds)

@@ -131,7 +131,7 @@ def _timed_out(run: TrialRun, exc: BaseException) -> Ending:
 
 def _stopped(run: TrialRun, exc: BaseException) -> Ending:
     """Ctrl-C or SIGTERM: the trial is killed and its point queued again, so that the next
-    `study run` trains it first (an interrupted baseline too)."""
+    `study run` trains it before drawing any new point (an interrupted baseline too)."""
     return Ending(Outcome.KILLED, interrupts.reason(exc), requeue=True, stop=exc)
 
 

@@ -53,9 +53,8 @@ def expected_epochs(spec: StudySpec) -> float:
     if p.type == "hyperband":
         rungs = sorted(decision_epochs(spec))
         brackets = [rungs[b:] for b in range(len(rungs))] or [[]]
-        return sum(_kept(bracket, p.reduction_factor, epochs) for bracket in brackets) / len(
-            brackets
-        )
+        kept = [_kept(bracket, p.reduction_factor, epochs) for bracket in brackets]
+        return sum(kept) / len(kept)
     if p.type == "median":
         return (min(decision_epochs(spec), default=epochs) + epochs) / 2
     return float(epochs)

@@ -22,7 +22,6 @@ from tuner.study.cost import measure
 from tuner.study.named import load
 from tuner.study.page import make_report
 from tuner.study.session import RunRequest, run_refit, run_study
-from tuner.study.setup import create
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +64,6 @@ def quickstart(stores: Stores, device: torch.device, data_dir: Path | None) -> P
     choice = choose(device, stores)
     log.info(f"quickstart: {choice.study} — {choice.why}")
     spec = load(choice.study, stores)
-    create(spec, stores)
     request = RunRequest(devices=(device,), data_dir=data_dir, max_hours=CPU_HOURS)
     summary = run_study(spec, stores, request)
     log.info(report.run_summary(spec.name, summary, hints=False))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+from tuner.console import counted
 from tuner.records import COUNTED, RECORDS, Outcome
 
 if TYPE_CHECKING:
@@ -119,7 +120,7 @@ def _refits_and_ensembles(name: str, result: Status) -> list[str]:
     lines += [
         f"  {e['name']}: trial{'s' if len(e['members']) != 1 else ''} "
         f"{', '.join(str(n) for n in e['members'])}; test_acc {e['test_acc']:.4f}, "
-        f"{e['gain_points']:+.1f} pts over the best single"
+        f"{_points(e['gain_points'] / 100)} over the best single"
         for e in latest.values()
     ] or [f"  none yet: tuner ensemble {name} --top 5"]
     return lines
@@ -202,14 +203,10 @@ def _points(fraction: float) -> str:
     return f"{fraction * 100:+.2f} points"
 
 
-def _counted(n: int, noun: str) -> str:
-    return f"{n} {noun}{'s' * (n != 1)}"
-
-
 def _ensemble_head(result: EnsembleReport) -> str:
     """What it chose from, and what the weights optimise."""
     r = result.request
-    pool = _counted(result.candidates, "refit" if r.source == "refit" else "completed trial")
+    pool = counted(result.candidates, "refit" if r.source == "refit" else "completed trial")
     chosen = (
         "weights chosen to lower the validation log-loss, by bagged greedy selection"
         if r.method == "greedy"
@@ -230,10 +227,10 @@ def _fewer_members(result: EnsembleReport) -> str | None:
     why = []
     if have < r.k and r.source == "refit":
         exist = "exists" if have == 1 else "exist"
-        why.append(f"{_counted(have, 'refit')} {exist}{skipped} "
+        why.append(f"{counted(have, 'refit')} {exist}{skipped} "
                    f"(`tuner refit {name} --top {r.k}` makes more)")  # fmt: skip
     elif have < r.k:
-        why.append(f"the study has {_counted(have, 'completed trial')} with saved validation "
+        why.append(f"the study has {counted(have, 'completed trial')} with saved validation "
                    f"predictions{skipped} (`tuner study run {name}` runs more)")  # fmt: skip
     if members == 1 < min(have, r.k):  # greedy's own choice: `average` takes all it may
         why.append("greedy kept 1: no mixture with another network lowered the validation "

@@ -23,6 +23,7 @@ import torch
 from sklearn.metrics import ConfusionMatrixDisplay
 
 from tuner import interrupts
+from tuner.console import counted
 from tuner.data import CLASSES, Split, load_test, load_val, resolve_data_dir
 from tuner.ensemble.selection import (
     Selection,
@@ -319,8 +320,8 @@ def _score(
     best = min(range(len(pool)), key=lambda i: (-pool[i].val_acc, pool[i].trial_number))
     scored = list(dict.fromkeys([*chosen.members, best]))
     flip, search = request.tta == "flip", request.source == "search"
-    chose = _counted(len(pool), "trial" if search else "refit")
-    how = f"{_counted(len(scored), 'network')} on {len(test)} test images"
+    chose = counted(len(pool), "trial" if search else "refit")
+    how = f"{counted(len(scored), 'network')} on {len(test)} test images"
     how += ", and flipped" if flip else ""
     log.info(f"{request.method} selection from {chose}; scoring {how} …")
     outputs = {}
@@ -367,11 +368,6 @@ def _score(
         predicted=final.argmax(1),
         labels=test_labels,
     )
-
-
-def _counted(n: int, noun: str) -> str:
-    """`1 network`, `2 networks`."""
-    return f"{n} {noun}{'s' * (n != 1)}"
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,12 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from tuner.console import duration
+from tuner.console import counted, duration
 from tuner.errors import TunerError
 from tuner.models import VGG, Architecture
 from tuner.pruning import expected_epochs
 from tuner.spec import Depth, StudySpec
+from tuner.train import synchronize
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class Cost:
 
     def says(self) -> str:
         return (
-            f"{self.trials} trial{'s' if self.trials != 1 else ''} × "
+            f"{counted(self.trials, 'trial')} × "
             f"~{self.epochs_per_trial:.1f} epochs × "
             f"{self.epoch_seconds:.1f} s per epoch (measured"
             + (", the cheaper depths only" if self.partial else "")
@@ -95,20 +96,15 @@ def epoch_seconds(spec: StudySpec, depth: Depth, device: torch.device) -> float:
     # the first warms up; then at least STEPS, and more while they are cheap: a loaded
     # machine's odd slow step weighs less in the median of many
     while len(times) < STEPS + 1 or (sum(times[1:]) < ENOUGH_SECONDS and len(times) < 50):
-        _sync(device)
+        synchronize(device)
         began = time.perf_counter()
         loss = F.cross_entropy(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - began)
     return statistics.median(times[1:]) / batch * train_images(spec)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def check(cost: Cost, spec: StudySpec, device: torch.device, max_hours: float) -> None:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from tuner.console import counted
 from tuner.records import (
     BASELINE_ATTR,
     GIT_COMMIT_TAG,
@@ -216,7 +217,7 @@ def failure_modes(trials: list[FrozenTrial]) -> tuple[str, ...]:
 
 
 def _count(numbers: list[int]) -> str:
-    return f"{len(numbers)} trial{'s' if len(numbers) != 1 else ''}"
+    return counted(len(numbers), "trial")
 
 
 def _examples(numbers: list[int], by: dict[int, Row], shown: int = 5) -> str:

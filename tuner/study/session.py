@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from optuna.trial import TrialState
 
 from tuner import _optuna, background, interrupts
+from tuner.console import counted
 from tuner.records import worker_id
 from tuner.spec import StudySpec
 from tuner.store_errors import store_wait_cut
@@ -232,8 +233,9 @@ def run_refit(
         ask = dataclasses.replace(request, trials=waiting)
         plans = worker_plans(queued.spec, stores, runs, ask, queued_only=True)
         session = plans[0].budget.session
-        what = f"{waiting} configuration{'s' if waiting != 1 else ''}"
-        log.info(f"refitting {what} of {spec.name!r} on {_where(request)}")
+        log.info(
+            f"refitting {counted(waiting, 'configuration')} of {spec.name!r} on {_where(request)}"
+        )
         try:
             with watchdog(study, tracker, runs):
                 exits = _work(plans, study, tracker)
@@ -291,7 +293,7 @@ def _plan_line(
     where = _where(request) + (
         f", starting none after {request.timeout:.0f} s" if request.timeout else ""
     )
-    trials = f"{left} {'more ' if budget.more else ''}trial{'s' if left != 1 else ''}"
+    trials = counted(left, "more trial" if budget.more else "trial")
     if budget.more or not done:
         return f"running {trials} of {spec.name!r} on {where}"
     return (
