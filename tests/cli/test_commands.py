@@ -331,3 +331,30 @@ def test_bad_study_file_exits_2_before_anything_is_written(
         assert len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "mlruns").exists(), "nothing written to the stores"
     assert not (tmp_path / "owned").exists()
+
+
+@pytest.mark.slow
+def test_quickstart_on_a_cpu_runs_the_smoke_study_to_its_report_and_says_why(
+    tmp_path: Path,
+) -> None:
+    """The README's main command on a machine with no GPU: it measures vgg-cifar, finds it
+    days long, and runs vgg-cifar-smoke through refits, an ensemble and the report."""
+    import shutil
+
+    from ..conftest import write_fake_cifar
+
+    root = Path(__file__).resolve().parents[2]
+    shutil.copytree(root / "studies", tmp_path / "studies")
+    data = write_fake_cifar(tmp_path / "data", 1300, 2, 1000)  # the smoke study's sizes
+    out = tuner(tmp_path, data, "quickstart", "--device", "cpu")
+    assert out.returncode == 0, out.stdout + out.stderr
+    why = r"quickstart: vgg-cifar-smoke — no GPU here, and vgg-cifar would take (at least|about) "
+    assert re.search(why + r".* on this CPU \(measured\)", out.stdout), out.stdout
+    assert "estimate on cpu: 8 trials × " in out.stdout
+    assert "greedy ensemble of" in out.stdout and "ensemble + flip" in out.stdout
+    assert "quickstart done in" in out.stdout
+    assert (tmp_path / "reports" / "vgg-cifar-smoke.html").is_file()
+    elsewhere = tuner(tmp_path / "data", data, "quickstart", "--device", "cpu")
+    assert elsewhere.returncode == 1 and "run it from the folder of tuner's repository" in (
+        elsewhere.stderr
+    )
