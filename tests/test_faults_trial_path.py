@@ -132,12 +132,17 @@ def test_workers_killed_at_random_are_replaced_while_trials_finish(
         seen = finished()
         wait_until(lambda seen=seen: finished() > seen or run.poll() is not None,
                    "a trial finishing", 300)  # fmt: skip
-        pids = workers_of(run.pid)
-        if run.poll() is not None or not pids:
+        if run.poll() is not None or not workers_of(run.pid):
             break
         time.sleep(rng.uniform(0, 0.5))
-        with_trials = [p for p in pids if running(p)] or pids  # between trials: any worker
-        os.kill(rng.choice(with_trials), signal.SIGKILL)
+        # looked up after the pause: a worker seen before it may have ended on its own since
+        alive = [p for p in workers_of(run.pid) if running(p)]
+        if not alive:
+            continue
+        try:
+            os.kill(rng.choice(alive), signal.SIGKILL)
+        except ProcessLookupError:  # it ended between the look and the kill: not our kill
+            continue
         kills += 1
     out, err = run.communicate(timeout=600)
     assert run.returncode == 0, out + err
