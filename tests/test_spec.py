@@ -78,6 +78,34 @@ BAD = {
     "python object tag": ("seed: !!python/object/apply:os.system ['true']", "python/object",
                           "not valid YAML"),
     "unknown pruner": ("pruner: {type: asha}", "pruner", "hyperband"),
+    "exponent without a sign": (
+        "space: {depth: [vgg11], batch_norm: [true], dropout: {low: 0, high: 0.1},"
+        " weight_decay: {low: 0, high: 0.01}, augment: [none],"
+        " optimizer: {sgd: {lr: {low: 1.0e-3, high: 1.0e2}}}}",
+        "space.optimizer.sgd.lr.high", "write 1.0e+2"),
+    "negative seed": ("seed: -1", "seed", "greater than or equal to 0"),
+    "seed past 32 bits": ("seed: 1099511627776", "seed", "less than 4294967296"),
+    "sampler seed past 32 bits": ("sampler: {type: random, seed: -5}", "sampler.seed",
+                                  "greater than or equal to 0"),
+    "NaN bound": (
+        "space: {depth: [vgg11], batch_norm: [true], dropout: {low: 0, high: 0.1},"
+        " weight_decay: {low: .nan, high: 0.01}, augment: [none],"
+        " optimizer: {adam: {lr: {low: 1.0e-3, high: 1.0e-2}}}}",
+        "space.weight_decay.low", "finite number"),
+    "infinite bound": (
+        "space: {depth: [vgg11], batch_norm: [true], dropout: {low: 0, high: 0.1},"
+        " weight_decay: {low: 0, high: 0.01}, augment: [none],"
+        " optimizer: {adam: {lr: {low: 1.0e-3, high: 1.0e+400}}}}",
+        "space.optimizer.adam.lr.high", "finite number"),
+    "infinite timeout": ("limits: {trial_timeout: .inf}", "limits.trial_timeout", "finite"),
+    "timeout of years": ("limits: {trial_timeout: 1.0e+14}", "limits.trial_timeout",
+                         "less than or equal to 604800"),
+    "heartbeat of years": ("limits: {heartbeat: 100000000000000, grace: 200000000000000}",
+                           "limits.heartbeat", "less than or equal to 3600"),
+    "epochs past reason": ("train: {epochs: 10000000000}", "train.epochs",
+                           "less than or equal to 100000"),
+    "a key given twice": ("train: {epochs: 1, batch_size: 8, epochs: 500}", "'epochs' is given "
+                          "twice", "remove one"),
     "dropout of one": (
         "space: {depth: [vgg11], batch_norm: [true], dropout: {low: 0, high: 1.0},"
         " weight_decay: {low: 0, high: 0.01}, augment: [none],"
@@ -150,6 +178,7 @@ STRANGE = {
     ),
     "very long name": ("name: " + "n" * 5000, "at most 64 characters"),
     "binary file": ("\x00\x01\x02" * 100, "not valid YAML"),
+    "a top-level key twice": ("x: 3\nx: 4", "'x' is given twice (first on line"),
 }
 
 
@@ -157,8 +186,9 @@ STRANGE = {
 def test_strange_input_is_refused_with_one_line(tmp_path: Path, case: str) -> None:
     text, phrase = STRANGE[case]
     path = tmp_path / "strange.yaml"
-    base = {k: v for k, v in TINY_STUDY.items() if k != "name"}
-    path.write_text(yaml.safe_dump({"name": "s", **base}) + text + "\n")
+    given = text.split(":", 1)[0]  # the key the text gives: the base leaves it out
+    base = {k: v for k, v in {**TINY_STUDY, "name": "s"}.items() if k != given}
+    path.write_text(yaml.safe_dump(base) + text + "\n")
     with pytest.raises(SpecError) as info:
         spec.load(str(path))
     message = str(info.value)
@@ -208,3 +238,27 @@ def test_the_smoke_study_baselines_show_every_path() -> None:
         "known-good", "lr-too-high", "adam-no-bn", "lr-too-low"
     ]  # fmt: skip
     assert loaded.pruner.type == "median" and loaded.pruner.n_startup_trials == 2
+
+
+@pytest.mark.parametrize(
+    ("argument", "phrase"),
+    [
+        ("é" * 200, "File name too long"),
+        ("two words", "neither a study name"),
+        ("x" * 65, "neither a study name"),
+        ("studies/" + "é" * 200 + ".yaml", "é.yaml"),
+    ],
+    ids=["200 é", "a space", "65 characters", "a path too long"],
+)
+def test_a_name_that_cannot_be_a_study_is_one_line(
+    tmp_path: Path, argument: str, phrase: str, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    for command in (["study", "create"], ["study", "status"], ["report"]):
+        with pytest.raises(SystemExit) as info:
+            main([*command, argument])
+        err = capsys.readouterr().err
+        assert info.value.code == 2, err
+        assert err.startswith("error: ") and phrase in err and err.count("\n") == 1, err
+    assert not (tmp_path / "mlruns").exists()

@@ -129,8 +129,9 @@ OBJECTIVE_ATTR = "objective"
 # (its name, test accuracy and gain), without reading MLflow
 ENSEMBLE_PREFIX = "ensemble:"
 # the refits of study NAME are the trials of the Optuna study NAME + REFIT_SUFFIX, in the same
-# storage: their own sampler and budget, none of the search's ranking, pruning or counts
-REFIT_SUFFIX = ".refit"
+# storage: their own sampler and budget, none of the search's ranking, pruning or counts. A
+# study name cannot hold ":" (spec.NAME_PATTERN): no study file names a study of tuner's own
+REFIT_SUFFIX = ":refit"
 
 # -- MLflow trial run parameters and metrics, besides the drawn point and the settings ----------
 STATE_PARAM = "state"  # the outcome's word: parallel coordinates and filters can use it

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -20,6 +21,9 @@ from pydantic import (
 from tuner.errors import SpecError
 
 NAME_CHARS = 64  # longest study name
+# a study name's characters: safe in a URL and a file name. tuner's own studies add a suffix
+# outside them (records.REFIT_SUFFIX), so that no study file can name one
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 
 Depth = Literal["vgg11", "vgg13", "vgg16", "vgg19"]
 Optimizer = Literal["sgd", "nesterov", "adam", "adamw"]
@@ -30,11 +34,20 @@ Schedule = Literal["constant", "cosine", "onecycle"]
 Float = Annotated[float, Strict()]
 Int = Annotated[int, Strict()]
 Bool = Annotated[bool, Strict()]
-PosInt = Annotated[int, Strict(), Field(gt=0)]
+# numpy's and scikit-learn's seeds are 32-bit and never negative: a seed they refuse would
+# only fail the first trial
+Seed = Annotated[int, Strict(), Field(ge=0, lt=2**32)]
+# Counts and durations are bounded where they are read, so that no setting reaches torch, a
+# thread's timeout or SQLite as a number they cannot take (a day is 86,400 s)
+Count = Annotated[int, Strict(), Field(gt=0, le=1_000_000)]
+Epochs = Annotated[int, Strict(), Field(gt=0, le=100_000)]
+Seconds = Annotated[int, Strict(), Field(gt=0, le=7 * 86_400)]
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and ±inf are refused in every float: a NaN bound is never equal to itself (the
+    # study would look changed forever), and an infinite one reaches Optuna as a range
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class FloatRange(_Frozen):
@@ -77,8 +90,8 @@ class SpaceSpec(_Frozen):
 
 
 class TrainSpec(_Frozen):
-    epochs: PosInt
-    batch_size: PosInt = 512
+    epochs: Epochs
+    batch_size: Annotated[int, Strict(), Field(gt=0, le=65_536)] = 512
     schedule: Schedule = "onecycle"
     warmup_fraction: Annotated[Float, Field(ge=0, lt=1)] = 0.2  # of all steps (onecycle/cosine)
     momentum: Annotated[Float, Field(ge=0, lt=1)] = 0.9  # SGD and Nesterov
@@ -93,19 +106,21 @@ class TrainSpec(_Frozen):
 
 
 class DataSpec(_Frozen):
-    val_size: PosInt = 5000  # images carved from the training set, stratified and seeded
-    train_size: PosInt | None = None  # cap on training images (None: all that remain)
-    test_size: PosInt | None = None  # cap on test images for `tuner ensemble` (None: all)
+    val_size: Count = 5000  # images carved from the training set, stratified and seeded
+    train_size: Count | None = None  # cap on training images (None: all that remain)
+    test_size: Count | None = None  # cap on test images for `tuner ensemble` (None: all)
 
 
 class LimitsSpec(_Frozen):
     """How a study survives its failures: hung trials, dead workers, out-of-memory."""
 
-    trial_timeout: Annotated[Float, Field(gt=0)] | None = None  # wall-clock seconds per trial
-    heartbeat: PosInt = 10  # seconds between a running trial's heartbeats
+    # wall-clock seconds per trial, at most a week
+    trial_timeout: Annotated[Float, Field(gt=0, le=7 * 86_400)] | None = None
+    # seconds between a running trial's heartbeats, at most an hour
+    heartbeat: Annotated[int, Strict(), Field(gt=0, le=3600)] = 10
     # seconds of silence after which a trial's worker is taken for dead; more than twice the
     # heartbeat: a live worker waits for a store at most grace - 2 × heartbeat
-    grace: PosInt = 60
+    grace: Seconds = 60
     retry_out_of_memory: Bool = True  # once, at half the batch with 2-step gradient accumulation
 
     @model_validator(mode="after")
@@ -120,25 +135,25 @@ class LimitsSpec(_Frozen):
 
 class TPESamplerSpec(_Frozen):
     type: Literal["tpe"]
-    n_startup_trials: Annotated[Int, Field(ge=0)] = 10
-    seed: Int | None = None  # None: the study's seed
+    n_startup_trials: Annotated[Int, Field(ge=0, le=1_000_000)] = 10
+    seed: Seed | None = None  # None: the study's seed
 
 
 class RandomSamplerSpec(_Frozen):
     type: Literal["random"]
-    seed: Int | None = None
+    seed: Seed | None = None
 
 
 class HyperbandPrunerSpec(_Frozen):
     type: Literal["hyperband"]
-    min_epochs: PosInt = 1  # the smallest budget a trial gets before it can be pruned
-    reduction_factor: Annotated[Int, Field(ge=2)] = 3
+    min_epochs: Epochs = 1  # the smallest budget a trial gets before it can be pruned
+    reduction_factor: Annotated[Int, Field(ge=2, le=100)] = 3
 
 
 class MedianPrunerSpec(_Frozen):
     type: Literal["median"]
-    n_startup_trials: Annotated[Int, Field(ge=0)] = 5
-    warmup_epochs: Annotated[Int, Field(ge=0)] = 1
+    n_startup_trials: Annotated[Int, Field(ge=0, le=1_000_000)] = 5
+    warmup_epochs: Annotated[Int, Field(ge=0, le=100_000)] = 1
 
 
 class NoPrunerSpec(_Frozen):
@@ -149,8 +164,8 @@ class RefitSpec(_Frozen):
     """`tuner refit`'s defaults: how many of the best configurations to train again on train +
     validation, and for how many epochs (None: the search's `train.epochs`)."""
 
-    top: PosInt = 5
-    epochs: PosInt | None = None
+    top: Annotated[int, Strict(), Field(gt=0, le=1000)] = 5
+    epochs: Epochs | None = None
 
 
 class BaselineSpec(_Frozen):
@@ -200,11 +215,9 @@ class StudySpec(_Frozen):
     """A whole study: what is searched, how each trial trains, how the search runs."""
 
     # a study name becomes an MLflow experiment and run names: short, and safe in a URL
-    name: Annotated[
-        str, Strict(), Field(max_length=NAME_CHARS, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    ]
-    seed: Int = 0
-    trials: PosInt = 20  # trials per `tuner study run` unless --trials says otherwise
+    name: Annotated[str, Strict(), Field(max_length=NAME_CHARS, pattern=f"^{NAME_PATTERN}$")]
+    seed: Seed = 0
+    trials: Count = 20  # the finished trials the study aims at, whoever runs them
     space: SpaceSpec
     train: TrainSpec
     data: DataSpec = DataSpec()
@@ -280,6 +293,23 @@ class _StrictLoader(yaml.SafeLoader):
         finally:
             self._depth -= 1
 
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[object, yaml.Node] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, Hashable) and key in seen:
+                first = seen[key].start_mark.line + 1
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"{key!r} is given twice (first on line {first}); YAML would keep the "
+                    "last silently: remove one",
+                    key_node.start_mark,
+                )
+            if isinstance(key, Hashable):
+                seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
 
 class _TooBig(yaml.YAMLError):
     def __init__(self, problem: str, event: yaml.Event) -> None:
@@ -293,11 +323,20 @@ _StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_y
 def resolve_path(name_or_path: str, studies_dir: Path = Path("studies")) -> Path:
     """`vgg-cifar` → `studies/vgg-cifar.yaml`; a path to a YAML file is taken as it is."""
     candidate = Path(name_or_path)
-    if candidate.suffix in {".yaml", ".yml"} or candidate.exists():
-        path = candidate
-    else:
-        path = studies_dir / f"{name_or_path}.yaml"
-    if not path.is_file():
+    try:
+        if candidate.suffix in {".yaml", ".yml"} or candidate.exists():
+            path = candidate
+        elif not re.fullmatch(NAME_PATTERN, name_or_path) or len(name_or_path) > NAME_CHARS:
+            raise SpecError(
+                f"{_short(name_or_path)} is neither a study name (at most {NAME_CHARS} letters, "
+                "digits, _ . or -, starting with a letter or digit) nor a path to a study file"
+            )
+        else:
+            path = studies_dir / f"{name_or_path}.yaml"
+        found = path.is_file()
+    except OSError as exc:  # a path too long, or in a folder that cannot be read
+        raise SpecError(f"{_short(name_or_path)}: {exc.strerror}") from None
+    if not found:
         known = sorted(p.stem for p in studies_dir.glob("*.yaml")) if studies_dir.is_dir() else []
         hint = f" Known studies in {studies_dir}/: {', '.join(known)}." if known else ""
         raise SpecError(f"{path}: no such study file.{hint}")
@@ -378,10 +417,8 @@ def _short(value: Any, chars: int = 60) -> str:
 
 def _hint(kind: str, value: Any) -> str:
     if kind == "float_type" and isinstance(value, str) and _is_number(value):
-        return (
-            f" (YAML 1.1 reads {value} as text because it has no decimal point: "
-            f"write {_with_point(value)})"
-        )
+        fixed = _yaml_float(value)
+        return f" (YAML 1.1 reads {value} as text: write {fixed})" if fixed != value else ""
     if isinstance(value, bool) and kind in {"string_type", "literal_error"}:
         return " (YAML 1.1 reads yes/no/on/off as booleans: quote the word)"
     return ""
@@ -395,8 +432,12 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _with_point(text: str) -> str:
+def _yaml_float(text: str) -> str:
+    """`text` as YAML 1.1 reads a float: a decimal point, and a sign on any exponent
+    (`1e-3` → `1.0e-3`, `1.0e2` → `1.0e+2`)."""
     mantissa, _, exponent = text.lower().partition("e")
     if "." not in mantissa:
         mantissa += ".0"
+    if exponent and exponent[0] not in "+-":
+        exponent = "+" + exponent
     return f"{mantissa}e{exponent}" if exponent else mantissa

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 import pytest
 
+from tuner.cli import main
 from tuner.cli.options import parse_counts, parse_depths
 
 
@@ -27,3 +30,32 @@ def test_packed_counts(text: str, counts: tuple[int, ...]) -> None:
 def test_bad_packed_counts_are_named(text: str) -> None:
     with pytest.raises(click.BadParameter, match=f"got {text!r}"):
         parse_counts(text)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["study", "status", "s", "--watch", "inf"],
+        ["study", "status", "s", "--watch", "nan"],
+        ["study", "run", "s", "--timeout", "inf"],
+        ["study", "run", "s", "--timeout", "nan"],
+        ["study", "run", "s", "--max-hours", "1e400"],
+        ["study", "run", "s", "--device", "meta"],
+        ["study", "run", "s", "--device", "cuda:7"],
+        ["refit", "s", "--timeout", "1e12"],
+    ],
+    ids=lambda args: " ".join(args[3:]),
+)
+def test_options_accept_only_what_works(
+    tmp_path: Path, args: list[str], capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Refused with one line and exit 2 before any store is touched: an infinite sleep or
+    timeout would fail (or hang) later, a device torch has no kernels for would fail a trial."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    err = capsys.readouterr().err
+    assert info.value.code == 2, err
+    assert args[-2] in err and "Traceback" not in err, err
+    assert not (tmp_path / "mlruns").exists()

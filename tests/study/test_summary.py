@@ -7,7 +7,7 @@ import pytest
 from optuna.trial import TrialState
 
 from tuner import _optuna
-from tuner.records import Outcome
+from tuner.records import REFIT_SUFFIX, Outcome
 from tuner.study.summary import counts, ranked, summarize
 
 
@@ -126,7 +126,7 @@ def test_status_read_by_queries_agrees_with_the_whole_study(study_stores) -> Non
         elif i == 6:
             study.tell(trial, state=TrialState.FAIL)  # i == 7 stays running
     study.enqueue_trial({"dropout": 0.1, "depth": "vgg11"})
-    refits = optuna.create_study(study_name=f"{spec.name}.refit", storage=study._storage)
+    refits = optuna.create_study(study_name=spec.name + REFIT_SUFFIX, storage=study._storage)
     refits.add_trial(optuna.trial.create_trial(
         value=1.25, user_attrs={"refit_of": 8, "refit_epochs": 4}))  # fmt: skip
     scored = {"name": "ensemble-greedy-top2", "members": [8, 1], "test_acc": 0.61,

@@ -16,10 +16,11 @@ import click
 
 from tuner import console, devices, report
 from tuner.cli.options import (
+    WEEK,
+    Finite,
     bench_options,
     data_options,
     keep_option,
-    not_nan,
     parse_counts,
     parse_depths,
     store_options,
@@ -100,10 +101,9 @@ def run_request(
 )
 @click.option(
     "--max-hours",
-    type=click.FloatRange(min=0, min_open=True),
+    type=Finite(min=0, max=WEEK / 3600, min_open=True),
     default=4.0,
     show_default=True,
-    callback=not_nan,
     help="First measure a few training steps here and estimate what the trials left will "
     "cost; stop, saying what to run instead, when that is more than this.",
 )
@@ -197,7 +197,7 @@ def refit(
 @click.option("--json", "as_json", is_flag=True, help="Print it as JSON, for scripts.")
 @click.option(
     "--watch",
-    type=click.FloatRange(min=0.5),
+    type=Finite(min=0.5, max=WEEK),
     is_flag=False,
     flag_value=5.0,
     default=None,
@@ -414,7 +414,7 @@ def bench(
 @click.option("--asks", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option(
     "--epoch-seconds",
-    type=click.FloatRange(min=0),
+    type=Finite(min=0, max=WEEK),
     default=0.25,
     show_default=True,
     help="The replayed epochs' pace: a GPU epoch on tuner's path.",
@@ -449,7 +449,7 @@ def overhead(sizes: str, trials: int, asks: int, epoch_seconds: float, keep: str
 @click.option("--epochs", type=click.IntRange(min=1), default=6, show_default=True)
 @click.option(
     "--width",
-    type=click.FloatRange(0, 4, min_open=True),
+    type=Finite(0, 4, min_open=True),
     default=0.25,
     show_default=True,
     help="Channel multiplier of every network.",

@@ -13,11 +13,18 @@ from tuner import devices
 from tuner.spec import Depth
 
 
-def not_nan(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
-    """A number of seconds or hours: NaN slips through a FloatRange (it compares false)."""
-    if value is not None and value != value:
-        raise click.BadParameter(f"takes a number, got {value}")
-    return value
+class Finite(click.FloatRange):
+    """A FloatRange with both ends, that refuses NaN too: NaN compares false with both ends,
+    and an open end lets `inf` through to a sleep or a thread's timeout, which refuse it."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if number != number:
+            self.fail(f"takes a number, got {value!r}", param, ctx)
+        return number
+
+
+WEEK = 7 * 86_400.0  # seconds: the longest --timeout or --watch period that is not a typo
 
 
 def store_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -117,7 +124,7 @@ BENCH_OPTIONS = [
     ),
     click.option(
         "--width",
-        type=click.FloatRange(0, 4, min_open=True),
+        type=Finite(0, 4, min_open=True),
         default=1.0,
         show_default=True,
         help="Channel multiplier (a tiny model for a CPU check).",
@@ -169,9 +176,8 @@ def bench_options(command: Callable[..., Any]) -> Callable[..., Any]:
 WORKER_OPTIONS = [
     click.option(
         "--timeout",
-        type=click.FloatRange(min=0, min_open=True),
+        type=Finite(min=0, max=WEEK, min_open=True),
         default=None,
-        callback=not_nan,
         help="Start no trial after this many seconds (limits.trial_timeout cuts one short).",
     ),
     click.option(

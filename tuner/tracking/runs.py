@@ -32,6 +32,7 @@ from tuner.records import (
     PRUNED_AT_TAG,
     REASON_TAG,
     RECORDS,
+    REFIT_SUFFIX,
     ROLE_TAG,
     STATE_PARAM,
     STATE_TAG,
@@ -177,7 +178,8 @@ class Tracker:
         fix = (
             f"Point --tracking-uri (MLFLOW_TRACKING_URI) at the store study {name!r} was "
             f"created with, or start afresh: remove the study from {self.stores.optuna_url} "
-            f"(`optuna delete-study --study-name {name} --storage URL`) and run "
+            f"(`optuna delete-study --study-name {name} --storage URL`, and its refits', "
+            f"`{name}{REFIT_SUFFIX}`, if it has any) and run "
             f"`tuner study create {name}`."
         )
         experiment = self._get(self.client.get_experiment, runs.experiment_id)
