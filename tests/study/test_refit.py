@@ -140,3 +140,24 @@ def test_a_study_without_completed_trials_has_nothing_to_refit(stores) -> None:
     create(empty, stores)
     with pytest.raises(TunerError, match="no completed trials to refit; run `tuner study run"):
         refit.prepare(empty, stores, top=2, epochs=1)
+
+
+def test_a_study_named_like_the_refits_is_a_study_of_its_own(refitted, stores, fake_cifar):
+    """A study file may name its study `refits.refit`: it trains as any study does, and the
+    refits of `refits` are neither in it nor touched by it."""
+    created, *_ = refitted
+    refits_before = [
+        (t.number, t.state) for t in open_study(refit.refit_spec(SPEC), stores).trials
+    ]
+    other = parse({**TINY_STUDY, "name": "refits.refit", "pruner": {"type": "none"},
+                   "train": {**TINY_STUDY["train"], "epochs": 1}})  # fmt: skip
+    made = create(other, stores)
+    data = load_train_val(fake_cifar, other.data, other.seed, CPU)
+    study = open_study(other, stores)
+    run = TrialRun(StudyContext(other, data, made.tracker, made.runs), _optuna.ask(study))
+    run.record(run.attempt())
+    [trial] = study.get_trials()
+    assert trial.state == TrialState.COMPLETE and 0 <= trial.value <= 1, trial.user_attrs
+    assert made.runs.experiment_id != created.runs.experiment_id
+    after = [(t.number, t.state) for t in open_study(refit.refit_spec(SPEC), stores).trials]
+    assert after == refits_before
