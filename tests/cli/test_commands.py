@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from tuner import ui
 from tuner.cli import main
 
 from ..conftest import TINY_STUDY, write_study
-from ..helpers import in_process, mlflow_runs, role, stored, tuner
+from ..helpers import in_process, mlflow_runs, role, start, stored, tuner, wait_for_line
 
 
 @pytest.fixture(scope="module")
@@ -358,3 +359,25 @@ def test_quickstart_on_a_cpu_runs_the_smoke_study_to_its_report_and_says_why(
     assert elsewhere.returncode == 1 and "run it from the folder of tuner's repository" in (
         elsewhere.stderr
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("sig", "code", "what"),
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated (SIGTERM)"),
+     (signal.SIGHUP, 129, "terminated (SIGHUP)")],
+    ids=["SIGINT", "SIGTERM", "SIGHUP"],
+)  # fmt: skip
+def test_status_watch_stopped_by_a_signal_exits_with_its_code(
+    tmp_path: Path, fake_cifar: Path, sig: signal.Signals, code: int, what: str
+) -> None:
+    """`study status --watch` ends as every command ends on a signal: one line, the code."""
+    write_study(tmp_path)
+    assert tuner(tmp_path, fake_cifar, "study", "create", "tiny").returncode == 0
+    watching = start(tmp_path, fake_cifar, "study", "status", "tiny", "--watch", "0.5")
+    wait_for_line(watching, "again every 0.5 s")
+    watching.send_signal(sig)
+    out, err = watching.communicate(timeout=60)
+    assert watching.returncode == code, out + err
+    assert err.strip() == f"{what}: stopped watching; the study itself goes on as it was"
+    assert "Traceback" not in out + err

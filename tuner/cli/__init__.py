@@ -223,24 +223,22 @@ def status(name: str, top: int, as_json: bool, watch: float | None, stores: Any)
 
 
 def watch_status(show: Any, seconds: float, rounds: int | None = None) -> None:
-    """`show()` every `seconds`, on a cleared terminal (where stdout is one), until Ctrl-C
-    (or `rounds` times): then it returns quietly."""
+    """`show()` every `seconds`, on a cleared terminal (where stdout is one), `rounds` times,
+    else until a signal stops it: Ctrl-C, SIGTERM and SIGHUP end it as they end every command
+    (one line, exit 130, 143, 129)."""
     import time
 
     clear = sys.stdout.isatty()
     done = 0
-    try:
-        while rounds is None or done < rounds:
-            text = show()
-            stamp = time.strftime("%H:%M:%S")
-            if clear:
-                click.echo("\x1b[2J\x1b[H", nl=False)
-            click.echo(f"{text}\n\n{stamp}: again every {seconds:g} s; Ctrl-C stops")
-            done += 1
-            if rounds is None or done < rounds:
-                time.sleep(seconds)  # the refresh interval the user asked for
-    except KeyboardInterrupt:
-        click.echo("")
+    while rounds is None or done < rounds:
+        text = show()
+        stamp = time.strftime("%H:%M:%S")
+        if clear:
+            click.echo("\x1b[2J\x1b[H", nl=False)
+        click.echo(f"{text}\n\n{stamp}: again every {seconds:g} s; Ctrl-C stops")
+        done += 1
+        if rounds is None or done < rounds:
+            time.sleep(seconds)  # the refresh interval the user asked for
 
 
 @cli.command("ensemble")
@@ -551,6 +549,7 @@ STOPPED = {
     "ensemble": "no ensemble was recorded (a run it had started is closed as KILLED); run the "
     "same command again",
     "ui": "stopped the MLflow UI and every process it started",
+    "study status": "stopped watching; the study itself goes on as it was",
 }
 STOPPED_DEFAULT = "nothing was left half-made; run the same command again"
 
