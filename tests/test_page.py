@@ -12,6 +12,7 @@ import pytest
 from optuna.trial import TrialState
 
 from tuner import spec
+from tuner.errors import ConfigError
 from tuner.records import BASELINE_ATTR, PRUNED_AT_ATTR, REASON_ATTR, RUN_ID_ATTR
 from tuner.study import page
 from tuner.study.refit import Refit
@@ -234,3 +235,19 @@ def test_the_report_is_one_page_written_locally_and_logged_to_the_parent(
         assert (written.markdown.parent / link).is_file()
     logged = {a.path for a in tracker.client.list_artifacts(runs.parent_run_id, "report")}
     assert {"report/report.html", "report/report.md", "report/pictures"} <= logged
+
+
+@pytest.mark.parametrize("where", ["under a file", "a folder none can make"])
+def test_a_report_folder_that_cannot_be_written_is_one_line_before_drawing(
+    stores, tmp_path: Path, where: str
+) -> None:
+    made = spec.parse({**TINY_STUDY, "name": f"report-{where.split()[1]}"})
+    create(made, stores)
+    (tmp_path / "a-file").write_text("")
+    out = tmp_path / "a-file" / "reports" if where == "under a file" else Path("/proc/reports")
+    drawn = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(page, "gather", lambda *args: drawn.append(args))
+        with pytest.raises(ConfigError, match=f"^--out {out}: cannot write there \\("):
+            page.make_report(made, stores, out)
+    assert not drawn, "refused before the study was read and its pictures drawn"

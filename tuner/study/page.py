@@ -10,8 +10,10 @@ import datetime
 import html
 import json
 import logging
+import os
 import re
 import statistics
+import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Sequence
@@ -23,6 +25,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.console import counted
+from tuner.errors import ConfigError, TunerError
 from tuner.records import (
     BASELINE_ATTR,
     GIT_COMMIT_TAG,
@@ -436,17 +439,20 @@ def make_report(spec: StudySpec, stores: Stores, out: Path, top: int = 10) -> Wr
     from tuner.tracking import Tracker
 
     tracker = Tracker(stores)
+    writable_folder(out)  # before the minutes of reading and drawing, not after them
     log.info(f"reading study {spec.name!r}, drawing its pictures and importances …")
     page = gather(spec, stores, tracker, top)
-    out.mkdir(parents=True, exist_ok=True)
     folder = f"{spec.name}-pictures"
-    (out / folder).mkdir(exist_ok=True)
-    for p in page.pictures:
-        (out / folder / f"{p.name}.png").write_bytes(p.png)
     html_path, md_path = out / f"{spec.name}.html", out / f"{spec.name}.md"
-    html_text, md_text = to_html(page), to_markdown(page, folder)
-    html_path.write_text(html_text)
-    md_path.write_text(md_text)
+    html_text = to_html(page)
+    try:
+        (out / folder).mkdir(exist_ok=True)
+        for p in page.pictures:
+            _replace(out / folder / f"{p.name}.png", p.png)
+        _replace(md_path, to_markdown(page, folder).encode())
+        _replace(html_path, html_text.encode())
+    except OSError as exc:  # the disk filled, or the folder changed while the page was drawn
+        raise TunerError(f"the report could not be written to {out}: {exc.strerror}") from None
     files = {
         f"{FOLDER}/report.html": html_text.encode(),
         f"{FOLDER}/report.md": to_markdown(page, "pictures").encode(),
@@ -454,3 +460,24 @@ def make_report(spec: StudySpec, stores: Stores, out: Path, top: int = 10) -> Wr
     }
     tracker.log_files(page.parent_run_id, files)
     return Written(html_path, md_path, page.parent_run_id)
+
+
+def writable_folder(out: Path) -> None:
+    """`out` is a folder this process can write in (made where missing); else a `ConfigError`
+    naming it and why."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot write there ({exc.strerror})") from None
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """`path` holds `data` whole, or keeps what it held: a page is never left half-written."""
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        partial.write_bytes(data)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
