@@ -69,6 +69,10 @@ _CAUSES = (
      "its file cannot be opened (deleted, moved, or no permission)",
      "restore it, or point tuner at it (--mlruns, --storage, --tracking-uri)"),
     ("disk i/o error", "a disk I/O error", "check the disk"),
+    ("file is not a database", "it is damaged (not a SQLite database)",
+     "restore it from a copy, or move it aside to start afresh"),
+    ("database disk image is malformed", "it is damaged (a malformed SQLite database)",
+     "restore it from a copy, or move it aside to start afresh"),
     ("connection refused", "the server refuses connections",
      "check that the server is running and reachable"),
     ("max retries exceeded", "the server does not answer",
@@ -114,11 +118,18 @@ def store_cause(exc: BaseException) -> tuple[str, str, str | None] | None:
     return None
 
 
-def raised_in(exc: BaseException, package: str) -> bool:
+# where a store error was raised tells which store it is: Optuna's own code, or tuner's
+# readers of Optuna's tables (`study status`), else MLflow's
+_OPTUNA_CODE = ("/optuna/", "/tuner/_tables.py", "/tuner/_optuna.py")
+
+
+def raised_in_optuna(exc: BaseException) -> bool:
+    """`exc` was raised reading or writing the Optuna storage."""
     return any(
-        f"/{package}/" in frame.filename
+        part in frame.filename
         for link in _chain(exc)
         for frame in traceback.extract_tb(link.__traceback__)
+        for part in _OPTUNA_CODE
     )
 
 

@@ -24,7 +24,7 @@ from tuner.errors import ConfigError, StoreError
 from tuner.store_errors import (
     ERRNO_CAUSES,
     full,
-    raised_in,
+    raised_in_optuna,
     shown,
     store_cause,
     store_wait,
@@ -120,6 +120,51 @@ def local_artifacts_warning(stores: Stores, name: str, location: Callable[[], st
         "http://HOST:PORT), or create the study with --artifact-root (TUNER_ARTIFACT_ROOT) "
         "on storage every node mounts."
     )
+
+
+def check_url(url: str, tracking: bool = False) -> None:
+    """The Optuna storage URL (or, `tracking`, the MLflow tracking URI) is one tuner can open:
+    it parses, SQLAlchemy knows its database, and that database's driver is installed; else
+    one `ConfigError` naming the store, at once, where the first use would be a traceback or
+    minutes of retries. A tracking URI that is an MLflow server or a folder passes."""
+    what = "MLflow tracking" if tracking else "Optuna storage"
+    if tracking and ("://" not in url or url.split(":", 1)[0] in REMOTE_SCHEMES | {"file"}):
+        return  # a folder or an MLflow server: MLflow's own to check
+    try:
+        sqlalchemy.engine.make_url(url).get_dialect().import_dbapi()
+    except ImportError as exc:
+        raise missing_driver(url, exc) from None
+    except sqlalchemy.exc.NoSuchModuleError:
+        raise ConfigError(
+            f"{what} URL {shown(url)!r} names no database tuner can use: give sqlite:///FILE, "
+            "postgresql://USER@HOST/DB or mysql://USER@HOST/DB"
+            + (" (or an MLflow server's http://HOST:PORT)" if tracking else "")
+        ) from None
+    except sqlalchemy.exc.ArgumentError as exc:
+        raise ConfigError(
+            f"{what} URL {shown(url)!r} is not a valid database URL ({exc})"
+        ) from None
+
+
+def check_files(stores: Stores) -> None:
+    """Each store that is a SQLite file, where it exists, reads as one: a damaged file is one
+    `StoreError` at once, where MLflow would retry opening it for a minute and a half first."""
+    import sqlite3
+
+    for url, what in (
+        (stores.optuna_url, "Optuna storage"),
+        (stores.tracking_uri, "MLflow store"),
+    ):
+        path = sqlite_file(url) if url.startswith("sqlite") else None
+        if path is None or not path.is_file():
+            continue
+        try:
+            with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+                db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.DatabaseError as exc:
+            found = store_cause(exc)
+            if found is not None and "damaged" in found[0]:  # locked and the like pass
+                raise StoreError(f"the {what} {shown(url)}: {found[0]}; {found[1]}") from None
 
 
 def _prepare_sqlite(url: str, what: str) -> None:
@@ -230,7 +275,7 @@ def store_error(exc: BaseException, stores: Stores) -> StoreError | None:
     if found is None:
         return None
     cause, fix, filename = found
-    if raised_in(exc, "optuna"):
+    if raised_in_optuna(exc):
         where, url = f"the Optuna storage {stores.optuna_url}", stores.optuna_url
     elif filename is not None:
         where, url = f"{filename}", None
@@ -281,11 +326,18 @@ def engine_options(url: str) -> dict[str, object]:
 
 def missing_driver(url: str, exc: BaseException) -> ConfigError | None:
     """The error for a database URL whose driver is not installed, naming what to install."""
-    if not isinstance(exc, ImportError) and not isinstance(exc.__cause__, ImportError):
+    found = exc if isinstance(exc, ImportError) else exc.__cause__
+    if not isinstance(found, ImportError):
         return None
-    backend = url.split(":", 1)[0].split("+", 1)[0]
-    install, driver = DRIVERS.get(backend, ("the database's Python driver", "its driver"))
-    return ConfigError(f"{shown(url)} needs {driver}, which is not installed: {install}")
+    backend, _, driver = url.split(":", 1)[0].partition("+")
+    if driver:  # a driver the URL chose: tuner's extra would install another
+        module = found.name or driver
+        return ConfigError(
+            f"{shown(url)} needs the Python module {module}, which is not installed: install "
+            f"it, or write {backend}:// for tuner's driver"
+        )
+    install, name = DRIVERS.get(backend, ("the database's Python driver", "its driver"))
+    return ConfigError(f"{shown(url)} needs {name}, which is not installed: {install}")
 
 
 def _open_storage(stores: Stores, heartbeat: int, grace: int) -> optuna.storages.RDBStorage:

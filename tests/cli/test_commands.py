@@ -379,5 +379,5 @@ def test_status_watch_stopped_by_a_signal_exits_with_its_code(
     watching.send_signal(sig)
     out, err = watching.communicate(timeout=60)
     assert watching.returncode == code, out + err
-    assert err.strip() == f"{what}: stopped watching; the study itself goes on as it was"
+    assert err.strip() == f"{what}: nothing was changed; the study goes on as it was"
     assert "Traceback" not in out + err

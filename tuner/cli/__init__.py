@@ -549,7 +549,7 @@ STOPPED = {
     "ensemble": "no ensemble was recorded (a run it had started is closed as KILLED); run the "
     "same command again",
     "ui": "stopped the MLflow UI and every process it started",
-    "study status": "stopped watching; the study itself goes on as it was",
+    "study status": "nothing was changed; the study goes on as it was",
 }
 STOPPED_DEFAULT = "nothing was left half-made; run the same command again"
 

@@ -63,9 +63,12 @@ def store_options(command: Callable[..., Any]) -> Callable[..., Any]:
         **kwargs: Any,
     ) -> Any:
         from tuner.errors import TunerError
-        from tuner.stores import resolve, store_error
+        from tuner.stores import check_files, check_url, resolve, store_error
 
         stores = resolve(mlruns, storage, tracking_uri, artifact_root)
+        check_url(stores.optuna_url)
+        check_url(stores.tracking_uri, tracking=True)
+        check_files(stores)
         try:
             return command(*args, stores=stores, **kwargs)
         except TunerError:  # says what it means already
