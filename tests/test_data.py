@@ -162,6 +162,31 @@ def test_a_whole_epoch_is_augmented_in_chunks(monkeypatch: pytest.MonkeyPatch) -
     assert out.shape == x.shape and not torch.equal(out, x)
 
 
+class _Claims:
+    """Pickles as numpy's own `_reconstruct` of an array this large, with none of its bytes."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+
+    def __reduce__(self) -> tuple:
+        return np._core.multiarray._reconstruct, (np.ndarray, self.shape, b"B")
+
+
+FORGED = ("pixels as shared lists", "an array larger than its file", "labels as shared lists")
+
+
+def forged_batch(kind: str, n: int) -> dict:
+    """A batch of `n` images whose pickle is small (shared references, a claimed shape) but
+    whose arrays, once built, take n × 3072 values or more."""
+    if kind == "pixels as shared lists":  # the pickle holds the one row and n references to it
+        row = [0] * data.PIXELS
+        return {b"data": [row] * n, b"labels": [0] * n}
+    if kind == "an array larger than its file":
+        return {b"data": _Claims((n, data.PIXELS)), b"labels": [0] * n}
+    labels = [0] * n  # n rows of n labels, n references to one list
+    return {b"data": np.zeros((1, data.PIXELS), np.uint8), b"labels": [labels] * n}
+
+
 def _bad_folder(tmp_path: Path, damage: str) -> Path:
     """The fake release, then one batch file damaged as `damage` says."""
     from .conftest import write_batch, write_fake_cifar
@@ -188,6 +213,9 @@ def _bad_folder(tmp_path: Path, damage: str) -> Path:
                  b"labels": labels.tolist()}  # fmt: skip
         with target.open("wb") as f:
             pickle.dump(batch, f)
+    elif damage in FORGED:
+        with target.open("wb") as f:
+            pickle.dump(forged_batch(damage, 150), f)
     elif damage == "a class with one image":
         for name in ("data_batch_1", "data_batch_2"):
             kept = np.where(labels == 7, 8, labels)
@@ -204,6 +232,9 @@ BAD_DATA = {  # damage → the check the one-line message names
     "fewer labels than images": ("data_batch_2", "150 images but 149 labels"),
     "wrong image size": ("data_batch_2", "data has shape (150, 2352), expected N×3072"),
     "a class with one image": ("cifar-10-batches-py", "hold 1 image(s) of class 7"),
+    "pixels as shared lists": ("data_batch_2", "data is a list, expected a numpy array"),
+    "an array larger than its file": ("data_batch_2", "that the file cannot hold"),
+    "labels as shared lists": ("data_batch_2", "labels hold a list, expected integers 0..9"),
 }
 
 
@@ -282,3 +313,45 @@ def test_the_split_is_scikit_learns_draw_for_draw(seed, classes, n, val_size, tr
 def test_a_split_too_small_for_its_classes_is_explained() -> None:
     with pytest.raises(ConfigError, match="at least 2 images of each of the 10 classes"):
         data.split_indices(np.arange(300) % 10, val_size=5, train_size=None, seed=0)
+
+
+READ_CAPPED = """
+import re, resource, sys
+from pathlib import Path
+from tuner import data  # torch and numpy mapped before the cap
+from tuner.errors import DataError
+status = open("/proc/self/status").read()
+base = int(re.search(r"VmSize:\\s+(\\d+)", status).group(1)) << 10
+resource.setrlimit(resource.RLIMIT_AS, (base + (256 << 20), resource.RLIM_INFINITY))
+for folder in sys.argv[1:]:
+    try:
+        data.read_split(Path(folder), "train")
+    except DataError as exc:
+        print(exc)
+"""
+
+
+@pytest.mark.slow
+def test_a_pickle_bomb_is_refused_before_it_is_built(tmp_path: Path) -> None:
+    """Batches of a few hundred KB whose arrays would take gigabytes are refused with one line
+    in a process that has 256 MiB of address space to spare: nothing large was built."""
+    import subprocess
+    import sys
+
+    sizes = {FORGED[0]: 100_000, FORGED[1]: 1_000_000, FORGED[2]: 10_000}  # 2.5, 3, 0.8 GB
+    folders = []
+    for i, (kind, n) in enumerate(sizes.items()):
+        folder = tmp_path / str(i) / data.FOLDER
+        folder.mkdir(parents=True)
+        with (folder / "data_batch_1").open("wb") as f:
+            pickle.dump(forged_batch(kind, n), f)
+        assert (folder / "data_batch_1").stat().st_size < 3 << 20
+        folders.append(str(folder))
+    out = subprocess.run([sys.executable, "-c", READ_CAPPED, *folders],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 3, out.stdout
+    for line, folder, kind in zip(lines, folders, sizes, strict=True):
+        assert line.startswith(f"{folder}/data_batch_1: ")
+        assert BAD_DATA[kind][1] in line

@@ -5,10 +5,12 @@ The test split is read only by `tuner ensemble`.
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -67,8 +69,13 @@ def _missing_message(folder: Path, why: str) -> str:
     )
 
 
+_NDARRAY = object()  # stands for numpy.ndarray in a CIFAR pickle, for `_reconstruct` alone
+
+
 class _ArraysOnly(pickle.Unpickler):
-    """The CIFAR pickles hold dicts of numpy arrays; refuse any other global (no code runs)."""
+    """The CIFAR pickles hold dicts of numpy arrays; refuse any other global (no code runs),
+    and any array larger than the file: numpy pickles an array's bytes whole, so a larger one
+    is a forgery that a few KB could make take gigabytes."""
 
     ALLOWED = {
         ("numpy", "ndarray"),
@@ -78,12 +85,31 @@ class _ArraysOnly(pickle.Unpickler):
         ("_codecs", "encode"),
     }
 
+    def __init__(self, file: BinaryIO, size: int) -> None:
+        super().__init__(file, encoding="bytes")
+        self.size = size  # bytes in the file
+
     def find_class(self, module: str, name: str) -> object:
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch")
-        if module == "numpy.core.multiarray":
-            module = "numpy._core.multiarray" if hasattr(np, "_core") else module
+        if name == "_reconstruct":
+            return self._reconstruct
+        if name == "ndarray":
+            return _NDARRAY  # not the class: called, it would allocate any shape it is given
         return super().find_class(module, name)
+
+    def _reconstruct(self, subtype: object, shape: tuple[int, ...], dtype: object) -> np.ndarray:
+        """numpy's `_reconstruct`, bounded: the array that the pickle then fills with bytes
+        of its own (numpy checks that they are as many as the shape needs)."""
+        if subtype is not _NDARRAY:
+            raise pickle.UnpicklingError(f"refusing to build an array of type {subtype!r}")
+        claimed = math.prod(shape) * np.dtype(dtype).itemsize
+        if claimed > self.size:
+            raise pickle.UnpicklingError(
+                f"it claims an array of shape {shape} ({claimed:,} bytes) that the file "
+                f"cannot hold ({self.size:,} bytes)"
+            )
+        return np.ndarray(shape, dtype)
 
 
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))  # the release's names, no others
@@ -96,7 +122,7 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     Each failure is one `DataError` naming the file and the check."""
     try:
         with path.open("rb") as f:
-            batch = _ArraysOnly(f, encoding="bytes").load()
+            batch = _ArraysOnly(f, os.fstat(f.fileno()).st_size).load()
     except Exception as exc:
         raise DataError(f"{path}: not a readable CIFAR-10 batch ({exc})") from None
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
@@ -107,8 +133,12 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def _check_pixels(path: Path, raw: object) -> np.ndarray:
-    data = np.asarray(raw)
+def _check_pixels(path: Path, data: object) -> np.ndarray:
+    if not isinstance(data, np.ndarray):  # lists of shared rows would be built whole
+        raise DataError(
+            f"{path}: data is a {type(data).__name__}, expected a numpy array of uint8 pixels, "
+            f"N×{PIXELS} (as the release holds)"
+        )
     if data.ndim != 2 or data.shape[1] != PIXELS:
         raise DataError(
             f"{path}: data has shape {data.shape}, expected N×{PIXELS} (3×32×32 per image)"
@@ -134,6 +164,15 @@ def _check_pixels(path: Path, raw: object) -> np.ndarray:
 
 
 def _check_labels(path: Path, raw: object) -> np.ndarray:
+    """A list of ints (as the release holds) or an array; numbers only, checked before numpy
+    builds them: a list of shared lists would be built whole."""
+    expected = f"expected integers 0..{CLASSES - 1}"
+    if isinstance(raw, list):
+        for label in raw:
+            if not isinstance(label, int | float):
+                raise DataError(f"{path}: labels hold a {type(label).__name__}, {expected}")
+    elif not isinstance(raw, np.ndarray):
+        raise DataError(f"{path}: labels are a {type(raw).__name__}, {expected} in a list")
     labels = np.asarray(raw)
     if labels.ndim != 1:
         raise DataError(f"{path}: labels have shape {labels.shape}, expected one per image")
