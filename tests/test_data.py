@@ -99,6 +99,42 @@ def test_offline_without_data_says_how_to_fix_it(
     assert "--data-dir" in message and "TUNER_DATA_DIR" in message
 
 
+@pytest.mark.parametrize(
+    ("removed", "said"),
+    [
+        (["test_batch"], "holds data_batch_1, data_batch_2 but not test_batch"),
+        (["data_batch_1", "data_batch_2"], "holds test_batch but no data_batch_N"),
+    ],
+)
+def test_a_partial_copy_is_named_and_never_downloaded_into(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, removed: list[str], said: str
+) -> None:
+    """A folder that holds part of the release says which files it lacks; downloading the
+    release into it would mix two copies (or overwrite the user's)."""
+    import torchvision.datasets.utils as tv_utils
+
+    from .conftest import write_fake_cifar
+
+    folder = write_fake_cifar(tmp_path / "data") / data.FOLDER
+    for name in removed:
+        (folder / name).unlink()
+    downloads = []
+
+    def download(*args, **kwargs):
+        downloads.append(args)
+        raise OSError("this test is offline")
+
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", download)
+    monkeypatch.setattr(data, "URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")
+    before = sorted(p.name for p in (tmp_path / "data").rglob("*"))
+    with pytest.raises(DataError) as info:
+        data.ensure_cifar(tmp_path / "data")
+    message = str(info.value)
+    assert "\n" not in message and f"{folder} {said}" in message
+    assert not downloads, "a download was started into a partial copy"
+    assert sorted(p.name for p in (tmp_path / "data").rglob("*")) == before
+
+
 def test_data_dir_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("TUNER_DATA_DIR", str(tmp_path / "env"))
     assert data.resolve_data_dir(tmp_path / "flag") == tmp_path / "flag"

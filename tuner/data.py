@@ -44,9 +44,11 @@ def batches_dir(root: Path) -> Path:
 
 
 def ensure_cifar(root: Path, *, download: bool = True) -> Path:
-    """Return the `cifar-10-batches-py` folder, downloading the release if it is absent."""
+    """Return the `cifar-10-batches-py` folder, downloading the release only where that folder
+    does not exist: a partial copy is named, never downloaded into (two copies would mix)."""
     folder = batches_dir(root)
-    if (folder / "test_batch").is_file():
+    if folder.exists():
+        _check_whole(folder)
         return folder
     if not download:
         raise DataError(_missing_message(folder, "downloading is turned off"))
@@ -58,6 +60,31 @@ def ensure_cifar(root: Path, *, download: bool = True) -> Path:
     except Exception as exc:  # offline, proxy, disk full: all end the same way for the user
         raise DataError(_missing_message(folder, f"the download failed ({exc})")) from None
     return folder
+
+
+def _check_whole(folder: Path) -> None:
+    """`test_batch` and at least one `data_batch_N` (a development subset may hold fewer than
+    the release's five), else one line naming what is missing."""
+    train = [name for name in TRAIN_FILES if (folder / name).is_file()]
+    test = (folder / TEST_FILE).is_file()
+    if train and test:
+        return
+    if train:
+        held = f"holds {_train_names(train)} but not {TEST_FILE}"
+    else:
+        held = f"holds {TEST_FILE} but no data_batch_N" if test else "holds no CIFAR-10 batch"
+    raise DataError(
+        f"{folder} {held}: tuner does not download into a folder that exists; add the "
+        f"missing files from {URL}, or remove the folder for tuner to download the release"
+    )
+
+
+def _train_names(names: list[str]) -> str:
+    """`data_batch_1..5` for a run of three or more, else the names."""
+    first = TRAIN_FILES.index(names[0])
+    if len(names) > 2 and tuple(names) == TRAIN_FILES[first : first + len(names)]:
+        return f"{names[0]}..{names[-1].rsplit('_', 1)[1]}"
+    return ", ".join(names)
 
 
 def _missing_message(folder: Path, why: str) -> str:
