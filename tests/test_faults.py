@@ -342,6 +342,24 @@ def test_weights_are_written_whole_and_the_study_stays_usable(
     still_usable(finished, fake_cifar, "done", monkeypatch, capsys)
 
 
+def test_a_damaged_architecture_is_named_not_a_traceback(
+    finished: Path, fake_cifar: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    run_id = trial_runs(finished, "done")[0].info.run_id
+    [path] = [p for p in (finished / "mlruns").rglob("architecture.json") if run_id in str(p)]
+    original = path.read_bytes()
+    try:
+        path.write_text('{"depth": "vgg11"}')
+        code = in_process(finished, fake_cifar, monkeypatch, "ensemble", "done", "--top", "2")
+    finally:
+        path.write_bytes(original)
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert "architecture.json" in last and "trial 0" in last and "checksum" in last, last
+
+
 # -- unreachable or bad stores ----------------------------------------------------------------
 
 

@@ -122,6 +122,16 @@ def location(client: PatientClient, run_id: str, artifact_path: str) -> str:
     return f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
 
 
+class ArtifactError(DataError):
+    """An artifact that is missing or not as it was written: the message names it and what to
+    do; `why` says what is wrong in a few words, for a line that names its trial."""
+
+    def __init__(self, message: str, why: str, *, missing: bool = False) -> None:
+        super().__init__(message)
+        self.why = why
+        self.missing = missing
+
+
 def fetch_verified(
     client: PatientClient,
     run_id: str,
@@ -136,11 +146,25 @@ def fetch_verified(
         path = Path(client.download_artifacts(run_id, artifact_path, str(into)))
     except Exception as exc:
         where = location(client, run_id, artifact_path)
-        raise DataError(f"{where}: {what} cannot be read ({exc})") from None
+        missing = not _listed(client, run_id, artifact_path)
+        why = "missing" if missing else f"unreadable: {exc}"
+        raise ArtifactError(
+            f"{where}: {what} cannot be read ({exc})", why, missing=missing
+        ) from None
     if expected is not None and sha256(path) != expected:
-        raise DataError(
+        raise ArtifactError(
             f"{location(client, run_id, artifact_path)}: {what} (MLflow run {run_id}) do not "
             "match the checksum recorded when they were written: the file was changed or "
-            "damaged. Not loading it; restore the file or ensemble fewer trials."
+            "damaged. Not loading it; restore the file or ensemble fewer trials.",
+            "does not match the checksum recorded when it was written",
         )
     return path
+
+
+def _listed(client: PatientClient, run_id: str, artifact_path: str) -> bool:
+    """The artifact store lists the artifact (True when it cannot say: not known missing)."""
+    try:
+        folder = str(Path(artifact_path).parent)
+        return any(a.path == artifact_path for a in client.list_artifacts(run_id, folder))
+    except Exception:
+        return True

@@ -21,13 +21,15 @@ from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from tuner.errors import ConfigError, TunerError
+from tuner.errors import ConfigError, DataError, TunerError
 from tuner.records import (
+    ARCHITECTURE_SHA256_TAG,
     BEST_TAG_PREFIX,
     EPOCHS_TAG,
     EXPERIMENT_KIND,
     EXPERIMENT_KIND_TAG,
     MEMBERS_TAG,
+    PREDICTIONS_SHA256_TAG,
     PROCESS_TAG,
     PRUNED_AT_TAG,
     REASON_TAG,
@@ -49,6 +51,7 @@ from tuner.tracking.artifacts import (
     ARCHITECTURE,
     VAL_PREDICTIONS,
     WEIGHTS,
+    ArtifactError,
     fetch_verified,
     write_artifact,
 )
@@ -361,14 +364,16 @@ class Tracker:
         import torch  # here, not at the top: `study create`, `ui` and `report` never need it
 
         digest = write(WEIGHTS, lambda f: torch.save(dict(outputs.state_dict), f))
+        tags = [RunTag(WEIGHTS_SHA256_TAG, digest)]
         if outputs.val_probs is not None:
             probs = outputs.val_probs.astype(np.float32)
-            write(VAL_PREDICTIONS, lambda f: np.savez_compressed(f, probs=probs, labels=labels))
+            dump = functools.partial(np.savez_compressed, probs=probs, labels=labels)
+            tags.append(RunTag(PREDICTIONS_SHA256_TAG, write(VAL_PREDICTIONS, dump)))
         text = json.dumps(outputs.architecture.to_dict(), indent=2).encode()
-        write(ARCHITECTURE, lambda f: f.write(text))
+        tags.append(RunTag(ARCHITECTURE_SHA256_TAG, write(ARCHITECTURE, lambda f: f.write(text))))
         # on the run now, not only when it is closed: a run closed by another process (its
-        # worker died after telling Optuna) keeps the checksum its weights are loaded with
-        self.client.set_tag(run.run_id, WEIGHTS_SHA256_TAG, digest)
+        # worker died after telling Optuna) keeps the checksums its files are checked with
+        self.client.log_batch(run.run_id, tags=tags)
         return digest
 
     def end_trial(
@@ -431,22 +436,40 @@ class Tracker:
     def fetch_trial_weights(
         self, run_id: str, trial_number: int, into: Path
     ) -> tuple[Architecture, Path]:
-        """A trial's architecture and its weights file, checked against the recorded SHA-256."""
-        folder = into / run_id
-        arch_file = Path(self.client.download_artifacts(run_id, ARCHITECTURE, str(folder)))
+        """A trial's architecture and its weights file, each checked against the SHA-256
+        recorded when it was written."""
+        folder, tags = into / run_id, self.client.get_run(run_id).data.tags
+        expected = tags.get(ARCHITECTURE_SHA256_TAG)
+        what = f"the architecture settings of trial {trial_number}"
+        arch_file = fetch_verified(self.client, run_id, ARCHITECTURE, expected, what, folder)
         from tuner.models import Architecture  # torch: only where weights are read
 
-        arch = Architecture.from_dict(json.loads(arch_file.read_text()))
-        expected = self.client.get_run(run_id).data.tags.get(WEIGHTS_SHA256_TAG)
+        try:
+            arch = Architecture.from_dict(json.loads(arch_file.read_text()))
+        except Exception as exc:  # edited, in a run written before its checksum was recorded
+            raise DataError(
+                f"{arch_file.name} of trial {trial_number} (MLflow run {run_id}) is not an "
+                f"architecture tuner wrote ({type(exc).__name__}: {exc}); restore the file or "
+                "ensemble fewer trials"
+            ) from None
         what = f"the weights of trial {trial_number}"
+        expected = tags.get(WEIGHTS_SHA256_TAG)
         return arch, fetch_verified(self.client, run_id, WEIGHTS, expected, what, folder)
 
     def fetch_val_predictions(self, run_id: str, into: Path) -> tuple[np.ndarray, np.ndarray]:
-        """A completed trial's softmax on the validation images and their labels (plain arrays:
-        nothing is unpickled)."""
-        path = self.client.download_artifacts(run_id, VAL_PREDICTIONS, str(into / run_id))
-        with np.load(path, allow_pickle=False) as saved:
-            return saved["probs"], saved["labels"]
+        """A completed trial's softmax on the validation images and their labels, checked
+        against the SHA-256 recorded when they were written (plain arrays: nothing is
+        unpickled); an `ArtifactError` if they are missing or not as written."""
+        tags = self.client.get_run(run_id).data.tags
+        what = f"the validation predictions of trial {tags.get(TRIAL_NUMBER_TAG, '?')}"
+        expected = tags.get(PREDICTIONS_SHA256_TAG)
+        path = fetch_verified(self.client, run_id, VAL_PREDICTIONS, expected, what, into / run_id)
+        try:
+            with np.load(path, allow_pickle=False) as saved:
+                return saved["probs"], saved["labels"]
+        except Exception as exc:  # not a zip, a key missing, an array of objects
+            why = f"not a readable .npz of probs and labels: {exc}"
+            raise ArtifactError(f"{path}: {what} are {why}", why) from None
 
     def start_ensemble(self, runs: StudyRuns, name: str) -> str:
         """An ensemble's run, RUNNING while it is scored; tagged with this process, so that a
