@@ -21,6 +21,7 @@ from .conftest import TINY_STUDY, write_fake_cifar, write_study
 from .helpers import (
     Payload,
     in_process,
+    mlflow_runs,
     start,
     stored,
     trial_runs,
@@ -358,6 +359,82 @@ def test_a_damaged_architecture_is_named_not_a_traceback(
     assert code == 1 and "Traceback" not in err, err
     last = err.strip().splitlines()[-1]
     assert "architecture.json" in last and "trial 0" in last and "checksum" in last, last
+
+
+# -- damaged or missing predictions -----------------------------------------------------------
+
+
+def _predictions(cwd: Path, trial: int) -> Path:
+    run_id = trial_runs(cwd, "done")[trial].info.run_id
+    [path] = [p for p in (cwd / "mlruns").rglob("val_predictions.npz") if run_id in str(p)]
+    return path
+
+
+PREDICTIONS_SHA256 = "tuner.val_predictions_sha256"
+
+
+@pytest.mark.parametrize(
+    ("damage", "recorded", "said"),
+    [
+        ("wrong width", True, "does not match the checksum recorded when it was written"),
+        ("all NaN", True, "does not match the checksum recorded when it was written"),
+        ("wrong width", False, "probabilities of shape (60, 5), expected N×10"),
+        ("all NaN", False, "600 probabilities are not finite"),
+    ],
+)
+def test_damaged_predictions_are_left_out_with_one_line(
+    finished: Path, fake_cifar: Path, damage: str, recorded: bool, said: str,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """A trial's saved validation predictions edited by hand are left out with one line that
+    names the trial, whether their checksum was recorded or not (a run of an older tuner):
+    the ensemble is made of the trials left, never scored on NaN."""
+    import numpy as np
+
+    path, client = _predictions(finished, 0), mlflow.MlflowClient()
+    run_id = trial_runs(finished, "done")[0].info.run_id
+    digest = client.get_run(run_id).data.tags.get(PREDICTIONS_SHA256)
+    original = path.read_bytes()
+    try:
+        with np.load(path) as saved:
+            probs, labels = saved["probs"], saved["labels"]
+        probs = probs[:, :5] if damage == "wrong width" else np.full_like(probs, np.nan)
+        np.savez_compressed(path, probs=probs, labels=labels)
+        if digest and not recorded:
+            client.delete_tag(run_id, PREDICTIONS_SHA256)
+        code = in_process(finished, fake_cifar, monkeypatch, "ensemble", "done", "--top", "2")
+    finally:
+        path.write_bytes(original)
+        if digest and not recorded:
+            client.set_tag(run_id, PREDICTIONS_SHA256, digest)
+    out, err = capsys.readouterr()
+    assert code == 0 and "Traceback" not in err, out + err
+    [line] = [x for x in (out + err).splitlines() if "trial 0" in x]
+    assert line.endswith(f"trial 0: val_predictions.npz is damaged ({said}); left out"), line
+    assert "of 1 from 1 completed trial" in out
+    runs = mlflow_runs(finished, "done")
+    assert all(np.isfinite(v) for r in runs for v in r.data.metrics.values()), "NaN logged"
+
+
+def test_missing_artifacts_are_named_not_taken_for_no_trials(
+    finished: Path, fake_cifar: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """The artifact folder deleted: the completed trials are there, their files are not."""
+    artifacts = finished / "mlruns" / "artifacts"
+    aside = finished / "artifacts-aside"
+    artifacts.rename(aside)
+    try:
+        code = in_process(finished, fake_cifar, monkeypatch, "ensemble", "done", "--top", "2")
+    finally:
+        aside.rename(artifacts)
+    out, err = capsys.readouterr()
+    assert code == 1 and "Traceback" not in err, out + err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: study 'done' has 2 completed trials (0, 1)"), last
+    assert f"their artifacts are missing from {artifacts}" in last
+    assert "`tuner study run done --trials N`" in last
+    assert "no completed trials" not in out + err
 
 
 # -- unreachable or bad stores ----------------------------------------------------------------

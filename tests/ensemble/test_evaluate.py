@@ -204,3 +204,25 @@ def test_weights_saved_before_the_parts_had_names_still_load(tmp_path: Path) -> 
         torch.equal(a, b)
         for a, b in zip(model.state_dict().values(), trained.state_dict().values(), strict=True)
     )
+
+
+UNSOUND = {  # saved predictions, damaged → the few words that name what is wrong
+    "wrong width": (lambda p: p[:, :5], "probabilities of shape (60, 5), expected N×10"),
+    "all NaN": (lambda p: np.full_like(p, np.nan), "600 probabilities are not finite"),
+    "integers": (lambda p: p.astype(np.int64), "probabilities are int64, expected floats"),
+    "negative": (lambda p: p - 0.1, "probabilities from -0.05 to 0.45, expected 0..1"),
+    "halved": (lambda p: p / 2, "the probabilities of image 0 sum to 0.5, expected 1"),
+}
+
+
+@pytest.mark.parametrize("damage", UNSOUND, ids=list(UNSOUND))
+def test_unsound_predictions_are_named(damage: str) -> None:
+    from tuner.ensemble.evaluate import _unsound
+
+    probs = np.full((60, 10), 0.05, np.float32)
+    probs[:, 0] = 0.55
+    labels = np.arange(60) % 10
+    assert _unsound(probs, labels) is None
+    edit, said = UNSOUND[damage]
+    assert _unsound(edit(probs), labels) == said
+    assert "labels of shape (59,)" in _unsound(probs, labels[:-1])

@@ -13,6 +13,9 @@ import dataclasses
 import logging
 import tempfile
 import time
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -44,10 +47,12 @@ from tuner.study.recovery import reconcile_runs
 from tuner.study.refit import completed_refits
 from tuner.study.setup import open_study, study_runs
 from tuner.study.summary import ranked
-from tuner.tracking import Tracker
+from tuner.tracking import VAL_PREDICTIONS, Tracker
+from tuner.tracking.artifacts import ArtifactError
 from tuner.train import predict
 
 log = logging.getLogger(__name__)
+PREDICTIONS = Path(VAL_PREDICTIONS).name  # as messages name the file
 CLASS_NAMES = ("plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 Method = Literal["greedy", "average"]
@@ -184,11 +189,10 @@ def evaluate(
     val = load_val(root, spec.data, spec.seed, device)
     labels = val.labels.cpu().numpy()
     with tempfile.TemporaryDirectory() as tmp:
-        pool, left_out = candidates(
-            spec, stores, study, tracker, request.source, labels, Path(tmp)
-        )
+        pool, left = candidates(spec, stores, study, tracker, request.source, labels, Path(tmp))
         if not pool:
-            raise TunerError(_nothing_to_ensemble(spec.name, request.source))
+            where = tracker.artifact_location(runs.experiment_id)
+            raise TunerError(_nothing_to_ensemble(spec.name, request.source, left, where))
         test = load_test(root, spec.data, spec.seed, device)
         run_id = None
         try:
@@ -198,7 +202,9 @@ def evaluate(
                 run_id = tracker.start_ensemble(runs, request.run_name)
             batch = spec.train.batch_size * 2  # as training validates
             report = _score(tracker, pool, request, val, test, Path(tmp), batch)
-            report = dataclasses.replace(report, run_id=run_id, study=spec.name, left_out=left_out)
+            report = dataclasses.replace(
+                report, run_id=run_id, study=spec.name, left_out=len(left)
+            )
             log_ensemble(tracker, report)
             _note_on_study(study, report)
         except BaseException as exc:
@@ -236,7 +242,33 @@ def evaluate_top(
     return evaluate(spec, stores, request, data_dir=data_dir, device=device)
 
 
-def _nothing_to_ensemble(name: str, source: Source) -> str:
+@dataclass(frozen=True)
+class LeftOut:
+    """Completed trials, by number, whose saved validation predictions cannot be used."""
+
+    missing: tuple[int, ...] = ()  # not in the artifact store
+    damaged: tuple[int, ...] = ()  # not as written, or not probabilities
+    elsewhere: tuple[int, ...] = ()  # on other validation images: the settings changed since
+
+    def __len__(self) -> int:
+        return len(self.missing) + len(self.damaged) + len(self.elsewhere)
+
+
+def _nothing_to_ensemble(name: str, source: Source, left: LeftOut, where: str) -> str:
+    """Why no trial can join, and what to do: no completed trials (or refits), or completed
+    trials whose saved predictions are missing or unusable."""
+    more = f"run new trials (`tuner study run {name} --trials N`)"
+    if left.missing and len(left.missing) == len(left):
+        trials = counted(len(left), "completed trial")
+        return (
+            f"study {name!r} has {trials} ({_numbers(left.missing)}), but their artifacts are "
+            f"missing from {_shown_location(where)}: restore that folder, or {more}"
+        )
+    if left:
+        return (
+            f"study {name!r} has {counted(len(left), 'completed trial')}, but none with usable "
+            f"validation predictions (see the warnings above): restore the files, or {more}"
+        )
     if source == "refit":
         return (
             f"study {name!r} has no completed refits to ensemble; run "
@@ -247,6 +279,12 @@ def _nothing_to_ensemble(name: str, source: Source) -> str:
     )
 
 
+def _shown_location(uri: str) -> str:
+    """An artifact location as a user finds it: a local folder as its path."""
+    parsed = urllib.parse.urlsplit(uri)
+    return urllib.request.url2pathname(parsed.path) if parsed.scheme == "file" else uri
+
+
 def candidates(
     spec: StudySpec,
     stores: Stores,
@@ -255,25 +293,32 @@ def candidates(
     source: Source,
     labels: np.ndarray,
     into: Path,
-) -> tuple[list[Candidate], int]:
-    """Every completed trial whose validation predictions are on today's validation images
-    (for `refit`: every one with a completed refit), in trial order, and how many were left
-    out: one whose predictions are missing or on other images (its settings changed), with
-    one line."""
+) -> tuple[list[Candidate], LeftOut]:
+    """Every completed trial whose validation predictions are sound and on today's validation
+    images (for `refit`: every one with a completed refit), in trial order, and those left
+    out, each named on the console."""
     trials = ranked(study.get_trials(deepcopy=False), with_run=True)
     refits = completed_refits(spec, stores) if source == "refit" else {}
     if source == "refit":
         trials = [t for t in trials if t.number in refits]
-    found, left_out = [], []
+    found, missing, damaged, elsewhere = [], [], [], []
     for trial in sorted(trials, key=lambda t: t.number):
         run_id = trial.user_attrs[RUN_ID_ATTR]
         try:
-            probs, saved = tracker.fetch_val_predictions(run_id, into)
-        except Exception as exc:
-            left_out.append(f"trial {trial.number} ({type(exc).__name__})")
+            probs, saved = checked_predictions(tracker, run_id, into)
+        except ArtifactError as exc:
+            (missing if exc.missing else damaged).append(trial.number)
+            if not exc.missing:
+                _warn([trial.number], f"{PREDICTIONS} is damaged ({exc.why})")
+            continue
+        except TunerError:  # the store itself: the command's error, not this trial's
+            raise
+        except Exception as exc:  # its run gone from MLflow, an artifact store that answers oddly
+            damaged.append(trial.number)
+            _warn([trial.number], f"{PREDICTIONS} cannot be read ({type(exc).__name__}: {exc})")
             continue
         if saved.shape != labels.shape or not np.array_equal(saved, labels):
-            left_out.append(f"trial {trial.number} (validated on other images)")
+            elsewhere.append(trial.number)
             continue
         refit = refits.get(trial.number)
         found.append(
@@ -285,12 +330,54 @@ def candidates(
                 refit.epochs if refit else None,
             )
         )
-    if left_out:
-        log.info(
-            f"warning: {len(left_out)} completed trials left out, without usable validation "
-            f"predictions: {', '.join(left_out[:5])}{' …' if len(left_out) > 5 else ''}"
-        )
-    return found, len(left_out)
+    _warn(missing, f"{PREDICTIONS} is missing from the artifact store")
+    _warn(elsewhere, f"{PREDICTIONS} is on other validation images (its data settings changed)")
+    return found, LeftOut(tuple(missing), tuple(damaged), tuple(elsewhere))
+
+
+def _warn(numbers: list[int], what: str) -> None:
+    """One line for the trials left out for one reason."""
+    if numbers:
+        trials = "trial" if len(numbers) == 1 else "trials"
+        log.info(f"warning: {trials} {_numbers(numbers)}: {what}; left out")
+
+
+def _numbers(numbers: Sequence[int]) -> str:
+    """`0, 1, 2`: the first ten, then `…`."""
+    return ", ".join(map(str, numbers[:10])) + (" …" if len(numbers) > 10 else "")
+
+
+def checked_predictions(
+    tracker: Tracker, run_id: str, into: Path
+) -> tuple[np.ndarray, np.ndarray]:
+    """A trial's saved validation predictions and labels, as written (the recorded SHA-256)
+    and sound: N×10 probabilities, finite, in 0..1, each row summing to 1, and N labels; an
+    `ArtifactError` saying what is wrong."""
+    probs, labels = tracker.fetch_val_predictions(run_id, into)
+    why = _unsound(probs, labels)
+    if why is not None:
+        raise ArtifactError(f"{PREDICTIONS} of MLflow run {run_id}: {why}", why)
+    return probs, labels
+
+
+def _unsound(probs: np.ndarray, labels: np.ndarray) -> str | None:
+    """What is wrong with saved predictions, in a few words; None when nothing is."""
+    if probs.ndim != 2 or probs.shape[1] != CLASSES or len(probs) == 0:
+        return f"probabilities of shape {probs.shape}, expected N×{CLASSES}"
+    if probs.dtype.kind != "f":
+        return f"probabilities are {probs.dtype}, expected floats"
+    if labels.shape != (len(probs),):
+        return f"probabilities of {len(probs)} images but labels of shape {labels.shape}"
+    bad = int(np.count_nonzero(~np.isfinite(probs)))
+    if bad:
+        return f"{bad} probabilities are not finite"
+    if probs.min() < 0 or probs.max() > 1:
+        return f"probabilities from {probs.min():g} to {probs.max():g}, expected 0..1"
+    sums = probs.sum(axis=1, dtype=np.float64)
+    worst = int(np.abs(sums - 1).argmax())
+    if abs(sums[worst] - 1) > 1e-3:  # a float32 softmax sums to 1 within 1e-6
+        return f"the probabilities of image {worst} sum to {sums[worst]:.4g}, expected 1"
+    return None
 
 
 def select(pool: list[Candidate], request: EnsembleRequest, labels: np.ndarray) -> Selection:
