@@ -20,6 +20,7 @@ from typing import Any
 
 import optuna
 import sqlalchemy
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner import _tables, background
@@ -244,9 +245,9 @@ def trials_in(study: optuna.Study, states: tuple[TrialState, ...]) -> list[Froze
 
 
 def best_trials(study: optuna.Study, k: int, having: str) -> list[FrozenTrial]:
-    """A maximized study's `k` best completed trials that have the user attribute `having`,
-    best first (a tie: the earlier), read alone: the ids by one query on Optuna's tables,
-    then each trial (`get_trial`), instead of every trial of the study."""
+    """A study's `k` best completed trials that have the user attribute `having`, best first
+    as Optuna ranks them (a tie: the earlier), read alone: the ids by one query on Optuna's
+    tables, then each trial (`get_trial`), instead of every trial of the study."""
     tb = _tables.tables()
     trials, values, attrs = tb["trials"], tb["values"], tb["trial_attrs"]
     query = (
@@ -256,7 +257,7 @@ def best_trials(study: optuna.Study, k: int, having: str) -> list[FrozenTrial]:
         .where(trials.c.study_id == study._study_id)
         .where(trials.c.state == "COMPLETE")
         .where(values.c.objective == 0, attrs.c.key == having)
-        .order_by(values.c.value.desc(), trials.c.number)
+        .order_by(*_tables.best_first(values, trials, study.direction == StudyDirection.MAXIMIZE))
         .limit(k)
     )
     with _backend(study).engine.connect() as db:

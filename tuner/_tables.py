@@ -6,6 +6,7 @@ tests compare every answer here with Optuna's own, on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,9 @@ import sqlalchemy
 # Optuna's `TrialState` names. PostgreSQL keeps a state as an enum type of its own
 # (`trialstate`), which takes no text: the column is declared as that enum.
 STATES = ("RUNNING", "COMPLETE", "PRUNED", "FAIL", "WAITING")
+# Optuna's `TrialValueModel.TrialValueType` names: a value of ±inf is stored as NULL, its sign
+# in `value_type` (an enum type, `trialvaluetype`, on PostgreSQL)
+VALUE_TYPES = ("FINITE", "INF_POS", "INF_NEG")
 
 
 def tables() -> dict[str, sqlalchemy.TableClause]:
@@ -23,7 +27,9 @@ def tables() -> dict[str, sqlalchemy.TableClause]:
         "studies": t("studies", c("study_id"), c("study_name")),
         "trials": t("trials", c("trial_id"), c("number"), c("study_id"),
                     c("state", sqlalchemy.Enum(*STATES, name="trialstate"))),
-        "values": t("trial_values", c("trial_id"), c("objective"), c("value")),
+        "values": t("trial_values", c("trial_id"), c("objective"), c("value"),
+                    c("value_type", sqlalchemy.Enum(*VALUE_TYPES, name="trialvaluetype"))),
+        "directions": t("study_directions", c("study_id"), c("objective"), c("direction")),
         "params": t("trial_params", c("trial_id"), c("param_name"), c("param_value"),
                     c("distribution_json")),
         "trial_attrs": t("trial_user_attributes", c("trial_id"), c("key"), c("value_json")),
@@ -54,18 +60,23 @@ class Overview:
 def overview(
     engine: sqlalchemy.engine.Engine, name: str, top: int, tag_key: str, tag_value: str
 ) -> Overview | None:
-    """A maximized study's counts, its `top` trials and its attributes, in a handful of
-    queries; None where there is no such study. `optuna.load_study` then `get_trials` builds
-    every trial of the study, and opening an `RDBStorage` imports alembic to check the
-    schema: a read-only summary needs neither."""
+    """A study's counts, its `top` trials and its attributes, in a handful of queries; None
+    where there is no such study. `optuna.load_study` then `get_trials` builds every trial
+    of the study, and opening an `RDBStorage` imports alembic to check the schema: a
+    read-only summary needs neither."""
     tb = tables()
     studies, trials, values = tb["studies"], tb["trials"], tb["values"]
+    directions = tb["directions"]
     count = sqlalchemy.func.count
     with engine.connect() as db:
-        where = studies.c.study_name == name
-        study_id = db.scalar(sqlalchemy.select(studies.c.study_id).where(where))
-        if study_id is None:
+        found = db.execute(
+            sqlalchemy.select(studies.c.study_id, directions.c.direction)
+            .join(directions, directions.c.study_id == studies.c.study_id)
+            .where(studies.c.study_name == name, directions.c.objective == 0)
+        ).first()
+        if found is None:
             return None
+        study_id, direction = found
         in_study = trials.c.study_id == study_id
         by_state = sqlalchemy.select(trials.c.state, count()).where(in_study)
         states = dict(db.execute(by_state.group_by(trials.c.state)).all())
@@ -79,30 +90,34 @@ def overview(
         )
         tagged = dict(db.execute(tagged_query).all())
         best = db.execute(
-            sqlalchemy.select(trials.c.trial_id, trials.c.number, values.c.value)
+            sqlalchemy.select(trials.c.trial_id, trials.c.number, values.c.value,
+                              values.c.value_type)
             .join(values, values.c.trial_id == trials.c.trial_id)
             .where(in_study, trials.c.state == "COMPLETE")
             .where(values.c.objective == 0)
-            .order_by(values.c.value.desc(), trials.c.number)
+            .order_by(*best_first(values, trials, maximize=direction == "MAXIMIZE"))
             .limit(top)
-        ).all()
+        ).all()  # fmt: skip
         p = tb["params"]
         rows = db.execute(
             sqlalchemy.select(p.c.trial_id, p.c.param_name, p.c.param_value,
                               p.c.distribution_json)
-            .where(p.c.trial_id.in_([trial_id for trial_id, _, _ in best]))
+            .where(p.c.trial_id.in_([trial_id for trial_id, *_ in best]))
         ).all()  # fmt: skip
         a = tb["study_attrs"]
         study_attrs = db.execute(
             sqlalchemy.select(a.c.key, a.c.value_json).where(a.c.study_id == study_id)
         ).all()
-    params: dict[int, dict[str, Any]] = {trial_id: {} for trial_id, _, _ in best}
+    params: dict[int, dict[str, Any]] = {trial_id: {} for trial_id, *_ in best}
     for trial_id, param, internal, distribution_json in rows:
         params[trial_id][param] = external(internal, distribution_json)
     return Overview(
         states,
         tagged,
-        tuple(Ranked(number, value, params[trial_id]) for trial_id, number, value in best),
+        tuple(
+            Ranked(number, stored_value(value, kind), params[trial_id])
+            for trial_id, number, value, kind in best
+        ),
         {key: json.loads(value) for key, value in study_attrs},
     )
 
@@ -115,7 +130,7 @@ def completed_attrs(
     tb = tables()
     studies, trials, values, attrs = tb["studies"], tb["trials"], tb["values"], tb["trial_attrs"]
     query = (
-        sqlalchemy.select(trials.c.trial_id, trials.c.number, values.c.value)
+        sqlalchemy.select(trials.c.trial_id, trials.c.number, values.c.value, values.c.value_type)
         .join(studies, studies.c.study_id == trials.c.study_id)
         .join(values, values.c.trial_id == trials.c.trial_id)
         .where(studies.c.study_name == name, trials.c.state == "COMPLETE")
@@ -133,7 +148,33 @@ def completed_attrs(
     by_trial: dict[int, dict[str, Any]] = {}
     for trial_id, key, value in found:
         by_trial.setdefault(trial_id, {})[key] = json.loads(value)
-    return [(number, value, by_trial.get(trial_id, {})) for trial_id, number, value in rows]
+    return [
+        (number, stored_value(value, kind), by_trial.get(trial_id, {}))
+        for trial_id, number, value, kind in rows
+    ]
+
+
+def best_first(
+    values: sqlalchemy.TableClause, trials: sqlalchemy.TableClause, maximize: bool
+) -> tuple[sqlalchemy.ColumnElement[Any], ...]:
+    """ORDER BY completed trials joined to their values, best first as Optuna ranks them
+    (`TrialModel.find_max_value_trial_id`), a tie to the earlier trial. The sign comes first:
+    ±inf is a NULL value, which SQLite sorts last and PostgreSQL first."""
+    kind = values.c.value_type
+    sign = sqlalchemy.case((kind == "INF_NEG", -1), (kind == "INF_POS", 1), else_=0)
+    if maximize:
+        return sign.desc(), values.c.value.desc(), trials.c.number
+    return sign.asc(), values.c.value.asc(), trials.c.number
+
+
+def stored_value(value: float | None, value_type: str) -> float:
+    """A trial's value as Optuna reads it back (`TrialValueModel.stored_repr_to_value`)."""
+    if value_type == "INF_POS":
+        return math.inf
+    if value_type == "INF_NEG":
+        return -math.inf
+    assert value is not None, "a finite value is stored"
+    return value
 
 
 def study_attr(engine: sqlalchemy.engine.Engine, name: str, key: str) -> Any | None:

@@ -182,3 +182,37 @@ def test_the_best_trials_read_alone_are_those_ranked_from_the_whole_study(study_
     _optuna.ask(study)
     assert _optuna.trial_states(study) == {t.number: t.state for t in study.get_trials()}
     assert _optuna.trial_states(study)[6] == TrialState.RUNNING
+
+
+@pytest.mark.parametrize("direction", ["maximize", "minimize"])
+def test_infinite_values_read_and_rank_as_optuna_has_them(study_stores, direction) -> None:
+    """Optuna keeps ±inf as a NULL value and its sign (NULL sorts last on SQLite, first on
+    PostgreSQL): the status, the refits and the best trials read alone give Optuna's values,
+    in its order, and its best trial."""
+    from tuner.records import REFIT_OF_ATTR, RUN_ID_ATTR
+    from tuner.spec import parse
+    from tuner.study.status import study_status
+
+    from ..conftest import TINY_STUDY
+
+    spec = parse({**TINY_STUDY, "name": f"inf-{direction}-{_scheme(study_stores)}"})
+    study = optuna.create_study(
+        study_name=spec.name, storage=study_stores.optuna_url, direction=direction
+    )
+    for i, value in enumerate([0.5, float("inf"), 0.9, float("-inf"), 0.2]):
+        trial = study.ask()
+        trial.suggest_float("dropout", 0.0, 0.5)
+        trial.set_user_attr(RUN_ID_ATTR, f"run-{i}")
+        study.tell(trial, value)
+    refits = optuna.create_study(study_name=f"{spec.name}.refit", storage=study._storage)
+    refits.add_trial(optuna.trial.create_trial(value=float("inf"), user_attrs={REFIT_OF_ATTR: 1}))
+    sign = -1 if direction == "maximize" else 1
+    expected = sorted(study.get_trials(), key=lambda t: (sign * t.value, t.number))
+    assert expected[0].number == study.best_trial.number
+
+    status = study_status(spec, study_stores, top=5)
+    assert [(t.number, t.value) for t in status.top] == [(t.number, t.value) for t in expected]
+    assert [t.params for t in status.top] == [t.params for t in expected]
+    assert [r.train_loss for r in status.refits] == [float("inf")]
+    best = _optuna.best_trials(study, 5, RUN_ID_ATTR)
+    assert [(t.number, t.value) for t in best] == [(t.number, t.value) for t in expected]
