@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sqlite3
 import warnings
 from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy
 from optuna.trial import TrialState
 
 from tuner import _optuna
@@ -184,3 +186,22 @@ def test_the_study_cache_reads_through_it(tmp_path: Path, monkeypatch) -> None:
         _canonical(t) for t in optuna.storages.RDBStorage.get_all_trials(storage, study._study_id)
     ]
     assert calls, "the cache read through read_trials"
+
+
+def test_trials_read_by_more_ids_than_sqlite_binds_are_optunas(tmp_path: Path) -> None:
+    """SQLite binds at most 32,766 values in a statement (its default; this build's
+    connections are held to it): a longer list of ids to read is read as Optuna reads it."""
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/optuna.db")
+    study = optuna.create_study(storage=storage, study_name="many", direction="maximize")
+    _every_kind_of_trial(study)
+    limit = sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER
+    sqlalchemy.event.listen(storage.engine, "connect", lambda db, _: db.setlimit(limit, 32_766))
+    storage.engine.dispose()  # the connections made so far allow more
+    greater = 40_000
+    included = set(range(1, greater)) - {2, 4}  # ids of trials that are not there, mostly
+    ours = _optuna.read_trials(storage, study._study_id, None, included, greater)
+    theirs = optuna.storages.RDBStorage._get_trials(
+        storage, study._study_id, None, included, greater
+    )
+    assert [_canonical(t) for t in ours] == [_canonical(t) for t in theirs]
+    assert [t._trial_id for t in ours] == [1, 3, 5, 6, 7]

@@ -142,6 +142,11 @@ def claim_user_attr(
     return storage.get_study_user_attrs(study_id)[key]
 
 
+# the most values a statement binds on any database tuner opens: SQLite's limit before 3.32
+# (32,766 since, by default; 65,535 in PostgreSQL's protocol)
+BOUND_IDS = 999
+
+
 def read_trials(
     storage: optuna.storages.RDBStorage,
     study_id: int,
@@ -159,9 +164,14 @@ def read_trials(
     from optuna.storages._rdb import models
 
     included = {i for i in included_trial_ids if i <= trial_id_greater_than}
+    # more ids than one statement binds are read as the range from the first on, and filtered
+    # here (Optuna, refused the list, filters the study's every trial)
+    listed = len(included) <= BOUND_IDS
     trials = models.TrialModel.__table__
     where = [trials.c.study_id == study_id]
-    if included and trial_id_greater_than > -1:
+    if not listed:
+        where.append(trials.c.trial_id >= min(included))  # the newer trials follow them
+    elif included and trial_id_greater_than > -1:
         where.append(sqlalchemy.or_(trials.c.trial_id.in_(included),
                                     trials.c.trial_id > trial_id_greater_than))  # fmt: skip
     elif trial_id_greater_than > -1:
@@ -187,6 +197,9 @@ def read_trials(
                               trials.c.datetime_start, trials.c.datetime_complete)
             .where(*where).order_by(trials.c.trial_id)
         ).all()  # fmt: skip
+        if not listed:
+            found = [t for t in found
+                     if t.trial_id in included or t.trial_id > trial_id_greater_than]  # fmt: skip
         built = {
             trial_id: FrozenTrial(number=number, state=state, value=None, values=None,
                                   datetime_start=start, datetime_complete=complete, params={},
