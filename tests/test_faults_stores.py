@@ -8,6 +8,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -109,6 +110,56 @@ def test_trials_lost_to_a_locked_store_are_failed_queued_and_not_counted(
     ]
     assert [t.state.name for t in finished] == ["COMPLETE"] * 3
     no_leftovers(tmp_path, "locked")
+
+
+def test_a_trial_asked_of_a_locked_store_fails_after_the_store_wait_in_one_line(
+    tmp_path: Path, fake_cifar: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """The Optuna store is locked when the run asks for its trial, for longer than
+    TUNER_STORE_WAIT (2 s): Optuna's own five tries, each the driver's timeout, do not stretch
+    the wait; one line names the store and what to do, and nothing is left RUNNING."""
+    study_file(tmp_path, "ask-locked", trials=1, limits={"heartbeat": 1, "grace": 30})
+    assert (
+        quick(tmp_path, fake_cifar, monkeypatch, capsys, "study", "create", "ask-locked")
+        .returncode == 0
+    )  # fmt: skip
+    with locked(tmp_path / "mlruns" / "optuna.db"):
+        run = start(tmp_path, fake_cifar, "study", "run", "ask-locked",
+                    env={"TUNER_STORE_WAIT": "2"})  # fmt: skip
+        wait_for_line(run, r"training and \d+ validation images")  # then it asks
+        asked = time.monotonic()
+        out, err = run.communicate(timeout=120)
+        waited = time.monotonic() - asked
+    assert run.returncode == 1, out + err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("error: the Optuna storage sqlite:///"), err
+    assert "it is locked by another process; find what holds it" in err
+    # the store wait, then one more try of the driver's timeout (2 s): not five of them
+    assert waited < 8, f"gave up after {waited:.0f} s"
+    no_leftovers(tmp_path, "ask-locked")
+
+
+def test_a_trial_asked_of_a_locked_store_is_waited_for_and_runs(
+    tmp_path: Path, fake_cifar: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """TUNER_STORE_WAIT (30 s) outlasts the lock on the Optuna store: the run says that it
+    waits for the store while it asks for its trial, and trains it once the lock is gone."""
+    study_file(tmp_path, "ask-waits", trials=1, limits={"heartbeat": 1, "grace": 40})
+    assert (
+        quick(tmp_path, fake_cifar, monkeypatch, capsys, "study", "create", "ask-waits")
+        .returncode == 0
+    )  # fmt: skip
+    with locked(tmp_path / "mlruns" / "optuna.db"):
+        run = start(tmp_path, fake_cifar, "study", "run", "ask-waits",
+                    env={"TUNER_STORE_WAIT": "30"})  # fmt: skip
+        wait_for_line(run, r"waiting for the Optuna storage .*locked by another process "
+                           r"\(at most 30 s")  # fmt: skip
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 0, out + err
+    assert [t.state.name for t in stored(tmp_path, "ask-waits").trials] == ["COMPLETE"]
+    no_leftovers(tmp_path, "ask-waits")
 
 
 # -- 5. the disk under mlruns/ full while the weights are written --------------------------------

@@ -10,6 +10,7 @@ fails the trials of workers that died. Each private name used is here, with why.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import functools
 import json
@@ -325,6 +326,40 @@ class PatientStorage(optuna.storages.RDBStorage):
             f"the Optuna storage {shown(self.url)}",
         )
 
+    def _create_new_trial(
+        self, study_id: int, template_trial: FrozenTrial | None = None
+    ) -> FrozenTrial:
+        """What `ask`, `enqueue_trial` and `add_trial` write through: Optuna's, one try at a
+        time, patiently. Optuna's own tries five times, each try waiting out the driver's
+        timeout on a locked file: a minute in all, silent, whatever the store wait."""
+        return patiently(
+            lambda: _new_trial(self, study_id, template_trial),
+            f"the Optuna storage {shown(self.url)}",
+        )
+
+
+def _new_trial(
+    storage: optuna.storages.RDBStorage, study_id: int, template: FrozenTrial | None
+) -> FrozenTrial:
+    """One try of `RDBStorage._create_new_trial`: its statements (the private
+    `_get_prepared_new_trial`, in Optuna's private session), and the trial it gives back."""
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    with _create_scoped_session(storage.scoped_session) as session:
+        # the study's row locked: one process at a time numbers a new trial
+        models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
+        made = storage._get_prepared_new_trial(study_id, template, session)
+        if template is None:
+            return FrozenTrial(number=made.number, state=made.state, value=None, values=None,
+                               datetime_start=made.datetime_start, datetime_complete=None,
+                               params={}, distributions={}, user_attrs={}, system_attrs={},
+                               intermediate_values={}, trial_id=made.trial_id)  # fmt: skip
+        frozen = copy.deepcopy(template)
+        frozen.number, frozen.datetime_start = made.number, made.datetime_start
+        frozen._trial_id = made.trial_id
+        return frozen
+
 
 def _patient(name: str) -> Callable[..., object]:
     method = getattr(optuna.storages.RDBStorage, name)
@@ -338,11 +373,12 @@ def _patient(name: str) -> Callable[..., object]:
     return wrapper
 
 
-# the study's cache calls the storage's private `_create_new_trial` (`ask`), `_set_trial_param`
-# (every `suggest_*`) and `_get_best_trial_id`: they wait out a lock as the public calls do
+# the study's cache calls the storage's private `_set_trial_param` (every `suggest_*`) and
+# `_get_best_trial_id`: they wait out a lock as the public calls do (`_create_new_trial`, what
+# `ask` calls, is PatientStorage's own)
 for _name in (*optuna.storages.BaseStorage.__abstractmethods__, "record_heartbeat",
               "_get_stale_trial_ids", "get_trial_user_attrs", "get_trial_system_attrs",
-              "get_best_trial", "get_n_trials", "_create_new_trial", "_set_trial_param",
-              "_get_best_trial_id", "get_trial_id_from_study_id_trial_number"):  # fmt: skip
+              "get_best_trial", "get_n_trials", "_set_trial_param", "_get_best_trial_id",
+              "get_trial_id_from_study_id_trial_number"):  # fmt: skip
     if hasattr(optuna.storages.RDBStorage, _name):
         setattr(PatientStorage, _name, _patient(_name))
