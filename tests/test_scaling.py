@@ -118,6 +118,21 @@ def test_a_server_that_blips_is_waited_out_and_said_once(
     assert sum("answers again" in line for line in lines) == 1
 
 
+def test_a_deadlock_is_tried_again(caplog: pytest.LogCaptureFixture) -> None:
+    """PostgreSQL and MySQL end one transaction of a deadlock; it goes through when tried again
+    (as Optuna tries a new trial again)."""
+    failures = [sqlalchemy.exc.OperationalError("INSERT", {}, Exception("deadlock detected"))]
+
+    def call() -> str:
+        if failures:
+            raise failures.pop(0)
+        return "ok"
+
+    with caplog.at_level(logging.INFO):
+        assert patiently(call, "the test store") == "ok"
+    assert "waiting for the test store: in a deadlock" in caplog.text
+
+
 def test_an_error_that_does_not_pass_is_raised_at_once() -> None:
     calls = []
 

@@ -155,11 +155,14 @@ _UNREACHABLE = (
 
 
 def _passing(exc: BaseException) -> str | None:
-    """What makes `exc` worth waiting out ("locked", "unreachable"), or None."""
+    """What makes `exc` worth waiting out ("locked", "in a deadlock", "unreachable"), or
+    None."""
     for link in _chain(exc):
         text = str(link).lower()
         if "database is locked" in text:
             return "locked by another process"
+        if "deadlock" in text:  # a database server undid this transaction: another goes on
+            return "in a deadlock with another process"
         if getattr(link, "connection_invalidated", False) or any(
             phrase in text for phrase in _UNREACHABLE
         ):
