@@ -9,6 +9,7 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy
+from optuna.testing.pytest_storages import StorageTestCase
 from optuna.trial import TrialState
 
 from tuner import _optuna
@@ -205,3 +206,13 @@ def test_trials_read_by_more_ids_than_sqlite_binds_are_optunas(tmp_path: Path) -
     )
     assert [_canonical(t) for t in ours] == [_canonical(t) for t in theirs]
     assert [t._trial_id for t in ours] == [1, 3, 5, 6, 7]
+
+
+@pytest.mark.slow  # a schema made for each of some sixty tests
+class TestPatientStorageIsOptunas(StorageTestCase):
+    """Optuna's own tests of a storage, on the storage every tuner process uses (its own
+    `_create_new_trial` and trial reader among them)."""
+
+    @pytest.fixture
+    def storage(self, storage_url: str) -> _optuna.PatientStorage:
+        return _optuna.PatientStorage(storage_url)
