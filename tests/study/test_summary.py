@@ -204,7 +204,7 @@ def test_infinite_values_read_and_rank_as_optuna_has_them(study_stores, directio
         trial.suggest_float("dropout", 0.0, 0.5)
         trial.set_user_attr(RUN_ID_ATTR, f"run-{i}")
         study.tell(trial, value)
-    refits = optuna.create_study(study_name=f"{spec.name}.refit", storage=study._storage)
+    refits = optuna.create_study(study_name=spec.name + REFIT_SUFFIX, storage=study._storage)
     refits.add_trial(optuna.trial.create_trial(value=float("inf"), user_attrs={REFIT_OF_ATTR: 1}))
     sign = -1 if direction == "maximize" else 1
     expected = sorted(study.get_trials(), key=lambda t: (sign * t.value, t.number))

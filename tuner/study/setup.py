@@ -17,7 +17,7 @@ from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner import _optuna
-from tuner.errors import SpecError, TunerError
+from tuner.errors import SpecError, StoreError, TunerError
 from tuner.pruning import make_pruner
 from tuner.records import (
     BASELINE_ATTR,
@@ -264,6 +264,9 @@ def _make(
     if parent is None:
         try:
             mine = tracker.create_parent(experiment_id, spec, stores.optuna_url)
+        except StoreError:  # its artifact store, most likely: a new location needs a new one
+            tracker.retire_if_empty(experiment_id, spec.name)
+            raise
         except Exception:
             # the node that won the claim a moment ago deletes the other candidates, this
             # one among them while it was being written: adopt the winner

@@ -6,9 +6,11 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from tuner import interrupts
@@ -98,6 +100,26 @@ def build_tracking_schema(url: str) -> None:
 
 
 def check_tracking(stores: Stores) -> None:
-    """The tracking store's folder can be made, or its server answers."""
+    """The tracking store's folder can be made, or its server answers; a new experiment's
+    artifact folder, where it is one, can be written."""
     prepare_tracking(stores)
     check_reachable(stores.tracking_uri)
+    check_artifact_folder(stores.artifact_root)
+
+
+def check_artifact_folder(root: str | None) -> None:
+    """A `file:` artifact root is a folder this process can write in (made where missing);
+    else a `ConfigError` before any store is written: MLflow would keep the location on the
+    experiment for good, and fail every run's first artifact with a traceback."""
+    if not root or not root.startswith("file:"):
+        return  # the server's own, or object storage: its first write says
+    folder = Path(urllib.parse.unquote(urllib.parse.urlsplit(root).path))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"the MLflow artifact root {folder} cannot be written ({exc.strerror}); give a "
+            "folder tuner can write with --artifact-root (TUNER_ARTIFACT_ROOT)"
+        ) from None

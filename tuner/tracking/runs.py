@@ -7,6 +7,7 @@ Runs are written through the client with explicit ids, so nothing depends on a p
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import json
 import logging
@@ -17,11 +18,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
-from mlflow.entities import Metric, Param, Run, RunTag
+from mlflow.entities import Metric, Param, Run, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from tuner.errors import ConfigError, DataError, TunerError
+from tuner.errors import ConfigError, DataError, StoreError, TunerError
 from tuner.records import (
     ARCHITECTURE_SHA256_TAG,
     BEST_TAG_PREFIX,
@@ -167,12 +168,37 @@ class Tracker:
         run = self.client.create_run(experiment_id, tags=tags, run_name=spec.name)
         run_id = run.info.run_id
         resolved = spec.to_dict()
-        self.client.log_batch(
-            run_id, params=[Param(k, v) for k, v in flatten("", resolved).items()]
-        )
-        self.client.log_dict(run_id, resolved, "spec.yaml")
+        try:
+            self.client.log_batch(
+                run_id, params=[Param(k, v) for k, v in flatten("", resolved).items()]
+            )
+            self.client.log_dict(run_id, resolved, "spec.yaml")  # the experiment's first artifact
+        except BaseException as exc:
+            with contextlib.suppress(Exception):  # no candidate parent is left RUNNING
+                self.client.delete_run(run_id)
+            if not isinstance(exc, Exception):
+                raise
+            location = self.artifact_location(experiment_id)
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise StoreError(
+                f"the study's parent run could not be written to MLflow (artifacts at "
+                f"{location}): {first}; check the artifact store, or give another location "
+                "with --artifact-root, then run the command again"
+            ) from exc
         self.client.set_terminated(run_id, "FINISHED")
         return run_id
+
+    def retire_if_empty(self, experiment_id: str, name: str) -> None:
+        """A set-up that failed leaves no experiment behind that holds nothing: MLflow keeps an
+        experiment's artifact location for good, so a corrected --artifact-root needs a new
+        one. It is renamed aside (a deleted experiment keeps its name) and deleted."""
+        with contextlib.suppress(Exception):  # the next `create` says what is still wrong
+            if self.client.search_runs([experiment_id], run_view_type=ViewType.ACTIVE_ONLY):
+                return
+            aside = f"{name} (set-up failed {datetime.datetime.now():%Y-%m-%d %H:%M:%S})"
+            self.client.rename_experiment(experiment_id, aside)
+            self.client.delete_experiment(experiment_id)
+            log.debug(f"experiment {experiment_id} held nothing: renamed {aside!r}, deleted")
 
     def check_study_runs(self, runs: StudyRuns, name: str) -> None:
         """The experiment and parent run that the Optuna study names are in this tracking
