@@ -4,6 +4,7 @@ test_multinode): URLs and drivers, pools, blips waited out, the parent claimed o
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -94,23 +95,24 @@ def test_schema_races_are_told_from_other_errors() -> None:
     assert not schema_race(sqlalchemy.exc.OperationalError("x", {}, Exception("refused")))
 
 
-def test_a_server_that_blips_is_waited_out_and_said_once(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    failures = [
-        sqlalchemy.exc.OperationalError(
-            "SELECT 1", {}, Exception("server closed the connection unexpectedly")
-        ),
-        sqlalchemy.exc.OperationalError(
-            "SELECT 1", {}, Exception("the database system is starting up")
-        ),
-    ]
+def _failing_first(*errors: str) -> Callable[[], str]:
+    """A store call that fails with each of `errors` in turn (as the driver says it), then
+    answers "ok"."""
+    failures = [sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception(e)) for e in errors]
 
     def call() -> str:
         if failures:
             raise failures.pop(0)
         return "ok"
 
+    return call
+
+
+def test_a_server_that_blips_is_waited_out_and_said_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    call = _failing_first("server closed the connection unexpectedly",
+                          "the database system is starting up")  # fmt: skip
     with caplog.at_level(logging.INFO):
         assert patiently(call, "the test store") == "ok"
     lines = [r.getMessage() for r in caplog.records]
@@ -121,13 +123,7 @@ def test_a_server_that_blips_is_waited_out_and_said_once(
 def test_a_deadlock_is_tried_again(caplog: pytest.LogCaptureFixture) -> None:
     """PostgreSQL and MySQL end one transaction of a deadlock; it goes through when tried again
     (as Optuna tries a new trial again)."""
-    failures = [sqlalchemy.exc.OperationalError("INSERT", {}, Exception("deadlock detected"))]
-
-    def call() -> str:
-        if failures:
-            raise failures.pop(0)
-        return "ok"
-
+    call = _failing_first("deadlock detected")
     with caplog.at_level(logging.INFO):
         assert patiently(call, "the test store") == "ok"
     assert "waiting for the test store: in a deadlock" in caplog.text
