@@ -262,3 +262,24 @@ def test_a_name_that_cannot_be_a_study_is_one_line(
         assert info.value.code == 2, err
         assert err.startswith("error: ") and phrase in err and err.count("\n") == 1, err
     assert not (tmp_path / "mlruns").exists()
+
+
+def test_yaml_merge_keys_are_not_keys_given_twice(tmp_path: Path) -> None:
+    """`<<: *anchor` merges a mapping whose keys the mapping may override: YAML's own way of
+    sharing settings, not a key given twice."""
+    text = yaml.safe_dump(TINY_STUDY, sort_keys=False).replace(
+        "    adam:\n      lr:\n", "    adam:\n      lr: &adam\n", 1
+    )
+    text = text.replace(
+        "    adamw:\n      lr:\n        low: 1.0e-05\n",
+        "    adamw:\n      lr:\n        <<: *adam\n        low: 2.0e-05\n",
+        1,
+    )
+    assert "<<: *adam" in text
+    path = tmp_path / "merged.yaml"
+    path.write_text(text)
+    loaded = spec.load(str(path))
+    assert loaded.space.optimizer["adamw"].lr.low == 2.0e-05
+    assert loaded.space.optimizer["adamw"].lr.high == loaded.space.optimizer["adam"].lr.high
+    path.write_text(text.replace("        <<: *adam\n", "        <<: *adam\n        <<: *adam\n"))
+    spec.load(str(path))  # two merges are no key given twice either

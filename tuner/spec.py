@@ -296,6 +296,8 @@ class _StrictLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: dict[object, yaml.Node] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor`: merged keys are defaults the mapping may override
             key = self.construct_object(key_node, deep=True)
             if isinstance(key, Hashable) and key in seen:
                 first = seen[key].start_mark.line + 1
