@@ -208,7 +208,20 @@ class _Claims:
         return np._core.multiarray._reconstruct, (np.ndarray, self.shape, b"B")
 
 
-FORGED = ("pixels as shared lists", "an array larger than its file", "labels as shared lists")
+class _Grows:
+    """Pickles as `_codecs.encode(inner, "hex")`: each nesting doubles the bytes built."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+
+    def __reduce__(self) -> tuple:
+        import codecs
+
+        return codecs.encode, (self.inner, "hex")
+
+
+FORGED = ("pixels as shared lists", "an array larger than its file", "labels as shared lists",
+          "bytes grown by a codec")  # fmt: skip
 
 
 def forged_batch(kind: str, n: int) -> dict:
@@ -219,6 +232,11 @@ def forged_batch(kind: str, n: int) -> dict:
         return {b"data": [row] * n, b"labels": [0] * n}
     if kind == "an array larger than its file":
         return {b"data": _Claims((n, data.PIXELS)), b"labels": [0] * n}
+    if kind == "bytes grown by a codec":  # 64 bytes hex-encoded n times: 64 × 2**n bytes
+        grown: object = b"a" * 64
+        for _ in range(n):
+            grown = _Grows(grown)
+        return {b"data": grown, b"labels": [0]}
     labels = [0] * n  # n rows of n labels, n references to one list
     return {b"data": np.zeros((1, data.PIXELS), np.uint8), b"labels": [labels] * n}
 
@@ -251,7 +269,8 @@ def _bad_folder(tmp_path: Path, damage: str) -> Path:
             pickle.dump(batch, f)
     elif damage in FORGED:
         with target.open("wb") as f:
-            pickle.dump(forged_batch(damage, 150), f)
+            # 150 images; a codec grows its bytes 2**n-fold: 8 (16 KB) says as much
+            pickle.dump(forged_batch(damage, 8 if damage == FORGED[3] else 150), f)
     elif damage == "a class with one image":
         for name in ("data_batch_1", "data_batch_2"):
             kept = np.where(labels == 7, 8, labels)
@@ -271,6 +290,7 @@ BAD_DATA = {  # damage → the check the one-line message names
     "pixels as shared lists": ("data_batch_2", "data is a list, expected a numpy array"),
     "an array larger than its file": ("data_batch_2", "that the file cannot hold"),
     "labels as shared lists": ("data_batch_2", "labels hold a list, expected integers 0..9"),
+    "bytes grown by a codec": ("data_batch_2", "refusing _codecs.encode of a bytes as 'hex'"),
 }
 
 
@@ -374,7 +394,8 @@ def test_a_pickle_bomb_is_refused_before_it_is_built(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    sizes = {FORGED[0]: 100_000, FORGED[1]: 1_000_000, FORGED[2]: 10_000}  # 2.5, 3, 0.8 GB
+    # 2.5, 3, 0.8 and 4 GB
+    sizes = {FORGED[0]: 100_000, FORGED[1]: 1_000_000, FORGED[2]: 10_000, FORGED[3]: 26}
     folders = []
     for i, (kind, n) in enumerate(sizes.items()):
         folder = tmp_path / str(i) / data.FOLDER
@@ -387,7 +408,7 @@ def test_a_pickle_bomb_is_refused_before_it_is_built(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
     lines = out.stdout.splitlines()
-    assert len(lines) == 3, out.stdout
+    assert len(lines) == len(sizes), out.stdout
     for line, folder, kind in zip(lines, folders, sizes, strict=True):
         assert line.startswith(f"{folder}/data_batch_1: ")
         assert BAD_DATA[kind][1] in line

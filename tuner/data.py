@@ -96,6 +96,7 @@ def _missing_message(folder: Path, why: str) -> str:
     )
 
 
+LATIN_1 = {"latin1", "latin-1", "iso-8859-1", "iso8859-1", "l1"}  # protocol 2 writes latin1
 _NDARRAY = object()  # stands for numpy.ndarray in a CIFAR pickle, for `_reconstruct` alone
 
 
@@ -123,7 +124,18 @@ class _ArraysOnly(pickle.Unpickler):
             return self._reconstruct
         if name == "ndarray":
             return _NDARRAY  # not the class: called, it would allocate any shape it is given
+        if name == "encode":
+            return self._encode
         return super().find_class(module, name)
+
+    def _encode(self, text: object, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        """`_codecs.encode` as pickle protocol 2 uses it (bytes as latin-1 text) and only so:
+        other codecs grow their input (`hex` doubles it), and nested calls would build
+        gigabytes from a few hundred bytes."""
+        if not isinstance(text, str) or encoding.lower().replace("_", "-") not in LATIN_1:
+            raise pickle.UnpicklingError(f"refusing _codecs.encode of a {type(text).__name__} "
+                                         f"as {encoding!r}")  # fmt: skip
+        return text.encode("latin-1", errors)
 
     def _reconstruct(self, subtype: object, shape: tuple[int, ...], dtype: object) -> np.ndarray:
         """numpy's `_reconstruct`, bounded: the array that the pickle then fills with bytes
