@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tuner.errors import ConfigError
+from tuner.errors import ConfigError, StoreError
 from tuner.stores import optuna_storage, resolve
 
 
@@ -81,3 +81,53 @@ def test_store_errors_are_one_line_naming_store_cause_and_fix(
     where = getattr(error, "filename", None) or f"the MLflow store {stores.tracking_uri}"
     assert str(found).startswith(where)
     assert store_error(ValueError("a bug, not a store"), stores) is None
+
+
+def _sqlite_store(path: Path) -> None:
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE t (x)")
+
+
+def test_a_relative_sqlite_url_is_checked_as_its_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`sqlite:///optuna.db` (Optuna's own examples) names a file under the working folder."""
+    from tuner.stores import check_files
+
+    monkeypatch.chdir(tmp_path)
+    _sqlite_store(tmp_path / "optuna.db")
+    (tmp_path / "mlflow.db").write_bytes(bytes(range(256)) * 20)
+    check_files(resolve(storage="sqlite:///optuna.db", tracking_uri="sqlite:///optuna.db"))
+    with pytest.raises(StoreError, match="the MLflow store sqlite:///mlflow.db: it is damaged"):
+        check_files(resolve(storage="sqlite:///optuna.db", tracking_uri="sqlite:///mlflow.db"))
+
+
+def test_a_store_that_is_a_folder_is_one_line_at_once(tmp_path: Path) -> None:
+    from tuner.stores import check_files
+
+    (tmp_path / "mlflow.db").mkdir()
+    _sqlite_store(tmp_path / "optuna.db")
+    with pytest.raises(StoreError, match=r"mlflow.db is a folder, not a SQLite file"):
+        check_files(resolve(mlruns=tmp_path))
+
+
+def test_a_locked_store_is_not_damaged_and_not_waited_for(tmp_path: Path) -> None:
+    """The check reads the schema without waiting: a lock is the command's own to wait out."""
+    import sqlite3
+    import time
+
+    from tuner.stores import check_files
+
+    for name in ("optuna.db", "mlflow.db"):
+        _sqlite_store(tmp_path / name)
+    holder = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)
+    holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        began = time.monotonic()
+        check_files(resolve(mlruns=tmp_path))
+        assert time.monotonic() - began < 2
+    finally:
+        holder.close()

@@ -156,10 +156,18 @@ def check_files(stores: Stores) -> None:
         (stores.tracking_uri, "MLflow store"),
     ):
         path = sqlite_file(url) if url.startswith("sqlite") else None
-        if path is None or not path.is_file():
+        if path is None or not path.exists():
             continue
+        if not path.is_file():  # MLflow retries opening a folder for a minute and a half too
+            kind = "a folder" if path.is_dir() else "not a regular file"
+            raise StoreError(
+                f"the {what} {shown(url)}: {path} is {kind}, not a SQLite file; move it aside, "
+                "or point tuner at the store's file (--mlruns, --storage, --tracking-uri)"
+            )
+        uri = f"{path.absolute().as_uri()}?mode=ro"
         try:
-            with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+            # no wait: a locked file is not a damaged one, and the command's own wait says so
+            with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=0)) as db:
                 db.execute("SELECT count(*) FROM sqlite_master").fetchone()
         except sqlite3.DatabaseError as exc:
             found = store_cause(exc)
