@@ -179,3 +179,16 @@ def test_the_gain_is_in_points_on_the_console_and_on_the_study_page() -> None:
     for text in (to_markdown(page, "pictures"), to_html(page)):
         assert "+6.50 points" in text and "+0.0650" not in text
         assert "in percentage points" in text
+
+
+def test_status_json_is_json_with_infinite_values() -> None:
+    """Optuna keeps ±inf; JSON has no infinity: a strict parser reads what status writes."""
+    import json
+
+    import pytest
+
+    counts = dict.fromkeys(Outcome, 0)
+    top = (_trial(3, float("inf")), _trial(1, 0.5), _trial(2, float("-inf")))
+    text = report.status_json("vgg", Status(counts, top, "p"), "sqlite:///x.db")
+    data = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+    assert [t["val_acc"] for t in data["top"]] == ["inf", 0.5, "-inf"]

@@ -135,11 +135,21 @@ def status_json(name: str, result: Status, where: str) -> str:
     """`study status --json`: the same as `status`, for scripts (values unrounded)."""
     import dataclasses
     import json
+    import math
 
     from tuner.space import decode
 
+    def number(value: float) -> float | str:
+        # JSON has no infinity (Python writes `Infinity`, which strict parsers refuse and jq
+        # reads as 1.797e+308): ±inf, a value Optuna keeps, is the string "inf" or "-inf"
+        return value if math.isfinite(value) else str(value)
+
     def trial(t: Any) -> dict[str, Any]:
-        return {"number": t.number, "val_acc": t.value, "params": decode(t.params).as_dict()}
+        return {"number": t.number, "val_acc": number(t.value),
+                "params": decode(t.params).as_dict()}  # fmt: skip
+
+    def refit(r: Any) -> dict[str, Any]:
+        return {**dataclasses.asdict(r), "train_loss": number(r.train_loss)}
 
     return json.dumps(
         {
@@ -149,7 +159,7 @@ def status_json(name: str, result: Status, where: str) -> str:
             "best": trial(result.best) if result.best is not None else None,
             "top": [trial(t) for t in result.top],
             "parent_run_id": result.parent_run_id,
-            "refits": [dataclasses.asdict(r) for r in result.refits],
+            "refits": [refit(r) for r in result.refits],
             "ensembles": list(result.ensembles),
         },
         indent=2,
