@@ -251,3 +251,16 @@ def test_a_report_folder_that_cannot_be_written_is_one_line_before_drawing(
         with pytest.raises(ConfigError, match=f"^--out {out}: cannot write there \\("):
             page.make_report(made, stores, out)
     assert not drawn, "refused before the study was read and its pictures drawn"
+
+
+def test_a_page_that_is_a_link_is_written_through(tmp_path: Path) -> None:
+    """reports/NAME.html linked to where a server serves it stays a link, the served file new."""
+    served = tmp_path / "www" / "tiny.html"
+    served.parent.mkdir()
+    served.write_text("old")
+    link = tmp_path / "reports" / "tiny.html"
+    link.parent.mkdir()
+    link.symlink_to(served)
+    page._replace(link, b"new")
+    assert link.is_symlink() and served.read_text() == "new"
+    assert sorted(p.name for p in served.parent.iterdir()) == ["tiny.html"]

@@ -474,10 +474,12 @@ def writable_folder(out: Path) -> None:
 
 
 def _replace(path: Path, data: bytes) -> None:
-    """`path` holds `data` whole, or keeps what it held: a page is never left half-written."""
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    """`path` holds `data` whole, or keeps what it held: a page is never left half-written.
+    A link is written through, as a plain write would: the file it names is replaced."""
+    target = path.resolve() if path.is_symlink() else path
+    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
     try:
         partial.write_bytes(data)
-        os.replace(partial, path)
+        os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)
