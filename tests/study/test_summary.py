@@ -216,3 +216,27 @@ def test_infinite_values_read_and_rank_as_optuna_has_them(study_stores, directio
     assert [r.train_loss for r in status.refits] == [float("inf")]
     best = _optuna.best_trials(study, 5, RUN_ID_ATTR)
     assert [(t.number, t.value) for t in best] == [(t.number, t.value) for t in expected]
+
+
+def test_status_of_a_database_it_cannot_reach_is_one_line(monkeypatch) -> None:
+    """A server that cannot be reached (a host that does not resolve) is the same one line
+    that every other command gives, not a traceback."""
+    import sqlalchemy
+
+    from tuner.errors import ConfigError
+    from tuner.spec import parse
+    from tuner.stores import resolve
+    from tuner.study import status
+
+    from ..conftest import TINY_STUDY
+
+    def unreachable(*args):
+        raise sqlalchemy.exc.OperationalError(
+            "SELECT", {}, Exception("failed to resolve host 'h': Name or service not known")
+        )
+
+    monkeypatch.setattr(status, "overview", unreachable)
+    stores = resolve(storage="postgresql://u@h/db", tracking_uri="http://h:5000")
+    with pytest.raises(ConfigError, match="^cannot read the Optuna storage postgresql://u@h/db "
+                       r"\(.*failed to resolve host 'h'"):  # fmt: skip
+        status.study_status(parse(TINY_STUDY), stores)

@@ -4,10 +4,11 @@ on Optuna's tables (`_tables`), importing neither Optuna nor the tracking side: 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from tuner._tables import Ranked, completed_attrs, overview
-from tuner.errors import TunerError
+from tuner.errors import ConfigError, TunerError
 from tuner.records import (
     COUNTED,
     DIVERGED,
@@ -21,7 +22,7 @@ from tuner.records import (
 )
 from tuner.spec import StudySpec
 from tuner.store_errors import patiently, shown
-from tuner.stores import Stores, engine_options, sqlite_file
+from tuner.stores import Stores, engine_options, sqlite_file, store_error
 
 
 @dataclass(frozen=True)
@@ -63,9 +64,18 @@ def study_status(spec: StudySpec, stores: Stores, top: int = 5) -> Status:
                 lambda: completed_attrs(engine, spec.name + REFIT_SUFFIX, REFIT_KEYS),
                 f"the Optuna storage {shown(url)}",
             )
-        except sqlalchemy.exc.OperationalError as exc:
-            if "no such table" not in str(exc):  # a SQLite file with no study in it yet
-                raise
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.ProgrammingError) as exc:
+            # SQLite's words and PostgreSQL's for a database with no Optuna tables yet (not
+            # for a database that does not exist: `database "x" does not exist`)
+            text = str(exc)
+            if "no such table" not in text and not re.search(r"relation .* does not exist", text):
+                if store_error(exc, stores) is not None:
+                    raise  # locked, full, read-only: the command's one line says which
+                first = str(exc).strip().splitlines()[0]
+                raise ConfigError(
+                    f"cannot read the Optuna storage {shown(url)} ({first}); check --storage "
+                    "or TUNER_STORAGE, and that the database is reachable"
+                ) from None
         finally:
             engine.dispose()
     if found is None:
