@@ -132,6 +132,10 @@ ENSEMBLE_PREFIX = "ensemble:"
 # storage: their own sampler and budget, none of the search's ranking, pruning or counts. A
 # study name cannot hold ":" (spec.NAME_PATTERN): no study file names a study of tuner's own
 REFIT_SUFFIX = ":refit"
+# ... and was NAME + LEGACY_REFIT_SUFFIX before: `refit.adopt_legacy` renames such a study, made
+# by `tuner refit NAME` (its REFITS_OF_ATTR names NAME), where no NAME:refit exists yet
+LEGACY_REFIT_SUFFIX = ".refit"
+REFITS_OF_ATTR = "refits_of_study"  # on the refit study: the search it belongs to
 
 # -- MLflow trial run parameters and metrics, besides the drawn point and the settings ----------
 STATE_PARAM = "state"  # the outcome's word: parallel coordinates and filters can use it

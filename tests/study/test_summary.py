@@ -240,3 +240,32 @@ def test_status_of_a_database_it_cannot_reach_is_one_line(monkeypatch) -> None:
     with pytest.raises(ConfigError, match="^cannot read the Optuna storage postgresql://u@h/db "
                        r"\(.*failed to resolve host 'h'"):  # fmt: skip
         status.study_status(parse(TINY_STUDY), stores)
+
+
+def test_refits_made_under_the_old_name_are_still_the_studys(tmp_path) -> None:
+    """A store whose refits an earlier tuner kept as `NAME.refit` (with the search as their
+    source): status reads them, and the first refit or ensemble renames them `NAME:refit`;
+    a study of its own that a study file named `NAME.refit` is left alone."""
+    from tuner.records import REFIT_EPOCHS_ATTR, REFIT_OF_ATTR, REFITS_OF_ATTR, RUN_ID_ATTR
+    from tuner.spec import parse
+    from tuner.stores import resolve
+    from tuner.study import refit
+    from tuner.study.status import study_status
+
+    from ..conftest import TINY_STUDY
+
+    stores = resolve(mlruns=tmp_path)
+    url = stores.optuna_url
+    for name, source in (("old", "old"), ("other", None)):
+        optuna.create_study(study_name=name, storage=url, direction="maximize")
+        made = optuna.create_study(study_name=f"{name}.refit", storage=url)
+        if source is not None:
+            made.set_user_attr(REFITS_OF_ATTR, source)
+        made.add_trial(optuna.trial.create_trial(value=0.5, user_attrs={
+            REFIT_OF_ATTR: 3, REFIT_EPOCHS_ATTR: 2, RUN_ID_ATTR: "r"}))  # fmt: skip
+    old, other = parse({**TINY_STUDY, "name": "old"}), parse({**TINY_STUDY, "name": "other"})
+    assert [(r.of, r.epochs) for r in study_status(old, stores).refits] == [(3, 2)]
+    assert refit.completed_refits(old, stores) == {3: refit.Refit(3, 0, "r", 2)}
+    assert refit.completed_refits(other, stores) == {}
+    names = {s.study_name for s in optuna.get_all_study_summaries(url)}
+    assert names == {"old", "old:refit", "other", "other.refit"}

@@ -1,7 +1,7 @@
 """Refits: the best configurations of a search, trained again on train + validation for the
 epochs a short search trial only estimated.
 
-They are the trials of a study of their own beside the search (`NAME.refit`, in the same
+They are the trials of a study of their own beside the search (`NAME:refit`, in the same
 Optuna storage), each queued with the configuration it retrains (`enqueue_trial`): so the
 study's workers, pool, heartbeats, retries and MLflow runs (nested under the parent, role
 `refit`) serve them as they serve the search, and none of the search's ranking, pruning or
@@ -20,11 +20,13 @@ from tuner import _optuna
 from tuner.errors import TunerError
 from tuner.records import (
     EXPERIMENT_ATTR,
+    LEGACY_REFIT_SUFFIX,
     PARENT_ATTR,
     REFIT_EPOCHS_ATTR,
     REFIT_OF_ATTR,
     REFIT_OF_RUN_ATTR,
     REFIT_SUFFIX,
+    REFITS_OF_ATTR,
     RUN_ID_ATTR,
 )
 from tuner.spec import NoPrunerSpec, RandomSamplerSpec, StudySpec
@@ -33,7 +35,7 @@ from tuner.study.setup import open_study, storage_for, stored
 
 log = logging.getLogger(__name__)
 METRIC_NAME = "train_loss"  # a refit's value: its last epoch's (it has no validation images)
-SOURCE_ATTR = "refits_of_study"  # on the refit study: the search it belongs to
+SOURCE_ATTR = REFITS_OF_ATTR  # on the refit study: the search it belongs to
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ def prepare(spec: StudySpec, stores: Stores, top: int, epochs: int) -> Queued:
         )
     rspec = refit_spec(spec)
     with creation_lock(stores):  # two `tuner refit` started together queue each refit once
+        adopt_legacy(spec, storage_for(spec, stores))
         study = _refit_study(rspec, stores, search)
         have = {
             (t.user_attrs.get(REFIT_OF_ATTR), t.user_attrs.get(REFIT_EPOCHS_ATTR))
@@ -129,7 +132,9 @@ def _refit_study(rspec: StudySpec, stores: Stores, search: optuna.Study) -> optu
 def completed_refits(spec: StudySpec, stores: Stores) -> dict[int, Refit]:
     """Each search trial's completed refit (the latest, when it has several), by its number;
     empty where the study has none."""
-    study = stored(refit_spec(spec), storage_for(spec, stores))
+    storage = storage_for(spec, stores)
+    adopt_legacy(spec, storage)
+    study = stored(refit_spec(spec), storage)
     if study is None:
         return {}
     found: dict[int, Refit] = {}
@@ -141,3 +146,34 @@ def completed_refits(spec: StudySpec, stores: Stores) -> dict[int, Refit]:
             if source not in found or refit.number > found[source].number:
                 found[source] = refit
     return found
+
+
+def adopt_legacy(spec: StudySpec, storage: optuna.storages.RDBStorage) -> None:
+    """The refits made when the refit study was `NAME.refit` are NAME's refits still: that
+    study, made by `tuner refit NAME` (it names NAME its source), is renamed `NAME:refit`
+    where no such study exists yet; else `tuner refit` would train them all again, and
+    `tuner ensemble --from refit` and `study status` would not see them."""
+    import sqlalchemy
+
+    from tuner._tables import tables
+
+    legacy, name = spec.name + LEGACY_REFIT_SUFFIX, spec.name + REFIT_SUFFIX
+    try:
+        storage.get_study_id_from_name(name)
+        return
+    except KeyError:
+        pass
+    try:
+        study_id = storage.get_study_id_from_name(legacy)
+    except KeyError:
+        return
+    if storage.get_study_user_attrs(study_id).get(SOURCE_ATTR) != spec.name:
+        return  # a study of its own that a study file named so
+    studies = tables()["studies"]
+    with storage.engine.begin() as db:
+        db.execute(
+            sqlalchemy.update(studies)
+            .where(studies.c.study_id == study_id, studies.c.study_name == legacy)
+            .values(study_name=name)
+        )
+    log.info(f"the refits of {spec.name!r} (Optuna study {legacy!r}) are now {name!r}")

@@ -7,17 +7,19 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from tuner._tables import Ranked, completed_attrs, overview
+from tuner._tables import Ranked, completed_attrs, overview, study_attr
 from tuner.errors import ConfigError, TunerError
 from tuner.records import (
     COUNTED,
     DIVERGED,
     ENSEMBLE_PREFIX,
+    LEGACY_REFIT_SUFFIX,
     PARENT_ATTR,
     REASON_ATTR,
     REFIT_EPOCHS_ATTR,
     REFIT_OF_ATTR,
     REFIT_SUFFIX,
+    REFITS_OF_ATTR,
     Outcome,
 )
 from tuner.spec import StudySpec
@@ -61,8 +63,7 @@ def study_status(spec: StudySpec, stores: Stores, top: int = 5) -> Status:
                 f"the Optuna storage {shown(url)}",
             )
             refits = patiently(
-                lambda: completed_attrs(engine, spec.name + REFIT_SUFFIX, REFIT_KEYS),
-                f"the Optuna storage {shown(url)}",
+                lambda: _refits(engine, spec.name), f"the Optuna storage {shown(url)}"
             )
         except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.ProgrammingError) as exc:
             # SQLite's words and PostgreSQL's for a database with no Optuna tables yet (not
@@ -98,3 +99,13 @@ def study_status(spec: StudySpec, stores: Stores, top: int = 5) -> Status:
 
 
 REFIT_KEYS = (REFIT_OF_ATTR, REFIT_EPOCHS_ATTR)
+
+
+def _refits(engine: object, name: str) -> list:
+    """The completed refits of study `name`: of `NAME:refit`, else of the refit study an
+    earlier tuner named `NAME.refit` (`refit.adopt_legacy` renames it at the next refit)."""
+    found = completed_attrs(engine, name + REFIT_SUFFIX, REFIT_KEYS)
+    legacy = name + LEGACY_REFIT_SUFFIX
+    if not found and study_attr(engine, legacy, REFITS_OF_ATTR) == name:
+        found = completed_attrs(engine, legacy, REFIT_KEYS)
+    return found
