@@ -283,3 +283,20 @@ def test_yaml_merge_keys_are_not_keys_given_twice(tmp_path: Path) -> None:
     assert loaded.space.optimizer["adamw"].lr.high == loaded.space.optimizer["adam"].lr.high
     path.write_text(text.replace("        <<: *adam\n", "        <<: *adam\n        <<: *adam\n"))
     spec.load(str(path))  # two merges are no key given twice either
+
+
+@pytest.mark.parametrize(
+    ("typed", "hint"),
+    [("1e-3", "write 1.0e-3"), ("1E5", "write 1.0e+5"), (".5e3", "write .5e+3"),
+     ("-2e-4", "write -2.0e-4"), ("inf", None), ("nan", None), ("1e400", None),
+     ("\u0661\u0662", None)],
+)  # fmt: skip
+def test_the_float_hint_is_a_fix_yaml_reads_as_a_number(typed: str, hint: str | None) -> None:
+    """The hint's fix is a finite float when YAML reads it; no hint where none is."""
+    said = spec._hint("float_type", typed)
+    if hint is None:
+        assert said == "", said
+        return
+    assert said.endswith(f"{hint})"), said
+    fixed = said.rsplit("write ", 1)[1].rstrip(")")
+    assert isinstance(yaml.safe_load(f"x: {fixed}")["x"], float)

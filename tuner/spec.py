@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Hashable
 from pathlib import Path
@@ -426,12 +427,14 @@ def _hint(kind: str, value: Any) -> str:
     return ""
 
 
+# a decimal number as it is typed (Python's float() takes `inf`, `nan` and other scripts'
+# digits too, which no decimal point makes YAML read as a number)
+_DECIMAL = re.compile(r"[-+]?(?=\.?[0-9])[0-9_]*\.?[0-9_]*(?:[eE][-+]?[0-9]+)?")
+
+
 def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
+    """`text` is a finite decimal number that YAML 1.1 reads as text (`1e-3`)."""
+    return _DECIMAL.fullmatch(text) is not None and math.isfinite(float(text))
 
 
 def _yaml_float(text: str) -> str:
