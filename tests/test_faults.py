@@ -444,7 +444,7 @@ def test_missing_artifacts_are_named_not_taken_for_no_trials(
     ("flag", "url", "expected"),
     [
         ("--storage", "sqlite:////proc/no/optuna.db", "cannot create /proc/no"),
-        ("--storage", "nosuchdb://host/db", "cannot open the Optuna storage"),
+        ("--storage", "nosuchdb://host/db", "names no database tuner can use"),
         ("--storage", "postgresql://tuner@127.0.0.1:9/optuna", "cannot open the Optuna storage"),
         ("--tracking-uri", "http://127.0.0.1:9", "cannot reach the MLflow tracking server"),
         ("--tracking-uri", "sqlite:////proc/no/mlflow.db", "cannot create /proc/no"),
