@@ -206,3 +206,17 @@ def external(internal: float, distribution_json: str) -> Any:
     from optuna.distributions import json_to_distribution
 
     return json_to_distribution(distribution_json).to_external_repr(internal)
+
+
+def rename_study(engine: sqlalchemy.engine.Engine, study_id: int, old: str, new: str) -> bool:
+    """Study `study_id`, named `old`, is named `new`: one UPDATE, atomic (Optuna has no
+    rename; `copy_study` would copy every trial, and a kill midway would leave half a copy
+    under the new name). False where another process renamed it first."""
+    studies = tables()["studies"]
+    with engine.begin() as db:
+        done = db.execute(
+            sqlalchemy.update(studies)
+            .where(studies.c.study_id == study_id, studies.c.study_name == old)
+            .values(study_name=new)
+        )
+    return done.rowcount == 1

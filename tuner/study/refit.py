@@ -153,9 +153,7 @@ def adopt_legacy(spec: StudySpec, storage: optuna.storages.RDBStorage) -> None:
     study, made by `tuner refit NAME` (it names NAME its source), is renamed `NAME:refit`
     where no such study exists yet; else `tuner refit` would train them all again, and
     `tuner ensemble --from refit` and `study status` would not see them."""
-    import sqlalchemy
-
-    from tuner._tables import tables
+    from tuner._tables import rename_study
 
     legacy, name = spec.name + LEGACY_REFIT_SUFFIX, spec.name + REFIT_SUFFIX
     try:
@@ -169,11 +167,5 @@ def adopt_legacy(spec: StudySpec, storage: optuna.storages.RDBStorage) -> None:
         return
     if storage.get_study_user_attrs(study_id).get(SOURCE_ATTR) != spec.name:
         return  # a study of its own that a study file named so
-    studies = tables()["studies"]
-    with storage.engine.begin() as db:
-        db.execute(
-            sqlalchemy.update(studies)
-            .where(studies.c.study_id == study_id, studies.c.study_name == legacy)
-            .values(study_name=name)
-        )
-    log.info(f"the refits of {spec.name!r} (Optuna study {legacy!r}) are now {name!r}")
+    if rename_study(storage.engine, study_id, legacy, name):
+        log.info(f"the refits of {spec.name!r} (Optuna study {legacy!r}) are now {name!r}")
