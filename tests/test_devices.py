@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -55,3 +57,21 @@ def test_out_of_memory_is_recognised_on_both_kinds() -> None:
     cpu = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB")
     assert devices.is_out_of_memory(cpu)
     assert not devices.is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("meta", "--device takes auto, cpu, cuda or cuda:N, got 'meta'"),
+        ("cpu:3", "--device takes auto, cpu, cuda or cuda:N, got 'cpu:3'"),
+        ("cuda:4", "--device cuda:4: torch sees 4 CUDA GPU(s)"),
+        ("cuda:9", "--device cuda:9: torch sees 4 CUDA GPU(s)"),
+    ],
+)
+def test_a_device_that_is_not_there_is_refused(
+    four_gpus: None, monkeypatch: pytest.MonkeyPatch, name: str, message: str
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        devices.pick(name)
+    assert devices.pick("cuda:3") == torch.device("cuda", 3)

@@ -131,3 +131,16 @@ def test_a_locked_store_is_not_damaged_and_not_waited_for(tmp_path: Path) -> Non
         assert time.monotonic() - began < 2
     finally:
         holder.close()
+
+
+@pytest.mark.parametrize("raw", ["nan", "inf", "-5", "1e9", "soon"])
+def test_a_store_wait_that_is_not_a_number_of_seconds_is_refused(
+    monkeypatch: pytest.MonkeyPatch, raw: str
+) -> None:
+    from tuner.store_errors import store_wait
+
+    monkeypatch.setenv("TUNER_STORE_WAIT", raw)
+    with pytest.raises(ConfigError, match=f"TUNER_STORE_WAIT='{raw}' is not a number of sec"):
+        store_wait()
+    monkeypatch.setenv("TUNER_STORE_WAIT", "0")
+    assert store_wait() == 0

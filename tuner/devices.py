@@ -20,7 +20,8 @@ def pick(name: str = "auto") -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         device = None
-    if device is None or device.type not in ("cpu", "cuda"):  # tuner's path: CPU and CUDA
+    # tuner's path: CPU and CUDA; `cpu:N` names nothing other than `cpu`
+    if device is None or not (device.type == "cuda" or str(device) == "cpu"):
         raise ConfigError(f"--device takes auto, cpu, cuda or cuda:N, got {name!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: no CUDA GPU is visible to torch")

@@ -40,9 +40,10 @@ Bool = Annotated[bool, Strict()]
 Seed = Annotated[int, Strict(), Field(ge=0, lt=2**32)]
 # Counts and durations are bounded where they are read, so that no setting reaches torch, a
 # thread's timeout or SQLite as a number they cannot take (a day is 86,400 s)
-Count = Annotated[int, Strict(), Field(gt=0, le=1_000_000)]
-Epochs = Annotated[int, Strict(), Field(gt=0, le=100_000)]
-Seconds = Annotated[int, Strict(), Field(gt=0, le=7 * 86_400)]
+MAX_COUNT, MAX_EPOCHS, MAX_TOP = 1_000_000, 100_000, 1000  # the command line's ceilings too
+Count = Annotated[int, Strict(), Field(gt=0, le=MAX_COUNT)]
+Epochs = Annotated[int, Strict(), Field(gt=0, le=MAX_EPOCHS)]
+Seconds = Annotated[int, Strict(), Field(gt=0, le=30 * 86_400)]  # at most 30 days
 
 
 class _Frozen(BaseModel):
@@ -115,10 +116,10 @@ class DataSpec(_Frozen):
 class LimitsSpec(_Frozen):
     """How a study survives its failures: hung trials, dead workers, out-of-memory."""
 
-    # wall-clock seconds per trial, at most a week
-    trial_timeout: Annotated[Float, Field(gt=0, le=7 * 86_400)] | None = None
-    # seconds between a running trial's heartbeats, at most an hour
-    heartbeat: Annotated[int, Strict(), Field(gt=0, le=3600)] = 10
+    # wall-clock seconds per trial, at most 30 days
+    trial_timeout: Annotated[Float, Field(gt=0, le=30 * 86_400)] | None = None
+    # seconds between a running trial's heartbeats, at most a day
+    heartbeat: Annotated[int, Strict(), Field(gt=0, le=86_400)] = 10
     # seconds of silence after which a trial's worker is taken for dead; more than twice the
     # heartbeat: a live worker waits for a store at most grace - 2 × heartbeat
     grace: Seconds = 60
@@ -137,12 +138,12 @@ class LimitsSpec(_Frozen):
 class TPESamplerSpec(_Frozen):
     type: Literal["tpe"]
     n_startup_trials: Annotated[Int, Field(ge=0, le=1_000_000)] = 10
-    seed: Seed | None = None  # None: the study's seed
+    seed: Int | None = None  # None: the study's seed; any int (hashed: setup.trial_seed)
 
 
 class RandomSamplerSpec(_Frozen):
     type: Literal["random"]
-    seed: Seed | None = None
+    seed: Int | None = None
 
 
 class HyperbandPrunerSpec(_Frozen):
@@ -165,7 +166,7 @@ class RefitSpec(_Frozen):
     """`tuner refit`'s defaults: how many of the best configurations to train again on train +
     validation, and for how many epochs (None: the search's `train.epochs`)."""
 
-    top: Annotated[int, Strict(), Field(gt=0, le=1000)] = 5
+    top: Annotated[int, Strict(), Field(gt=0, le=MAX_TOP)] = 5
     epochs: Epochs | None = None
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import threading
 import time
@@ -19,6 +20,7 @@ from tuner.errors import ConfigError
 
 log = logging.getLogger(__name__)
 STORE_WAIT_SECONDS = 120  # keep retrying a locked store this long in all (TUNER_STORE_WAIT)
+MAX_STORE_WAIT = 86_400  # a day: more is a typo, and past threading.TIMEOUT_MAX an error
 
 
 def store_wait() -> float:
@@ -29,7 +31,11 @@ def store_wait() -> float:
     try:
         wanted = float(raw) if raw else STORE_WAIT_SECONDS
     except ValueError:
-        raise ConfigError(f"TUNER_STORE_WAIT={raw!r} is not a number of seconds") from None
+        wanted = math.nan
+    if not 0 <= wanted <= MAX_STORE_WAIT:  # NaN too: it compares false
+        raise ConfigError(
+            f"TUNER_STORE_WAIT={raw!r} is not a number of seconds from 0 to {MAX_STORE_WAIT:,}"
+        ) from None
     return min(wanted, _bound) if _bound is not None else wanted
 
 

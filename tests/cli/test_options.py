@@ -43,6 +43,10 @@ def test_bad_packed_counts_are_named(text: str) -> None:
         ["study", "run", "s", "--device", "meta"],
         ["study", "run", "s", "--device", "cuda:7"],
         ["refit", "s", "--timeout", "1e12"],
+        ["refit", "s", "--epochs", "9999999999999"],
+        ["study", "run", "s", "--trials", "2000000"],
+        ["study", "run", "s", "--jobs", "5000"],
+        ["study", "run", "s", "--device", "cpu:3"],
     ],
     ids=lambda args: " ".join(args[3:]),
 )

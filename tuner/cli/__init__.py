@@ -27,6 +27,7 @@ from tuner.cli.options import (
     worker_options,
 )
 from tuner.errors import TunerError
+from tuner.spec import MAX_COUNT, MAX_EPOCHS, MAX_TOP
 from tuner.study.named import load as find
 
 REPORTS = Path("reports")  # `tuner report`'s folder; `ensemble` and `refit` update it there
@@ -94,7 +95,7 @@ def run_request(
 @click.argument("name")
 @click.option(
     "--trials",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, MAX_COUNT),
     default=None,
     help="Run this many more trials, whatever the study has [default: until the study has "
     "the file's `trials` finished trials].",
@@ -146,13 +147,13 @@ def run(
 @click.option(
     "--top",
     "k",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, MAX_TOP),
     default=None,
     help="How many of the best completed trials to train again [default: the file's refit.top].",
 )
 @click.option(
     "--epochs",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, MAX_EPOCHS),
     default=None,
     help="Epochs of each refit [default: the file's refit.epochs, else train.epochs].",
 )
@@ -193,7 +194,7 @@ def refit(
 
 @study.command("status")
 @click.argument("name")
-@click.option("--top", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--top", type=click.IntRange(1, MAX_COUNT), default=5, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print it as JSON, for scripts.")
 @click.option(
     "--watch",
@@ -246,7 +247,7 @@ def watch_status(show: Any, seconds: float, rounds: int | None = None) -> None:
 @click.option(
     "--top",
     "k",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, MAX_TOP),
     default=5,
     show_default=True,
     help="At most this many distinct members.",
@@ -339,7 +340,7 @@ def quickstart_(stores: Any, data_dir: Path, device: Any) -> None:
     show_default=True,
     help="Folder for NAME.html (self-contained), NAME.md and its pictures.",
 )
-@click.option("--top", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--top", type=click.IntRange(1, MAX_COUNT), default=10, show_default=True)
 @store_options
 def report_(name: str, out: Path, top: int, stores: Any) -> None:
     """The study on one page (best trials, pictures, what mattered, failure modes, ensembles,

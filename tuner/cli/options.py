@@ -185,7 +185,7 @@ WORKER_OPTIONS = [
     ),
     click.option(
         "--jobs",
-        type=click.IntRange(min=1),
+        type=click.IntRange(1, 1024),
         default=None,
         help="Worker processes on the --device (several trials at once) [default 1].",
     ),
@@ -196,7 +196,7 @@ WORKER_OPTIONS = [
     ),
     click.option(
         "--jobs-per-gpu",
-        type=click.IntRange(min=1),
+        type=click.IntRange(1, 64),
         default=1,
         show_default=True,
         help="Worker processes per GPU given in --gpus (small models leave a GPU idle alone).",

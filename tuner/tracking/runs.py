@@ -110,6 +110,7 @@ class Tracker:
             check_tracking(stores)
         self.stores = stores
         self.client = PatientClient(stores.tracking_uri)
+        self.made: set[str] = set()  # the experiments this tracker created (not adopted)
 
     # -- experiment and parent run -------------------------------------------------------------
 
@@ -146,11 +147,13 @@ class Tracker:
         from mlflow.exceptions import MlflowException
 
         try:
-            return self.client.create_experiment(
+            made = self.client.create_experiment(
                 name,
                 artifact_location=self.stores.artifact_root,
                 tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
             )
+            self.made.add(made)
+            return made
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -189,9 +192,12 @@ class Tracker:
         return run_id
 
     def retire_if_empty(self, experiment_id: str, name: str) -> None:
-        """A set-up that failed leaves no experiment behind that holds nothing: MLflow keeps an
-        experiment's artifact location for good, so a corrected --artifact-root needs a new
-        one. It is renamed aside (a deleted experiment keeps its name) and deleted."""
+        """A set-up that failed leaves no experiment behind that it made and that holds
+        nothing: MLflow keeps an experiment's artifact location for good, so a corrected
+        --artifact-root needs a new one. It is renamed aside (a deleted experiment keeps its
+        name) and deleted. One this process adopted (another node's, or the user's) stays."""
+        if experiment_id not in self.made:
+            return
         with contextlib.suppress(Exception):  # the next `create` says what is still wrong
             if self.client.search_runs([experiment_id], run_view_type=ViewType.ACTIVE_ONLY):
                 return
