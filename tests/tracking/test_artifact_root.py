@@ -24,6 +24,7 @@ def _running(cwd: Path) -> list[mlflow.entities.Run]:
     return [r for r in client.search_runs(ids) if r.info.status == "RUNNING"]
 
 
+@pytest.mark.slow  # builds the stores twice (MLflow's migrations): seconds
 @pytest.mark.parametrize("bad", ["under a file", "a scheme no artifact store has"])
 def test_a_bad_artifact_root_is_one_line_and_can_be_corrected(
     tmp_path, fake_cifar, monkeypatch, capsys, bad: str
