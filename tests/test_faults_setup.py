@@ -226,13 +226,14 @@ def test_stores_that_disagree_are_refused_not_merged(
         for path in mlruns.glob("optuna.db*"):
             path.unlink()
         expected = "has no such study: was the Optuna storage deleted or moved?"
-    for command in (("study", "run", "edited"), ("ensemble", "edited", "--top", "1")):
+    for command in (("study", "run", "edited"), ("ensemble", "edited", "--top", "1"),
+                    ("report", "edited")):  # fmt: skip
         out = tuner(ran_once, fake_cifar, *command)  # a process: no engine of this one's
         assert out.returncode == 2, out.stdout + out.stderr
         assert "Traceback" not in out.stderr
         assert expected in out.stderr, out.stderr
         if lost == "optuna.db deleted":
-            break  # no study to ensemble: `ensemble` says so (exit 1)
+            break  # no study to ensemble or report: they say so (exit 1)
     if lost != "mlflow.db deleted":
         made = 0 if lost == "parent run deleted" else 1  # (search_runs hides deleted runs)
         assert len(_parents(ran_once, "edited")) == made, "no second parent"

@@ -254,6 +254,7 @@ def gather(spec: StudySpec, stores: Stores, tracker: Tracker, top: int = 10) -> 
 
     study = open_study(spec, stores)
     runs = study_runs(study)
+    tracker.check_study_runs(runs, spec.name)  # the stores belong together, or one line says so
     trials = study.get_trials(deepcopy=False)
     parent = tracker.client.get_run(runs.parent_run_id)
     ensembles = tracker.client.search_runs(
