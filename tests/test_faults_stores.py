@@ -123,17 +123,18 @@ def test_a_trial_asked_of_a_locked_store_fails_after_the_store_wait_in_one_line(
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
     """The Optuna store is locked when the run asks for its trial, for longer than
-    TUNER_STORE_WAIT (12 s): the run says that it waits (after its first try, the driver's
-    10 s), then gives up with one line naming the store and what to do, nothing RUNNING.
-    Optuna's own five tries of 10 s each outlasted the store wait before it could say so."""
+    TUNER_STORE_WAIT (4 s): the run says that it waits (after its first try, half the store
+    wait), then gives up with one line naming the store and what to do, nothing RUNNING.
+    Optuna's own five tries, each the driver's whole wait, outlasted the store wait before it
+    could say so."""
     _created(tmp_path, fake_cifar, monkeypatch, capsys, "ask-locked", grace=30)
     with locked(tmp_path / "mlruns" / "optuna.db"):
         run = start(tmp_path, fake_cifar, "study", "run", "ask-locked",
-                    env={"TUNER_STORE_WAIT": "12"})  # fmt: skip
+                    env={"TUNER_STORE_WAIT": "4"})  # fmt: skip
         out, err = run.communicate(timeout=300)
     assert run.returncode == 1, out + err
     assert re.search(r"waiting for the Optuna storage .*locked by another process \(at most "
-                     r"12 s", out + err), out + err  # fmt: skip
+                     r"4 s", out + err), out + err  # fmt: skip
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert err.startswith("error: the Optuna storage sqlite:///"), err
     assert "it is locked by another process; find what holds it" in err
@@ -144,14 +145,14 @@ def test_a_trial_asked_of_a_locked_store_is_waited_for_and_runs(
     tmp_path: Path, fake_cifar: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
-    """TUNER_STORE_WAIT (30 s) outlasts the lock on the Optuna store: the run says that it
+    """TUNER_STORE_WAIT (8 s) outlasts the lock on the Optuna store: the run says that it
     waits for the store while it asks for its trial, and trains it once the lock is gone."""
     _created(tmp_path, fake_cifar, monkeypatch, capsys, "ask-waits", grace=40)
     with locked(tmp_path / "mlruns" / "optuna.db"):
         run = start(tmp_path, fake_cifar, "study", "run", "ask-waits",
-                    env={"TUNER_STORE_WAIT": "30"})  # fmt: skip
+                    env={"TUNER_STORE_WAIT": "8"})  # fmt: skip
         wait_for_line(run, r"waiting for the Optuna storage .*locked by another process "
-                           r"\(at most 30 s")  # fmt: skip
+                           r"\(at most 8 s")  # fmt: skip
     out, err = run.communicate(timeout=300)
     assert run.returncode == 0, out + err
     assert [t.state.name for t in stored(tmp_path, "ask-waits").trials] == ["COMPLETE"]

@@ -317,8 +317,11 @@ def engine_options(url: str) -> dict[str, object]:
     small pool whose connections are checked before use (a server restart or a dropped
     connection costs a reconnect, not an error), named `tuner host:pid` in the server's
     own views (pg_stat_activity)."""
-    if url.startswith("sqlite"):  # no single wait longer than the store wait in all
-        return {"connect_args": {"timeout": min(SQLITE_TIMEOUT_SECONDS, store_wait())}}
+    if url.startswith("sqlite"):
+        # each try waits at most half the store wait: the line that says tuner waits comes
+        # after the first, and a second try still fits in the wait (a short TUNER_STORE_WAIT
+        # spent whole on one try failed without a word)
+        return {"connect_args": {"timeout": min(SQLITE_TIMEOUT_SECONDS, store_wait() / 2)}}
     options: dict[str, object] = {
         "pool_pre_ping": True,
         "pool_size": POOL_SIZE,

@@ -362,22 +362,21 @@ def test_quickstart_on_a_cpu_runs_the_smoke_study_to_its_report_and_says_why(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("sig", "code", "what"),
-    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated (SIGTERM)"),
-     (signal.SIGHUP, 129, "terminated (SIGHUP)")],
-    ids=["SIGINT", "SIGTERM", "SIGHUP"],
-)  # fmt: skip
 def test_status_watch_stopped_by_a_signal_exits_with_its_code(
-    tmp_path: Path, fake_cifar: Path, sig: signal.Signals, code: int, what: str
+    tmp_path: Path, fake_cifar: Path
 ) -> None:
-    """`study status --watch` ends as every command ends on a signal: one line, the code."""
+    """`study status --watch` ends as every command ends on a signal: one line, the code
+    (three watchers of one study, one signal each)."""
     write_study(tmp_path)
     assert tuner(tmp_path, fake_cifar, "study", "create", "tiny").returncode == 0
-    watching = start(tmp_path, fake_cifar, "study", "status", "tiny", "--watch", "0.5")
-    wait_for_line(watching, "again every 0.5 s")
-    watching.send_signal(sig)
-    out, err = watching.communicate(timeout=60)
-    assert watching.returncode == code, out + err
-    assert err.strip() == f"{what}: nothing was changed; the study goes on as it was"
-    assert "Traceback" not in out + err
+    stops = [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated (SIGTERM)"),
+             (signal.SIGHUP, 129, "terminated (SIGHUP)")]  # fmt: skip
+    watching = [start(tmp_path, fake_cifar, "study", "status", "tiny", "--watch", "0.5")
+                for _ in stops]  # fmt: skip
+    for watcher, (sig, code, what) in zip(watching, stops, strict=True):
+        wait_for_line(watcher, "again every 0.5 s")
+        watcher.send_signal(sig)
+        out, err = watcher.communicate(timeout=60)
+        assert watcher.returncode == code, out + err
+        assert err.strip() == f"{what}: nothing was changed; the study goes on as it was"
+        assert "Traceback" not in out + err
