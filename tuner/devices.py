@@ -25,8 +25,8 @@ def pick(name: str = "auto") -> torch.device:
         raise ConfigError(f"--device takes auto, cpu, cuda or cuda:N, got {name!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: no CUDA GPU is visible to torch")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        count = torch.cuda.device_count()
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and (device.index or 0) >= count:
         raise ConfigError(f"--device {name}: torch sees {count} CUDA GPU(s) on this machine")
     return device
 

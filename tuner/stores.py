@@ -11,7 +11,10 @@ import errno
 import fcntl
 import logging
 import os
+import tempfile
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,16 +104,35 @@ def resolve(
     return Stores(folder, optuna_url, tracking, artifacts)
 
 
+def local_folder(uri: str) -> Path | None:
+    """The folder a `file:` URI (or a plain path) names; None for any other scheme (an MLflow
+    server's, object storage)."""
+    parsed = urllib.parse.urlsplit(uri)
+    if parsed.scheme not in ("", "file"):
+        return None
+    return Path(urllib.request.url2pathname(parsed.path))
+
+
+def cannot_write(folder: Path) -> str | None:
+    """Why this process cannot write in `folder` (made where missing); None when it can."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
 def local_artifacts_warning(stores: Stores, name: str, location: Callable[[], str]) -> str | None:
     """The warning for a study whose runs are in a database server (which many nodes share)
     but whose artifacts go to a folder: other nodes cannot read a folder on this one.
     `location()` gives the experiment's artifact location (asked only for a database)."""
     if not server_database(stores.tracking_uri):
         return None
-    location = location()
-    if not location.startswith(("file:", "/")):
+    folder = local_folder(location())
+    if folder is None:
         return None
-    folder = location.removeprefix("file://")
     return (
         f"warning: the artifacts of study {name!r} (weights, predictions) go to the folder "
         f"{folder}, while its runs are in {shown(stores.tracking_uri)}: unless every node "

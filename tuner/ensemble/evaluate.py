@@ -13,8 +13,6 @@ import dataclasses
 import logging
 import tempfile
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +40,7 @@ from tuner.errors import DataError, TunerError
 from tuner.models import VGG, load_state
 from tuner.records import ENSEMBLE_PREFIX, RUN_ID_ATTR, Outcome
 from tuner.spec import StudySpec
-from tuner.stores import Stores
+from tuner.stores import Stores, local_folder
 from tuner.study.recovery import reconcile_runs
 from tuner.study.refit import completed_refits
 from tuner.study.setup import open_study, study_runs
@@ -281,8 +279,8 @@ def _nothing_to_ensemble(name: str, source: Source, left: LeftOut, where: str) -
 
 def _shown_location(uri: str) -> str:
     """An artifact location as a user finds it: a local folder as its path."""
-    parsed = urllib.parse.urlsplit(uri)
-    return urllib.request.url2pathname(parsed.path) if parsed.scheme == "file" else uri
+    folder = local_folder(uri)
+    return uri if folder is None else str(folder)
 
 
 def candidates(

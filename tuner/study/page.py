@@ -10,10 +10,8 @@ import datetime
 import html
 import json
 import logging
-import os
 import re
 import statistics
-import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Sequence
@@ -41,7 +39,7 @@ from tuner.records import (
 )
 from tuner.space import decode, with_one_lr
 from tuner.spec import StudySpec
-from tuner.stores import shown
+from tuner.stores import cannot_write, shown
 from tuner.study.pictures import CAPTIONS, Picture, in_memory, pictures
 from tuner.study.refit import Refit, completed_refits
 from tuner.study.setup import open_study, study_runs
@@ -466,21 +464,14 @@ def make_report(spec: StudySpec, stores: Stores, out: Path, top: int = 10) -> Wr
 def writable_folder(out: Path) -> None:
     """`out` is a folder this process can write in (made where missing); else a `ConfigError`
     naming it and why."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as exc:
-        raise ConfigError(f"--out {out}: cannot write there ({exc.strerror})") from None
+    why = cannot_write(out)
+    if why is not None:
+        raise ConfigError(f"--out {out}: cannot write there ({why})")
 
 
 def _replace(path: Path, data: bytes) -> None:
     """`path` holds `data` whole, or keeps what it held: a page is never left half-written.
     A link is written through, as a plain write would: the file it names is replaced."""
-    target = path.resolve() if path.is_symlink() else path
-    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    try:
-        partial.write_bytes(data)
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
+    from tuner.tracking.artifacts import replace_whole
+
+    replace_whole(path.resolve() if path.is_symlink() else path, lambda p: p.write_bytes(data))

@@ -35,7 +35,6 @@ from tuner.study.setup import open_study, storage_for, stored
 
 log = logging.getLogger(__name__)
 METRIC_NAME = "train_loss"  # a refit's value: its last epoch's (it has no validation images)
-SOURCE_ATTR = REFITS_OF_ATTR  # on the refit study: the search it belongs to
 
 
 @dataclass(frozen=True)
@@ -118,7 +117,7 @@ def _refit_study(rspec: StudySpec, stores: Stores, search: optuna.Study) -> optu
     wanted = {
         PARENT_ATTR: attrs[PARENT_ATTR],
         EXPERIMENT_ATTR: attrs[EXPERIMENT_ATTR],
-        SOURCE_ATTR: search.study_name,
+        REFITS_OF_ATTR: search.study_name,
     }
     for key, value in wanted.items():
         if study.user_attrs.get(key) != value:
@@ -165,7 +164,7 @@ def adopt_legacy(spec: StudySpec, storage: optuna.storages.RDBStorage) -> None:
         study_id = storage.get_study_id_from_name(legacy)
     except KeyError:
         return
-    if storage.get_study_user_attrs(study_id).get(SOURCE_ATTR) != spec.name:
+    if storage.get_study_user_attrs(study_id).get(REFITS_OF_ATTR) != spec.name:
         return  # a study of its own that a study file named so
     if rename_study(storage.engine, study_id, legacy, name):
         log.info(f"the refits of {spec.name!r} (Optuna study {legacy!r}) are now {name!r}")

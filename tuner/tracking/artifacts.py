@@ -10,14 +10,15 @@ import hashlib
 import io
 import os
 import tempfile
-import urllib.parse
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from tuner.errors import DataError
+from tuner.stores import local_folder
 from tuner.tracking.client import PatientClient
+
+T = TypeVar("T")  # what a `replace_whole` writer returns
 
 WEIGHTS = "model/state_dict.pt"
 ARCHITECTURE = "model/architecture.json"
@@ -84,23 +85,30 @@ def write_artifact(
 
     Not fsynced: a killed process leaves the whole file or none; a power cut can leave a
     damaged one, which the recorded SHA-256 refuses to load (`fetch_verified`)."""
-    parsed = urllib.parse.urlsplit(artifact_uri)
-    if parsed.scheme not in ("", "file"):
+    folder = local_folder(artifact_uri)
+    if folder is None:
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp) / Path(artifact_path).name
             digest = _dump(local, dump)
             client.log_artifact(run_id, str(local), str(Path(artifact_path).parent))
         return digest
-    target = Path(urllib.request.url2pathname(parsed.path)) / artifact_path
+    target = folder / artifact_path
     target.parent.mkdir(parents=True, exist_ok=True)
+    return replace_whole(target, lambda partial: _dump(partial, dump))
+
+
+def replace_whole(target: Path, write: Callable[[Path], T]) -> T:
+    """`write(path)` to a temporary name beside `target`, then renamed onto it: `target` holds
+    the whole of what was written, or what it held before; no partial file stays behind (a
+    full disk, a signal). What `write` returns."""
     partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
     try:
-        digest = _dump(partial, dump)
+        written = write(partial)
         os.replace(partial, target)
-    except BaseException:  # a full disk, a signal: no partial file stays behind
+    except BaseException:
         partial.unlink(missing_ok=True)
         raise
-    return digest
+    return written
 
 
 def _dump(path: Path, dump: Callable[[BinaryIO], object]) -> str:

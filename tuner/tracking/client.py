@@ -6,17 +6,22 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 from tuner import interrupts
 from tuner.errors import ConfigError
 from tuner.store_errors import patiently, shown
-from tuner.stores import POOL_OVERFLOW, POOL_SIZE, Stores, prepare_tracking
+from tuner.stores import (
+    POOL_OVERFLOW,
+    POOL_SIZE,
+    Stores,
+    cannot_write,
+    local_folder,
+    prepare_tracking,
+)
 
 # mlflow configures its loggers from this variable (INFO by default) when imported: schema
 # migrations and progress bars are not news to a user; their own setting still wins.
@@ -111,15 +116,12 @@ def check_artifact_folder(root: str | None) -> None:
     """A `file:` artifact root is a folder this process can write in (made where missing);
     else a `ConfigError` before any store is written: MLflow would keep the location on the
     experiment for good, and fail every run's first artifact with a traceback."""
-    if not root or not root.startswith("file:"):
+    folder = local_folder(root) if root else None
+    if folder is None:
         return  # the server's own, or object storage: its first write says
-    folder = Path(urllib.parse.unquote(urllib.parse.urlsplit(root).path))
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as exc:
+    why = cannot_write(folder)
+    if why is not None:
         raise ConfigError(
-            f"the MLflow artifact root {folder} cannot be written ({exc.strerror}); give a "
+            f"the MLflow artifact root {folder} cannot be written ({why}); give a "
             "folder tuner can write with --artifact-root (TUNER_ARTIFACT_ROOT)"
-        ) from None
+        )
