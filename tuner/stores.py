@@ -152,8 +152,9 @@ def check_url(url: str, tracking: bool = False) -> None:
     what = "MLflow tracking" if tracking else "Optuna storage"
     if tracking and ("://" not in url or url.split(":", 1)[0] in REMOTE_SCHEMES | {"file"}):
         return  # a folder or an MLflow server: MLflow's own to check
+    parsed = _parsed(url, what)
     try:
-        sqlalchemy.engine.make_url(url).get_dialect().import_dbapi()
+        parsed.get_dialect().import_dbapi()
     except ImportError as exc:
         raise missing_driver(url, exc) from None
     except sqlalchemy.exc.NoSuchModuleError:
@@ -162,7 +163,13 @@ def check_url(url: str, tracking: bool = False) -> None:
             "postgresql://USER@HOST/DB or mysql://USER@HOST/DB"
             + (" (or an MLflow server's http://HOST:PORT)" if tracking else "")
         ) from None
-    except sqlalchemy.exc.ArgumentError as exc:
+
+
+def _parsed(url: str, what: str) -> sqlalchemy.engine.URL:
+    """`url` parsed, or a `ConfigError` naming the store (`what`) and the URL."""
+    try:
+        return sqlalchemy.engine.make_url(url)
+    except Exception as exc:
         raise ConfigError(
             f"{what} URL {shown(url)!r} is not a valid database URL ({exc})"
         ) from None
@@ -199,10 +206,7 @@ def check_files(stores: Stores) -> None:
 
 def _prepare_sqlite(url: str, what: str) -> None:
     """Create the folder of a SQLite file; fail early, naming the URL, when it cannot be."""
-    try:
-        parsed = sqlalchemy.engine.make_url(url)
-    except Exception as exc:
-        raise ConfigError(f"{what} URL {url!r} is not a valid database URL ({exc})") from None
+    parsed = _parsed(url, what)
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         folder = Path(parsed.database).parent
         try:
