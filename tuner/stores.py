@@ -407,12 +407,18 @@ def _open_storage(stores: Stores, heartbeat: int, grace: int) -> optuna.storages
             error = store_error(exc, stores)
             if error is not None and sqlite_file(url) is not None:
                 raise error from None  # locked, full, read-only: the URL is right, the file not
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ConfigError(
-                f"cannot open the Optuna storage {shown(url)} ({first}); check --storage or "
-                "TUNER_STORAGE, and that the database is reachable"
-            ) from None
+            raise unusable_storage(url, exc, "open") from None
     raise AssertionError("unreachable")
+
+
+def unusable_storage(url: str, exc: BaseException, doing: str) -> ConfigError:
+    """One line for an Optuna storage that cannot be opened or read (a server that does not
+    answer, a host that does not resolve): the driver's first line, and what to check."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ConfigError(
+        f"cannot {doing} the Optuna storage {shown(url)} ({first}); check --storage or "
+        "TUNER_STORAGE, and that the database is reachable"
+    )
 
 
 def schema_race(exc: BaseException) -> bool:

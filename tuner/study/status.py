@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 
 from tuner._tables import Ranked, completed_attrs, overview, study_attr
-from tuner.errors import ConfigError, TunerError
+from tuner.errors import TunerError
 from tuner.records import (
     COUNTED,
     DIVERGED,
@@ -24,7 +24,7 @@ from tuner.records import (
 )
 from tuner.spec import StudySpec
 from tuner.store_errors import patiently, shown
-from tuner.stores import Stores, engine_options, sqlite_file, store_error
+from tuner.stores import Stores, engine_options, sqlite_file, store_error, unusable_storage
 
 
 @dataclass(frozen=True)
@@ -72,11 +72,7 @@ def study_status(spec: StudySpec, stores: Stores, top: int = 5) -> Status:
             if "no such table" not in text and not re.search(r"relation .* does not exist", text):
                 if store_error(exc, stores) is not None:
                     raise  # locked, full, read-only: the command's one line says which
-                first = str(exc).strip().splitlines()[0]
-                raise ConfigError(
-                    f"cannot read the Optuna storage {shown(url)} ({first}); check --storage "
-                    "or TUNER_STORAGE, and that the database is reachable"
-                ) from None
+                raise unusable_storage(url, exc, "read") from None
         finally:
             engine.dispose()
     if found is None:
