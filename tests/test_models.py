@@ -6,7 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-from tuner.models import LAYERS, VGG, Architecture, Dropout, build_vgg, load_state
+from tuner.models import (
+    LAYERS,
+    VGG,
+    Architecture,
+    Dropout,
+    VGGConfig,
+    build,
+    build_vgg,
+    load_state,
+)
 
 CONVS = {"vgg11": 8, "vgg13": 10, "vgg16": 13, "vgg19": 16}
 
@@ -60,7 +69,7 @@ def test_table_has_five_pools_per_variant() -> None:
 
 
 def test_trial_models_are_seeded_not_global() -> None:
-    arch = Architecture("vgg11", batch_norm=False, dropout=0.1, width=0.125)
+    arch = VGGConfig("vgg11", batch_norm=False, dropout=0.1, width=0.125)
     torch.manual_seed(1)
     a = VGG(arch, seed=7).state_dict()
     torch.manual_seed(2)
@@ -103,7 +112,23 @@ def test_weights_of_another_architecture_fail_clearly() -> None:
 
 
 def test_architecture_round_trips_through_json() -> None:
-    arch = Architecture("vgg19", batch_norm=True, dropout=0.3, width=0.5)
+    arch = Architecture("vgg", {"depth": "vgg19", "batch_norm": True, "dropout": 0.3}, 0.5,
+                        100, (1, 28, 28))  # fmt: skip
     assert Architecture.from_dict(json.loads(json.dumps(arch.to_dict()))) == arch
+    model = build(arch)
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 100)
+
+
+def test_records_written_before_families_are_vggs() -> None:
     old = {"depth": "vgg11", "batch_norm": False, "dropout": 0.1, "width": 0.25}  # pre-VGG class
-    assert Architecture.from_dict(old) == Architecture("vgg11", False, 0.1, 0.25)
+    arch = Architecture.from_dict(old)
+    assert arch == Architecture("vgg", {"depth": "vgg11", "batch_norm": False, "dropout": 0.1},
+                                0.25)  # fmt: skip
+    assert isinstance(build(arch), VGG)
+
+
+@pytest.mark.parametrize("size", [28, 32, 64])
+def test_vgg_takes_small_images_of_any_channels(size: int) -> None:
+    """Pools round up (28 → … → 1), and what five pools leave of a larger image is averaged."""
+    model = build_vgg("vgg11", batch_norm=True, width=0.125, num_classes=7, in_channels=1)
+    assert model.eval()(torch.zeros(2, 1, size, size)).shape == (2, 7)

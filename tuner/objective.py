@@ -25,7 +25,7 @@ from tuner.data import TrainVal
 from tuner.devices import is_out_of_memory, release_memory
 from tuner.errors import StoreError, TunerError
 from tuner.interrupts import TrialTimeout
-from tuner.models import VGG, Architecture
+from tuner.models import Architecture, build
 from tuner.pruning import decision_epochs
 from tuner.records import (
     ACCUMULATION_ATTR,
@@ -284,7 +284,7 @@ class TrialRun:
         if number is None:  # a retry: the number of its point's first trial
             number = int(self.trial.user_attrs.get(FIRST_OF_POINT_ATTR, self.trial.number))
         seed = spec.seed * 100_003 + number
-        model = VGG(self.architecture, seed=seed).to(device)
+        model = build(self.architecture, seed=seed).to(device)
         config = train_config(
             spec,
             self.params,
@@ -307,7 +307,8 @@ class TrialRun:
     @property
     def architecture(self) -> Architecture:
         p = self.params
-        return Architecture(p.depth, p.batch_norm, p.dropout, self.spec.train.width)
+        return Architecture("vgg", {"depth": p.depth, "batch_norm": p.batch_norm,
+                                    "dropout": p.dropout}, self.spec.train.width)  # fmt: skip
 
     def on_epoch(self, stats: EpochStats) -> None:
         """An epoch ended: its metrics to MLflow and its value to Optuna, through the worker's

@@ -107,10 +107,42 @@ class TrainSpec(_Frozen):
     compile: Literal["auto", "on", "inductor", "graphs", "off"] = "auto"
 
 
+DataSet = Literal["cifar10", "cifar100", "fashion-mnist"]
+# a user's function, `package.module:function` (a model builder, a data loader)
+Import = Annotated[
+    str, Strict(), Field(max_length=200, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+]
+
+
 class DataSpec(_Frozen):
+    # a known data set (downloaded where it can be), or a user's function returning arrays:
+    # ((train_images, train_labels), (test_images, test_labels)), uint8 images, int labels
+    set: DataSet | None = "cifar10"
+    loader: Import | None = None
     val_size: Count = 5000  # images carved from the training set, stratified and seeded
     train_size: Count | None = None  # cap on training images (None: all that remain)
     test_size: Count | None = None  # cap on test images for `tuner ensemble` (None: all)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_source(cls, raw: Any) -> Any:
+        """`loader` replaces `set`: given both, say so; given a loader, `set` is null."""
+        if isinstance(raw, dict) and raw.get("loader") is not None:
+            if raw.get("set") is not None:
+                raise ValueError("give data.set or data.loader, not both")
+            raw = {**raw, "set": None}
+        return raw
+
+    @model_validator(mode="after")
+    def _some_source(self) -> DataSpec:
+        if self.set is None and self.loader is None:
+            raise ValueError("data.set is null: name a data set, or give data.loader")
+        return self
+
+    @property
+    def name(self) -> str:
+        """`cifar10`, or the loader's `package.module:function`."""
+        return self.set or str(self.loader)
 
 
 class LimitsSpec(_Frozen):

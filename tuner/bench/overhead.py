@@ -32,7 +32,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from tuner import _optuna
 from tuner.data import FOLDER
-from tuner.models import VGG, Architecture
+from tuner.models import VGG, VGGConfig
 from tuner.records import (
     EPOCHS_TAG,
     RECORDS,
@@ -295,7 +295,7 @@ class Replay:
 
     @functools.cached_property
     def result(self) -> tuple[dict[str, torch.Tensor], np.ndarray]:
-        weights = VGG(Architecture("vgg16", True, 0.0, 1.0)).state_dict()
+        weights = VGG(VGGConfig("vgg16", True, 0.0, 1.0)).state_dict()
         return weights, np.full((VAL_IMAGES, 10), 0.1, np.float32)
 
     def __call__(self, model: Any, data: Any, config: TrainConfig, on_epoch: Any,
@@ -357,7 +357,7 @@ def bare_loop(data: Path, epochs: int = 4) -> Reference:
 
     split = load_train_val(data, DataSpec(val_size=500, train_size=TRAIN_IMAGES, test_size=100),
                            0, torch.device("cpu"))  # fmt: skip
-    arch = Architecture("vgg11", True, 0.0, 0.125)
+    arch = VGGConfig("vgg11", True, 0.0, 0.125)
     config = TrainConfig(epochs=epochs, batch_size=128, optimizer="nesterov", lr=0.02,
                          weight_decay=5e-4, momentum=0.9, schedule="onecycle",
                          warmup_fraction=0.2, label_smoothing=0.0, augment="crop_flip",

@@ -37,7 +37,7 @@ from tuner.ensemble.selection import (
     tempered,
 )
 from tuner.errors import DataError, TunerError
-from tuner.models import VGG, load_state
+from tuner.models import build, load_state
 from tuner.records import ENSEMBLE_PREFIX, RUN_ID_ATTR, Outcome
 from tuner.spec import StudySpec
 from tuner.stores import Stores, local_folder
@@ -147,7 +147,7 @@ class EnsembleReport:
         return self.test.accuracy - self.single_test.accuracy
 
 
-def load_weights(path: Path, model: VGG, name: str | None = None) -> None:
+def load_weights(path: Path, model: torch.nn.Module, name: str | None = None) -> None:
     """Plain tensors only (weights_only=True); a damaged file is named in the error."""
     try:
         load_state(model, torch.load(path, map_location="cpu", weights_only=True))
@@ -156,11 +156,13 @@ def load_weights(path: Path, model: VGG, name: str | None = None) -> None:
         raise DataError(f"{name or path}: cannot load these weights ({kind}: {exc})") from None
 
 
-def load_member(tracker: Tracker, trial_number: int, run_id: str, into: Path) -> VGG:
+def load_member(
+    tracker: Tracker, trial_number: int, run_id: str, into: Path
+) -> torch.nn.Module:
     """A trial's network with its saved weights, checked against the SHA-256 recorded when
     they were written before a byte of them is unpickled."""
     arch, weights = tracker.fetch_trial_weights(run_id, trial_number, into)
-    model = VGG(arch)
+    model = build(arch)
     load_weights(weights, model, f"{weights.name} of trial {trial_number} (MLflow run {run_id})")
     return model
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from tuner.console import counted, duration
 from tuner.errors import TunerError
-from tuner.models import VGG, Architecture
+from tuner.models import VGG, VGGConfig
 from tuner.pruning import expected_epochs
 from tuner.spec import Depth, StudySpec
 from tuner.train import synchronize
@@ -90,7 +90,7 @@ def epoch_seconds(spec: StudySpec, depth: Depth, device: torch.device) -> float:
     batch = min(CPU_BATCH, batch) if device.type == "cpu" else batch
     images = torch.randn(batch, 3, 32, 32, device=device)
     labels = torch.randint(0, 10, (batch,), device=device)
-    model = VGG(Architecture(depth, True, 0.0, spec.train.width), seed=0).to(device)
+    model = VGG(VGGConfig(depth, True, 0.0, spec.train.width), seed=0).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     times: list[float] = []
     # the first warms up; then at least STEPS, and more while they are cheap: a loaded

@@ -1,5 +1,6 @@
-"""VGG for 32×32 inputs: the variants are rows of one table, built by one class with named parts
-(`features`, `classifier`), so that saved weights have stable names."""
+"""VGG for small images (CIFAR's 32×32, Fashion-MNIST's 28×28): the variants are rows of one
+table, built by one class with named parts (`features`, `classifier`), so that saved weights
+have stable names."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tuner.spec import Depth
@@ -43,26 +45,18 @@ class Dropout(nn.Module):
 
 
 @dataclass(frozen=True)
-class Architecture:
-    """Enough to rebuild a trained network for loading its weights (saved as JSON with them)."""
+class VGGConfig:
+    """One VGG: its row of `LAYERS`, and what the data and the study file fix."""
 
     depth: Depth
     batch_norm: bool
     dropout: float = 0.0
     width: float = 1.0  # channel multiplier
     num_classes: int = 10
+    in_channels: int = 3  # 1 for grayscale images
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Architecture:
-        known = {
-            k: data[k]
-            for k in ("depth", "batch_norm", "dropout", "width", "num_classes")
-            if k in data
-        }
-        return cls(**known)
 
 
 def scaled(channels: int, width: float) -> int:
@@ -70,13 +64,15 @@ def scaled(channels: int, width: float) -> int:
 
 
 class VGG(nn.Module):
-    """VGG features from `LAYERS[depth]`; CIFAR head: five pools leave 1×1, so one linear.
+    """VGG features from `LAYERS[depth]`; the head: five pools leave 1×1 of a 32×32 or 28×28
+    image (pools round up: 28 → 14 → 7 → 4 → 2 → 1), averaged where a larger one leaves
+    more, then one linear.
 
     With `seed`, the initial weights are drawn from it, not from the global RNG: a trial's
     network is the same in every process.
     """
 
-    def __init__(self, arch: Architecture, *, seed: int | None = None) -> None:
+    def __init__(self, arch: VGGConfig, *, seed: int | None = None) -> None:
         super().__init__()
         if arch.depth not in LAYERS:
             raise ValueError(f"unknown VGG depth {arch.depth!r}; known: {', '.join(LAYERS)}")
@@ -93,7 +89,7 @@ class VGG(nn.Module):
                 _init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
+        return self.classifier(F.adaptive_avg_pool2d(self.features(x), 1))
 
 
 def build_vgg(
@@ -103,17 +99,20 @@ def build_vgg(
     dropout: float = 0.0,
     width: float = 1.0,
     num_classes: int = 10,
+    in_channels: int = 3,
 ) -> VGG:
-    """`VGG(Architecture(...))` in one call."""
-    return VGG(Architecture(depth, batch_norm, dropout, width, num_classes))
+    """`VGG(VGGConfig(...))` in one call."""
+    return VGG(VGGConfig(depth, batch_norm, dropout, width, num_classes, in_channels))
 
 
-def _features(layers: tuple[int | str, ...], arch: Architecture) -> tuple[nn.Sequential, int]:
+def _features(layers: tuple[int | str, ...], arch: VGGConfig) -> tuple[nn.Sequential, int]:
     modules: list[nn.Module] = []
-    in_channels = 3
+    in_channels = arch.in_channels
     for item in layers:
         if item == "M":
-            modules.append(nn.MaxPool2d(2))
+            # rounding up: an odd side (7 of a 28×28 image) keeps its last row; on the even
+            # sides of a 32×32 image it pools as floor does
+            modules.append(nn.MaxPool2d(2, ceil_mode=True))
             continue
         out = scaled(int(item), arch.width)
         # with batch norm the conv's bias is redundant (BN's shift replaces it)
@@ -140,19 +139,6 @@ def rename_legacy(state: Mapping[str, torch.Tensor], model: VGG) -> dict[str, to
         i = int(index)
         renamed[f"features.{i}.{rest}" if i < n else f"classifier.{i - n}.{rest}"] = value
     return renamed
-
-
-def load_state(model: VGG, state: Mapping[str, torch.Tensor]) -> None:
-    """Load weights, also ones saved before the parts had names; a mismatch says which."""
-    try:
-        model.load_state_dict(rename_legacy(state, model))
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ValueError(
-            f"these weights are not a {model.arch.depth}"
-            f"{'-bn' if model.arch.batch_norm else ''} at width {model.arch.width} "
-            f"({first})"
-        ) from None
 
 
 def _init(model: nn.Module) -> None:

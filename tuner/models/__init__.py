@@ -1,0 +1,149 @@
+"""The networks a study trains. Each family is a module of this package (VGG's table of layers,
+GoogLeNet's table of inception modules), or a user's builder; `build` makes a trial's network
+from its `Architecture`, the record saved with its weights, so that any trained network is
+rebuilt from its own record (an ensemble may mix families)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from tuner import plugins
+from tuner.errors import ConfigError
+from tuner.models.vgg import LAYERS, VGG, Dropout, VGGConfig, build_vgg, rename_legacy
+
+__all__ = ["LAYERS", "VGG", "Architecture", "Dropout", "VGGConfig", "build", "build_vgg",
+           "check_builder", "load_state"]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Enough to rebuild a trained network for loading its weights (saved as JSON with them)."""
+
+    family: str  # "vgg", "googlenet", or "builder" (a user's function)
+    params: Mapping[str, Any] = field(default_factory=dict)  # its drawn parameters
+    width: float = 1.0  # the study file's channel multiplier (train.width)
+    num_classes: int = 10
+    input_shape: tuple[int, int, int] = (3, 32, 32)  # channels, height, width
+    builder: str | None = None  # a builder's `package.module:function`
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"family": self.family, "params": dict(self.params), "width": self.width,
+                "num_classes": self.num_classes, "input_shape": list(self.input_shape),
+                "builder": self.builder}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Architecture:
+        """Also a record written before there were families: a VGG's, flat."""
+        if "family" not in data:
+            params = {k: data[k] for k in ("depth", "batch_norm", "dropout") if k in data}
+            return cls("vgg", params, data.get("width", 1.0), data.get("num_classes", 10))
+        shape = tuple(data.get("input_shape", (3, 32, 32)))
+        return cls(data["family"], dict(data.get("params", {})), data.get("width", 1.0),
+                   data.get("num_classes", 10), shape, data.get("builder"))  # type: ignore[arg-type]  # fmt: skip
+
+    def describe(self) -> str:
+        """`vgg16-bn at width 0.25`, `googlenet (stages=2, …)`, for messages."""
+        p = self.params
+        if self.family == "vgg":
+            name = f"{p.get('depth')}{'-bn' if p.get('batch_norm') else ''}"
+        else:
+            name = self.builder or self.family
+            name += " (" + ", ".join(f"{k}={v}" for k, v in p.items()) + ")"
+        return f"{name} at width {self.width}" if self.builder is None else name
+
+
+def build(arch: Architecture, *, seed: int | None = None) -> nn.Module:
+    """The network `arch` records, its initial weights drawn from `seed` (None: the global RNG).
+    A builder's network is checked on one dummy batch (`check_builder`)."""
+    p = arch.params
+    channels = arch.input_shape[0]
+    if arch.family == "vgg":
+        config = VGGConfig(p["depth"], bool(p["batch_norm"]), float(p.get("dropout", 0.0)),
+                           arch.width, arch.num_classes, channels)  # fmt: skip
+        return VGG(config, seed=seed)
+    if arch.family == "googlenet":
+        from tuner.models.googlenet import build_googlenet
+
+        return build_googlenet(p, width=arch.width, in_channels=channels,
+                               num_classes=arch.num_classes, seed=seed)  # fmt: skip
+    if arch.family == "builder" and arch.builder:
+        with _seeded(seed):
+            return check_builder(arch)
+    raise ConfigError(f"unknown model family {arch.family!r} (known: vgg, googlenet, builder)")
+
+
+class _seeded:
+    """Draw a builder's initial weights from `seed`, leaving the global RNG as it was."""
+
+    def __init__(self, seed: int | None) -> None:
+        self.seed, self.fork = seed, torch.random.fork_rng(devices=[])
+
+    def __enter__(self) -> None:
+        if self.seed is not None:
+            self.fork.__enter__()
+            torch.manual_seed(self.seed)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.seed is not None:
+            self.fork.__exit__(*exc)
+
+
+def check_builder(arch: Architecture) -> nn.Module:
+    """Call the user's builder with the drawn parameters, the input shape and the number of
+    classes; its import error, a wrong return type or a wrong output on one dummy batch is
+    one `ConfigError` line naming the builder, before anything trains."""
+    assert arch.builder is not None
+    target = arch.builder
+    make = plugins.load(target, "model.builder")
+    try:
+        model = make(dict(arch.params), arch.input_shape, arch.num_classes)
+    except Exception as exc:
+        raise ConfigError(
+            f"model.builder {target!r} raised {type(exc).__name__}: {exc} (called with "
+            f"{dict(arch.params)}, input shape {arch.input_shape}, {arch.num_classes} classes)"
+        ) from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"model.builder {target!r} returned a {type(model).__name__}, expected a "
+            "torch.nn.Module"
+        )
+    dummy = torch.zeros(2, *arch.input_shape)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(dummy)
+    except Exception as exc:
+        raise ConfigError(
+            f"model.builder {target!r}: its network fails on a batch of shape "
+            f"{tuple(dummy.shape)} ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+        ) from None
+    finally:
+        model.train(was)
+    logits = out[0] if isinstance(out, tuple) else out
+    expected = (2, arch.num_classes)
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != expected:
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ConfigError(
+            f"model.builder {target!r}: its network maps a batch of shape "
+            f"{tuple(dummy.shape)} to {got}, expected {expected} (one logit per class)"
+        )
+    return model
+
+
+def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], what: str = "") -> None:
+    """Load weights, also a VGG's saved before its parts had names; a mismatch says which."""
+    if isinstance(model, VGG):
+        state = rename_legacy(state, model)
+        what = what or (f"a {model.arch.depth}{'-bn' if model.arch.batch_norm else ''} "
+                        f"at width {model.arch.width}")  # fmt: skip
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ValueError(f"these weights are not {what or 'this network'} ({first})") from None
