@@ -156,9 +156,7 @@ def load_weights(path: Path, model: torch.nn.Module, name: str | None = None) ->
         raise DataError(f"{name or path}: cannot load these weights ({kind}: {exc})") from None
 
 
-def load_member(
-    tracker: Tracker, trial_number: int, run_id: str, into: Path
-) -> torch.nn.Module:
+def load_member(tracker: Tracker, trial_number: int, run_id: str, into: Path) -> torch.nn.Module:
     """A trial's network with its saved weights, checked against the SHA-256 recorded when
     they were written before a byte of them is unpickled."""
     arch, weights = tracker.fetch_trial_weights(run_id, trial_number, into)
@@ -467,7 +465,12 @@ class Outputs:
 
 
 def _predict(
-    model: VGG, test: Split, val: Split | None, flip: bool, temperature: float, batch: int
+    model: torch.nn.Module,
+    test: Split,
+    val: Split | None,
+    flip: bool,
+    temperature: float,
+    batch: int,
 ) -> Outputs:
     """`batch`: images per forward pass (training validates at twice its batch)."""
 
