@@ -67,7 +67,8 @@ def test_distributions_match_the_spec() -> None:
 def test_a_point_has_a_short_label_and_log10_twins_of_its_log_scale_parameters() -> None:
     spec = parse({**TINY_STUDY, "space": {**TINY_STUDY["space"],
                   "weight_decay": {"low": 1e-6, "high": 1e-2, "log": True}}})  # fmt: skip
-    point = space.TrialParams("vgg16", True, 0.25, "nesterov", 0.01, 1e-4, "flip")
+    point = space.TrialParams("nesterov", 0.01, 1e-4, "flip",
+                              {"depth": "vgg16", "batch_norm": True, "dropout": 0.25})  # fmt: skip
     assert point.label() == "vgg16-bn nesterov"
     twins = space.log10_twins(point, spec.space)
     lr_is_log = spec.space.optimizer["nesterov"].lr.log

@@ -21,11 +21,11 @@ from optuna.exceptions import UpdateFinishedTrialError
 
 from tuner import _optuna, interrupts
 from tuner.console import StepBar
-from tuner.data import TrainVal
+from tuner.data import DataInfo, TrainVal, check_augment
 from tuner.devices import is_out_of_memory, release_memory
 from tuner.errors import StoreError, TunerError
 from tuner.interrupts import TrialTimeout
-from tuner.models import Architecture, build
+from tuner.models import Architecture, build, check_builder
 from tuner.pruning import decision_epochs
 from tuner.records import (
     ACCUMULATION_ATTR,
@@ -241,7 +241,7 @@ class TrialRun:
         self.began = time.perf_counter()
         if self.ctx.refit and self.refit_of is None:
             raise TunerError("no refit was queued for it (another worker took the last)")
-        self.params = params = suggest(trial, self.spec.space)
+        self.params = params = suggest(trial, self.spec.space, self.spec.builder)
         retry = retry_origin(trial.user_attrs, _optuna.frozen(trial).system_attrs)
         note = f" (retry of trial {retry})" if retry is not None else ""
         baseline = trial.user_attrs.get(BASELINE_ATTR)
@@ -306,9 +306,8 @@ class TrialRun:
 
     @property
     def architecture(self) -> Architecture:
-        p = self.params
-        return Architecture("vgg", {"depth": p.depth, "batch_norm": p.batch_norm,
-                                    "dropout": p.dropout}, self.spec.train.width)  # fmt: skip
+        assert self.params is not None
+        return architecture(self.spec, self.params, self.ctx.data.info)
 
     def on_epoch(self, stats: EpochStats) -> None:
         """An epoch ended: its metrics to MLflow and its value to Optuna, through the worker's
@@ -510,6 +509,44 @@ class TrialRun:
         ending = Ending(Outcome.FAILED, TIMEOUT, why) if failed else Ending(
             Outcome.KILLED, TAKEN, taken=True)  # fmt: skip
         self._end_run(ending, None)
+
+
+def architecture(spec: StudySpec, params: TrialParams, info: DataInfo) -> Architecture:
+    """The network a point of the study trains, on its data set's images and classes."""
+    return Architecture(spec.family, dict(params.model), spec.train.width, info.classes,
+                        info.shape, spec.builder)  # fmt: skip
+
+
+def first_point(spec: StudySpec) -> TrialParams:
+    """A point of the space without drawing: each parameter's first choice or its range's
+    middle (a builder is checked on it before any trial trains)."""
+    from tuner.spec import FloatRange, IntRange
+
+    def pick(how: object) -> object:
+        if isinstance(how, IntRange):
+            return how.low + (how.high - how.low) // (2 * how.step) * how.step
+        if isinstance(how, FloatRange):
+            return (how.low * how.high) ** 0.5 if how.log else (how.low + how.high) / 2
+        return how[0]  # type: ignore[index]
+
+    space = spec.space
+    model = {k: pick(v) for k, v in space.model_params().items()}
+    for name, (on, value) in space.CONDITIONS.items():
+        if model.get(on) != value:
+            model.pop(name, None)
+    optimizer = next(iter(space.optimizer))
+    lr, decay = pick(space.optimizer[optimizer].lr), pick(space.weight_decay)
+    return TrialParams(optimizer, float(lr), float(decay), space.augment[0], model,  # type: ignore[arg-type]
+                       spec.family, spec.builder)  # fmt: skip
+
+
+def check_study(spec: StudySpec, info: DataInfo) -> None:
+    """What can be known wrong before any trial trains, each one line: an augmentation that
+    does not fit the images, a builder that cannot be imported or called, or whose network
+    does not map a batch of these images to one logit per class."""
+    check_augment(spec.train, spec.space.augment, info)
+    if spec.builder is not None:
+        check_builder(architecture(spec, first_point(spec), info))
 
 
 def _console(ending: Ending, value: float | None, epochs: int, refit: bool = False) -> str:

@@ -93,17 +93,17 @@ def status(name: str, result: Status, where: str) -> str:
         for key, value in decode(result.best.params).as_dict().items()
     ]
     lines.append(f"\ntop {len(result.top)}:")
+    points = [decode(trial.params) for trial in result.top]
+    wide = max(len(p.network()) for p in points)
     lines.append(
-        f"{'trial':>6}  {'val_acc':>8}  {'depth':<6} {'bn':<3} {'optimizer':<9} "
-        f"{'lr':>9} {'wd':>8} {'dropout':>7}  augment"
+        f"{'trial':>6}  {'val_acc':>8}  {'network':<{wide}} {'optimizer':<9} "
+        f"{'lr':>9} {'wd':>8}  the rest"
     )
-    for trial in result.top:
-        p = decode(trial.params)
-        bn = "yes" if p.batch_norm else "no"
+    for trial, p in zip(result.top, points, strict=True):
+        rest = p.details().split(" ", 2)[2]  # after lr= and wd=: the family's, and augment
         lines.append(
-            f"{trial.number:>6}  {trial.value:>8.4f}  {p.depth:<6} {bn:<3} "
-            f"{p.optimizer:<9} {p.lr:>9.2e} {p.weight_decay:>8.1e} {p.dropout:>7.2f}  "
-            f"{p.augment}"
+            f"{trial.number:>6}  {trial.value:>8.4f}  {p.network():<{wide}} "
+            f"{p.optimizer:<9} {p.lr:>9.2e} {p.weight_decay:>8.1e}  {rest}"
         )
     return "\n".join(lines + _refits_and_ensembles(name, result))
 
@@ -342,9 +342,14 @@ def bench(
     )
 
 
+def _network(name: str) -> str:
+    """`vgg16-bn` (tuner bench times VGGs with batch norm), `googlenet-3s`."""
+    return name if name.startswith("googlenet") else f"{name}-bn"
+
+
 def bench_table(rows: list[Row], packed: list[Packed]) -> str:
     lines = [
-        f"{'model':<9} {'path':<26} {'epoch s':>8} {'images/s':>10} {'× ref':>6} "
+        f"{'model':<12} {'path':<26} {'epoch s':>8} {'images/s':>10} {'× ref':>6} "
         f"{'warm-up s':>9} {'pays after':>10} {'peak GiB':>8}"
     ]
     for r in rows:
@@ -352,7 +357,7 @@ def bench_table(rows: list[Row], packed: list[Packed]) -> str:
         warmup = "" if r.warmup_seconds is None else f"{r.warmup_seconds:.1f}"
         peak = "" if r.peak_gib is None else f"{r.peak_gib:.2f}"
         lines.append(
-            f"{r.depth + '-bn':<9} {r.path:<26} {r.epoch_seconds:>8.3f} "
+            f"{_network(r.depth):<12} {r.path:<26} {r.epoch_seconds:>8.3f} "
             f"{r.images_per_second:>10,.0f} {ratio:>6} {warmup:>9} {_payback(r):>10} {peak:>8}"
         )
     if packed:

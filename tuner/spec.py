@@ -6,16 +6,19 @@ import math
 import re
 from collections.abc import Hashable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     PrivateAttr,
     Strict,
+    Tag,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -46,6 +49,13 @@ Epochs = Annotated[int, Strict(), Field(gt=0, le=MAX_EPOCHS)]
 Seconds = Annotated[int, Strict(), Field(gt=0, le=30 * 86_400)]  # at most 30 days
 
 
+DataSet = Literal["cifar10", "cifar100", "fashion-mnist"]
+# a user's function, `package.module:function` (a model builder, a data loader)
+Import = Annotated[
+    str, Strict(), Field(max_length=200, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+]
+
+
 class _Frozen(BaseModel):
     # NaN and ±inf are refused in every float: a NaN bound is never equal to itself (the
     # study would look changed forever), and an infinite one reaches Optuna as a range
@@ -74,21 +84,148 @@ class OptimizerSpace(_Frozen):
     lr: FloatRange
 
 
+class IntRange(_Frozen):
+    """An int searched in [low, high] in steps of `step` (a builder's parameter)."""
+
+    low: Int
+    high: Int
+    step: Annotated[Int, Field(ge=1)] = 1
+    log: Bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> IntRange:
+        if self.low > self.high:
+            raise ValueError(f"low must not exceed high, got low={self.low}, high={self.high}")
+        if self.log and (self.low <= 0 or self.step != 1):
+            raise ValueError(f"a log-scale range needs low > 0 and step 1, got {self}")
+        return self
+
+
+Choice = Annotated[bool, Strict()] | Int | Float | Annotated[str, Strict(), Field(max_length=200)]
+Choices = Annotated[tuple[Choice, ...], Field(min_length=1)]
+Param = Choices | FloatRange | IntRange  # how a model parameter is searched
+
+
+def _param_kind(value: Any) -> str | None:
+    if isinstance(value, list | tuple):
+        return "choices"
+    if isinstance(value, dict):
+        return "int" if "step" in value else "float"
+    if isinstance(value, FloatRange | IntRange):
+        return "float" if isinstance(value, FloatRange) else "int"
+    return None
+
+
+BuilderParam = Annotated[
+    Annotated[Choices, Tag("choices")]
+    | Annotated[FloatRange, Tag("float")]
+    | Annotated[IntRange, Tag("int")],
+    Discriminator(
+        _param_kind,
+        custom_error_type="param_kind",
+        custom_error_message="a parameter is a list of choices, or a range {low, high} "
+        "(with step: an int range)",
+    ),
+]
+
+
 class SpaceSpec(_Frozen):
-    depth: tuple[Depth, ...] = Field(min_length=1)
-    batch_norm: tuple[Bool, ...] = Field(min_length=1)
-    dropout: FloatRange
+    """What every family searches: how each trial trains. A family's own parameters are the
+    fields of its subclass, with their defaults: one place per family."""
+
+    family: str = Field("", exclude=True)  # set from `model:` (StudySpec); never written
     optimizer: dict[Optimizer, OptimizerSpace] = Field(min_length=1)
     weight_decay: FloatRange
     augment: tuple[Augment, ...] = Field(min_length=1)
 
+    # a parameter drawn only where another took a value: {parameter: (on, value)}
+    CONDITIONS: ClassVar[dict[str, tuple[str, Any]]] = {}
+
     @model_validator(mode="after")
-    def _check(self) -> SpaceSpec:
-        if not 0 <= self.dropout.low <= self.dropout.high < 1:
-            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+    def _check_training(self) -> SpaceSpec:
         if self.weight_decay.low < 0:
             raise ValueError(f"weight_decay must be >= 0, got low={self.weight_decay.low}")
+        dropout = self.model_params().get("dropout")
+        if isinstance(dropout, FloatRange) and not 0 <= dropout.low <= dropout.high < 1:
+            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
         return self
+
+    def model_params(self) -> dict[str, Param]:
+        """The family's parameters and how each is searched, in the order they are drawn."""
+        shared = set(SpaceSpec.model_fields)
+        return {k: getattr(self, k) for k in type(self).model_fields if k not in shared}
+
+
+class VGGSpace(SpaceSpec):
+    """VGG (`model: vgg`, the default)."""
+
+    family: Literal["vgg"] = Field("vgg", exclude=True)
+    depth: tuple[Depth, ...] = Field(("vgg11", "vgg13", "vgg16", "vgg19"), min_length=1)
+    batch_norm: tuple[Bool, ...] = Field((True, False), min_length=1)
+    dropout: FloatRange = FloatRange(low=0.0, high=0.5)  # before the classifier
+
+
+class GoogLeNetSpace(SpaceSpec):
+    """GoogLeNet for small images (`model: googlenet`): inception stages (1: 3a-3b, 2: + 4a-4e,
+    3: + 5a-5b), a channel multiplier, auxiliary classifiers and their loss weight."""
+
+    family: Literal["googlenet"] = Field("googlenet", exclude=True)
+    stages: tuple[Annotated[int, Strict(), Field(ge=1, le=3)], ...] = Field(
+        (1, 2, 3), min_length=1
+    )
+    width: FloatRange = FloatRange(low=0.25, high=1.0)  # × train.width
+    aux: tuple[Bool, ...] = Field((True, False), min_length=1)
+    aux_weight: FloatRange = FloatRange(low=0.1, high=0.5)  # of each auxiliary loss
+    dropout: FloatRange = FloatRange(low=0.0, high=0.5)  # before the classifier
+
+    CONDITIONS: ClassVar[dict[str, tuple[str, Any]]] = {"aux_weight": ("aux", True)}
+
+    @model_validator(mode="after")
+    def _check_width(self) -> GoogLeNetSpace:
+        if self.width.low <= 0 or self.width.high > 4:
+            raise ValueError(f"width must lie in (0, 4], got {self.width}")
+        if self.aux_weight.low < 0:
+            raise ValueError(f"aux_weight must be >= 0, got low={self.aux_weight.low}")
+        return self
+
+
+# parameter names a builder's cannot take: the training keys, and the learning rates' names
+RESERVED = frozenset({"family", "optimizer", "weight_decay", "augment", "lr"})
+
+
+class BuilderSpace(SpaceSpec):
+    """A user's builder (`model: {builder: ...}`): its parameters are the other keys of
+    `space`, each a list of choices or a range; it receives them as drawn."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
+    __pydantic_extra__: dict[str, BuilderParam] = Field(init=False)  # type: ignore[assignment]
+    family: Literal["builder"] = Field("builder", exclude=True)
+
+    @model_validator(mode="after")
+    def _check_names(self) -> BuilderSpace:
+        for name in self.model_params():
+            if name in RESERVED or name.startswith("lr_") or not name.isidentifier():
+                raise ValueError(
+                    f"{name!r} cannot name a builder's parameter (tuner's own keys, and names "
+                    "that are not Python identifiers, are taken)"
+                )
+        return self
+
+    def model_params(self) -> dict[str, Param]:
+        return dict(self.__pydantic_extra__ or {})
+
+
+FAMILIES: dict[str, type[SpaceSpec]] = {
+    "vgg": VGGSpace, "googlenet": GoogLeNetSpace, "builder": BuilderSpace,
+}  # fmt: skip
+AnySpace = Annotated[VGGSpace | GoogLeNetSpace | BuilderSpace, Field(discriminator="family")]
+
+
+class BuilderSpec(_Frozen):
+    """`model: {builder: "package.module:function"}`: called with the drawn parameters, the
+    input shape (channels, height, width) and the number of classes; returns an nn.Module."""
+
+    builder: Import
 
 
 class TrainSpec(_Frozen):
@@ -105,13 +242,6 @@ class TrainSpec(_Frozen):
     # graphs (CUDA graphs without code generation; a GPU only) or off; auto: train.AUTO_ON_GPU
     # on a GPU (inductor, until `.ci/gpu bench` measures that another pays), off on the CPU
     compile: Literal["auto", "on", "inductor", "graphs", "off"] = "auto"
-
-
-DataSet = Literal["cifar10", "cifar100", "fashion-mnist"]
-# a user's function, `package.module:function` (a model builder, a data loader)
-Import = Annotated[
-    str, Strict(), Field(max_length=200, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
-]
 
 
 class DataSpec(_Frozen):
@@ -204,38 +334,58 @@ class RefitSpec(_Frozen):
 
 class BaselineSpec(_Frozen):
     """A fixed point of the space, tried before the sampler draws any: a known-good recipe
-    the study must beat, or a known failure the study should show."""
+    the study must beat, or a known failure the study should show. Besides these keys, it
+    gives a value for each of the family's parameters (a VGG's depth, batch_norm, dropout)."""
 
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
+    __pydantic_extra__: dict[str, Choice] = Field(init=False)  # type: ignore[assignment]
     name: Annotated[str, Strict(), Field(min_length=1, max_length=40)]
-    depth: Depth
-    batch_norm: Bool
-    dropout: Float
     optimizer: Optimizer
     lr: Float
     weight_decay: Float
     augment: Augment
 
+    def model_params(self) -> dict[str, Any]:
+        """Its values of the family's parameters."""
+        return dict(self.__pydantic_extra__ or {})
+
+
+def _same(value: Any, choice: Any) -> bool:
+    """`value` is `choice`, type for type: YAML's `1` is not `true`, nor `1.0`."""
+    return type(value) is type(choice) and value == choice
+
 
 def _outside(b: BaselineSpec, space: SpaceSpec) -> list[str]:
-    """What of baseline `b` lies outside the search space (Optuna would sample it anyway)."""
-    found = [
-        f"{key}={getattr(b, key)!r} is not among {list(choices)}"
-        for key, choices in (
-            ("depth", space.depth),
-            ("batch_norm", space.batch_norm),
-            ("augment", space.augment),
-            ("optimizer", tuple(space.optimizer)),
-        )
-        if getattr(b, key) not in choices
+    """What of baseline `b` lies outside the search space (Optuna would sample it anyway), or
+    is missing from it, or is not the family's."""
+    params = space.model_params()
+    given = b.model_params()
+    found = [f"{k} is not a parameter of model {space.family!r}" for k in given if k not in params]
+    ranges: list[tuple[str, Any, Any]] = [
+        ("weight_decay", b.weight_decay, space.weight_decay),
+        ("augment", b.augment, space.augment),
+        ("optimizer", b.optimizer, tuple(space.optimizer)),
     ]
-    ranges = [("dropout", space.dropout), ("weight_decay", space.weight_decay)]
     if b.optimizer in space.optimizer:
-        ranges.append(("lr", space.optimizer[b.optimizer].lr))
-    found += [
-        f"{key}={getattr(b, key)!r} is outside [{r.low}, {r.high}]"
-        for key, r in ranges
-        if not r.low <= getattr(b, key) <= r.high
-    ]
+        ranges.append(("lr", b.lr, space.optimizer[b.optimizer].lr))
+    for key, how in params.items():
+        on = space.CONDITIONS.get(key)
+        if on is not None and given.get(on[0]) != on[1]:
+            continue  # not drawn for this point
+        if key not in given:
+            found.append(f"{key} is missing")
+        else:
+            ranges.append((key, given[key], how))
+    for key, value, how in ranges:
+        if isinstance(how, tuple) and not any(_same(value, c) for c in how):
+            found.append(f"{key}={value!r} is not among {list(how)}")
+        elif isinstance(how, FloatRange | IntRange) and not (
+            isinstance(value, int | float) and not isinstance(value, bool)
+            and how.low <= value <= how.high
+        ):  # fmt: skip
+            found.append(f"{key}={value!r} is outside [{how.low}, {how.high}]")
+        elif isinstance(how, IntRange) and not isinstance(value, int):
+            found.append(f"{key}={value!r} is not an int")
     return found
 
 
@@ -252,7 +402,8 @@ class StudySpec(_Frozen):
     name: Annotated[str, Strict(), Field(max_length=NAME_CHARS, pattern=f"^{NAME_PATTERN}$")]
     seed: Seed = 0
     trials: Count = 20  # the finished trials the study aims at, whoever runs them
-    space: SpaceSpec
+    model: Literal["vgg", "googlenet"] | BuilderSpec = "vgg"  # the family searched
+    space: AnySpace  # the family's parameters (its defaults where left out) and training's
     train: TrainSpec
     data: DataSpec = DataSpec()
     sampler: SamplerSpec = TPESamplerSpec(type="tpe")
@@ -261,6 +412,38 @@ class StudySpec(_Frozen):
     baselines: tuple[BaselineSpec, ...] = ()  # enqueued as the study's first trials
     refit: RefitSpec = RefitSpec()
     _source: str = PrivateAttr(default="")  # the file it was read from, for messages
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _known_model(cls, value: Any) -> Any:
+        if isinstance(value, str) and value not in ("vgg", "googlenet"):
+            raise ValueError(
+                "not a model family: write vgg, googlenet, or {builder: "
+                f'"package.module:function"}}, got {_short(value)}'
+            )
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _family_of_space(cls, raw: Any) -> Any:
+        """`space` is read as the family's that `model` names (its parameters and defaults)."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("space"), dict):
+            return raw
+        model = raw.get("model", "vgg")
+        family = "builder" if isinstance(model, dict | BuilderSpec) else model
+        if isinstance(family, str) and family in FAMILIES and "family" not in raw["space"]:
+            raw = {**raw, "space": {**raw["space"], "family": family}}
+        return raw
+
+    @property
+    def family(self) -> str:
+        """`vgg`, `googlenet` or `builder`."""
+        return self.space.family
+
+    @property
+    def builder(self) -> str | None:
+        """A builder's `package.module:function`; None for tuner's own families."""
+        return self.model.builder if isinstance(self.model, BuilderSpec) else None
 
     @model_validator(mode="after")
     def _check_baselines(self) -> StudySpec:
@@ -418,17 +601,26 @@ def parse(raw: dict[str, Any], source: str = "<spec>") -> StudySpec:
         # a list whose items failed is also reported "too short": keep the cause only
         failed = {tuple(e["loc"][:-1]) for e in errors if e["type"] != "too_short"}
         errors = [e for e in errors if not (e["type"] == "too_short" and e["loc"] in failed)]
+        # a `model:` that is no family leaves `space` without one: its error says it all
+        errors = [e for e in errors if not (e["loc"] == ("space",) and e["type"] in (
+            "union_tag_not_found", "union_tag_invalid"))]  # fmt: skip
         raise SpecError("\n".join(_describe(err, source) for err in errors)) from None
     if source != "<spec>":
         spec._source = source
     return spec
 
 
+# union members' tags, which pydantic adds to a key's path: the samplers', pruners', families'
+# and a builder parameter's kinds
+_TAGS = {"tpe", "random", "hyperband", "median", "none", *FAMILIES, "choices", "float", "int",
+         "BuilderSpec", "literal['vgg','googlenet']"}  # fmt: skip
+
+
 def _describe(err: Any, source: str) -> str:
     """One line per problem: file, dotted key, what is wrong, and how to fix it where we know."""
     loc = [str(part) for part in err["loc"] if not str(part).startswith("function-after")]
     # pydantic adds the discriminator tag ("tpe") to the path of union members: drop it
-    loc = [part for part in loc if part not in {"tpe", "random", "hyperband", "median", "none"}]
+    loc = [part for part in loc if part not in _TAGS]
     key = ".".join(part for part in loc if part != "[key]") or "(top level)"
     value = err.get("input")
     kind = err["type"]

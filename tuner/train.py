@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tuner.data import Split, TrainVal, augment, normalize
+from tuner.data import CIFAR10_INFO, DataInfo, Split, TrainVal, augment, normalize
 from tuner.spec import Augment, Optimizer, Schedule
 
 NAN_CHECK_EVERY = 10  # steps between divergence checks (each check syncs the GPU once)
@@ -81,7 +81,9 @@ class EpochStats:
 @dataclass(frozen=True)
 class TrainResult:
     history: tuple[EpochStats, ...]
-    val_probs: np.ndarray  # N×10 softmax on the validation split after the last epoch (N may be 0)
+    val_probs: (
+        np.ndarray
+    )  # N×classes softmax on the validation split after the last epoch (N may be 0)
     state_dict: dict[str, torch.Tensor]  # on the CPU, ready to save
 
 
@@ -127,8 +129,8 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
     return contextlib.nullcontext()
 
 
-def to_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    x = normalize(images)
+def to_input(images: torch.Tensor, device: torch.device, info: DataInfo) -> torch.Tensor:
+    x = normalize(images, info)
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 
@@ -139,26 +141,48 @@ def synchronize(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Softmax outputs (float32, N×classes) for uint8 images on the model's device."""
+def predict(
+    model: nn.Module, images: torch.Tensor, batch_size: int, info: DataInfo = CIFAR10_INFO
+) -> torch.Tensor:
+    """Softmax outputs (float32, N×classes) for uint8 images of data set `info` on the model's
+    device."""
     device = images.device
     model.eval()
     outputs = []
     for start in range(0, len(images), batch_size):
         with autocast(device):
-            logits = model(to_input(images[start : start + batch_size], device))
+            logits = _logits(model(to_input(images[start : start + batch_size], device, info)))
         outputs.append(torch.softmax(logits.float(), dim=1))
     return torch.cat(outputs)
 
 
+def _logits(out: torch.Tensor | tuple) -> torch.Tensor:
+    """A network's logits: what it returns, or the first of what it returns with its
+    auxiliary heads' (a builder's network may keep them in eval mode)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
 def _forward_loss(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, label_smoothing: float
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    label_smoothing: float,
+    info: DataInfo = CIFAR10_INFO,
 ) -> torch.Tensor:
-    """uint8 images in, mean cross-entropy out: the part of a step that torch.compile takes."""
+    """uint8 images in, mean cross-entropy out: the part of a step that torch.compile takes.
+    A network that returns `(logits, auxiliary logits)` while training (GoogLeNet's auxiliary
+    classifiers) adds each auxiliary head's loss times its `aux_weight` (1 where it has none),
+    as Szegedy et al. did."""
     device = images.device
     with autocast(device):
-        logits = model(to_input(images, device))
-    return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+        out = model(to_input(images, device, info))
+    loss = F.cross_entropy(_logits(out).float(), labels, label_smoothing=label_smoothing)
+    if isinstance(out, tuple) and len(out) > 1:
+        weight = getattr(model, "aux_weight", 1.0)
+        for aux in out[1]:
+            loss = loss + weight * F.cross_entropy(aux.float(), labels,
+                                                   label_smoothing=label_smoothing)  # fmt: skip
+    return loss
 
 
 def compile_mode(setting: str, device: torch.device) -> CompileMode:
@@ -238,7 +262,7 @@ def train(
     )
     step_fn = step_function(device, cfg.compile)
     history: list[EpochStats] = []
-    probs = torch.empty(0, 10)
+    probs = torch.empty(0, data.info.classes)
     for epoch in range(1, cfg.epochs + 1):
         started = time.perf_counter()
         train_loss, first_step = _train_epoch(
@@ -246,7 +270,7 @@ def train(
         )
         val_loss = val_acc = None
         if len(data.val):
-            probs = predict(model, data.val.images, cfg.batch_size * 2)
+            probs = predict(model, data.val.images, cfg.batch_size * 2, data.info)
             val_loss, val_acc = _score(probs, data.val)
         synchronize(device)
         stats = EpochStats(
@@ -311,7 +335,8 @@ def _train_epoch(
             end = min(start + micro, step * batch)
             if graphed:  # a new replay: the last one's outputs are no longer read
                 torch.compiler.cudagraph_mark_step_begin()
-            loss = step_fn(model, images[start:end], labels[start:end], cfg.label_smoothing)
+            loss = step_fn(model, images[start:end], labels[start:end], cfg.label_smoothing,
+                           split.info)  # fmt: skip
             # each micro-batch's share of the batch mean: accumulated gradients equal one batch's
             (loss * ((end - start) / batch)).backward()
             loss_sum += loss.detach() * (end - start)

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -34,25 +35,23 @@ TAIL_LINES = 15  # of the server's own output, shown when it fails
 VIEW = "#/experiments/{id}/runs?viewStateShareKey={key}&workflowType=machine_learning"
 TRIALS_VIEW = "tuner-trials"
 SHARED_VIEW_TAG = "mlflow.sharedViewState."  # MLflow's prefix; the key follows
-COLUMNS = (
-    "metrics.`objective`",
-    "metrics.`best_val_acc`",
-    "metrics.`epochs_trained`",
-    "params.`state`",
-    "params.`depth`",
-    "params.`batch_norm`",
-    "params.`optimizer`",
-    "params.`lr`",
-    "params.`weight_decay`",
-    "params.`dropout`",
-    "params.`augment`",
-)
+METRICS = ("metrics.`objective`", "metrics.`best_val_acc`", "metrics.`epochs_trained`",
+           "params.`state`")  # fmt: skip
+TRAINING = ("optimizer", "lr", "weight_decay", "augment")
+VGG_PARAMS = ("depth", "batch_norm", "dropout")  # a study whose file is not at hand: VGG's
 
 
-def trials_view() -> dict[str, object]:
+def columns(model_params: Sequence[str] = VGG_PARAMS) -> tuple[str, ...]:
+    """The summary metrics, then the family's parameters and training's."""
+    return (*METRICS, *(f"params.`{p}`" for p in (*model_params, *TRAINING)))
+
+
+def trials_view(model_params: Sequence[str] = VGG_PARAMS) -> dict[str, object]:
     """The view `tuner ui NAME` opens: the study's trials, best first by `objective` (what
-    Optuna holds, pruned trials included), with the summary metrics and the parameters as
-    columns. The UI's own state, in the shape its "share view" writes."""
+    Optuna holds, pruned trials included), with the summary metrics and the parameters of
+    the study's model family as columns. The UI's own state, in the shape its "share view"
+    writes."""
+    shown = columns(model_params)
     return {
         "searchFilter": f"tags.`{ROLE_TAG}` = '{Role.TRIAL}'",
         "orderByKey": "metrics.`objective`",
@@ -61,8 +60,8 @@ def trials_view() -> dict[str, object]:
         "lifecycleFilter": "Active",
         "modelVersionFilter": "All Runs",
         "datasetsFilter": [],
-        "selectedColumns": list(COLUMNS),
-        "columnOrder": ["attributes.`Run Name`", *COLUMNS],
+        "selectedColumns": list(shown),
+        "columnOrder": ["attributes.`Run Name`", *shown],
         "columnWidths": {"attributes.`Run Name`": 280},
     }
 
@@ -129,11 +128,24 @@ def study_where(stores: Stores, study: str | None) -> Where | None:
 
     tracker = Tracker(stores)
     experiment_id = tracker.experiment_id(study, create=False)
-    tracker.client.set_experiment_tag(
-        experiment_id, SHARED_VIEW_TAG + TRIALS_VIEW, json.dumps(trials_view())
-    )
+    view = trials_view(_model_params(stores, study))
+    tracker.client.set_experiment_tag(experiment_id, SHARED_VIEW_TAG + TRIALS_VIEW,
+                                      json.dumps(view))  # fmt: skip
     parents = tracker.parent_runs(experiment_id)
     return Where(experiment_id, parents[0].info.run_id if parents else None)
+
+
+def _model_params(stores: Stores, study: str) -> Sequence[str]:
+    """The parameters of the study's model family, from the study file it was created with
+    (VGG's where it cannot be read)."""
+    from tuner.spec import parse
+    from tuner.study.named import stored_file
+
+    try:
+        stored = stored_file(study, stores, patient=False)
+        return tuple(parse(stored).space.model_params()) if stored else VGG_PARAMS
+    except Exception:  # a file tuner cannot read any more: the view is a convenience
+        return VGG_PARAMS
 
 
 def where_lines(base: str, where: Where | None, served: bool = True) -> str:

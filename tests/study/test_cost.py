@@ -51,7 +51,7 @@ def test_the_cheaper_depths_alone_can_tell_a_study_is_too_long() -> None:
     spec = parse({**SLOW, "name": "cost-partial"})
     cost = measure(spec, CPU, spec.trials, limit=60.0)
     assert cost.partial and cost.seconds > 60
-    assert "the cheaper depths only" in cost.says() and "at least" in cost.says()
+    assert "the cheaper networks only" in cost.says() and "at least" in cost.says()
     with pytest.raises(TunerError, match="a --max-hours above the whole study's cost") as caught:
         check(cost, spec, CPU, max_hours=60 / 3600)
     assert "`--max-hours " not in str(caught.value), "no number from a floor"

@@ -19,8 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from tuner.data import FOLDER, MEAN, STD, Split, TrainVal, read_split
-from tuner.models import build_vgg
-from tuner.spec import Depth
+from tuner.models import Architecture, build
 from tuner.train import CompileMode, TrainConfig, compile_mode, synchronize, train
 
 log = logging.getLogger(__name__)
@@ -33,21 +32,36 @@ RECIPE = dict(optimizer="nesterov", lr=0.02, weight_decay=5e-4, momentum=0.9, sc
 
 @dataclass(frozen=True)
 class BenchConfig:
-    depths: tuple[Depth, ...]
+    depths: tuple[str, ...]  # networks (`network`): VGG depths, GoogLeNets (googlenet-3s)
     batch_size: int
     images: int  # training images per epoch
     width: float
     epochs: int  # the first warms up (and compiles); the rest are timed
     loader_workers: int
     packed: tuple[int, ...]  # numbers of packed workers to measure
-    packed_depth: Depth
+    packed_depth: str  # the packed workers' network
     modes: tuple[CompileMode, ...]  # compiled paths measured beside eager (`measured_modes`)
     device: torch.device
 
 
+def network(name: str, width: float) -> torch.nn.Module:
+    """A network to time by its name: `vgg16` (with batch norm: the dearer kind), or
+    `googlenet-3s` (3 stages of inception modules, auxiliary heads on, at `width`)."""
+    if name.startswith("googlenet-"):
+        stages = int(name.removeprefix("googlenet-").removesuffix("s"))
+        params = {"stages": stages, "width": 1.0, "aux": True, "aux_weight": 0.3, "dropout": 0.4}
+        return build(Architecture("googlenet", params, width))
+    return build(Architecture("vgg", {"depth": name, "batch_norm": True, "dropout": 0.0}, width))
+
+
+def label(name: str) -> str:
+    """A network's name in the log: `vgg16-bn`, `googlenet-3s`."""
+    return name if name.startswith("googlenet") else f"{name}-bn"
+
+
 @dataclass(frozen=True)
 class Row:
-    depth: str
+    depth: str  # the network (`network`)
     path: str
     epoch_seconds: float
     images_per_second: float
@@ -135,7 +149,7 @@ def reference_epochs(split: Split, depth: str, cfg: BenchConfig) -> list[float]:
         persistent_workers=cfg.loader_workers > 0,
         drop_last=True,
     )
-    model = build_vgg(depth, batch_norm=True, width=cfg.width).to(device)
+    model = network(depth, cfg.width).to(device)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=0.02, momentum=0.9, nesterov=True, weight_decay=5e-4
     )
@@ -146,13 +160,23 @@ def reference_epochs(split: Split, depth: str, cfg: BenchConfig) -> list[float]:
         for images, labels in loader:
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
-            loss = F.cross_entropy(model(images), labels)
+            loss = _loss(model(images), labels, model)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         synchronize(device)
         seconds.append(time.perf_counter() - started)
     return seconds
+
+
+def _loss(out: torch.Tensor | tuple, labels: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
+    """Cross-entropy, with each auxiliary head's times its weight where the network has them
+    (as tuner's step adds them)."""
+    if not isinstance(out, tuple):
+        return F.cross_entropy(out, labels)
+    logits, aux = out
+    weight = getattr(model, "aux_weight", 1.0)
+    return F.cross_entropy(logits, labels) + sum(weight * F.cross_entropy(a, labels) for a in aux)
 
 
 # -- tuner's path ------------------------------------------------------------------------------
@@ -184,7 +208,7 @@ def tuner_epochs(split: Split, depth: str, cfg: BenchConfig, mode: CompileMode) 
     """Seconds per epoch of tuner's own loop (training, and validating 256 images)."""
     device = split.images.device
     val = Split(split.images[:256], split.labels[:256])
-    model = build_vgg(depth, batch_norm=True, width=cfg.width).to(device)
+    model = network(depth, cfg.width).to(device)
     seconds: list[float] = []
     train(
         model,
@@ -247,7 +271,7 @@ def run_bench(cfg: BenchConfig, data_dir: Path | None) -> tuple[list[Row], list[
     rows: list[Row] = []
     for depth in cfg.depths:
         log.info(
-            f"{depth}-bn: reference (DataLoader + PIL, {cfg.loader_workers} workers, fp32, "
+            f"{label(depth)}: reference (DataLoader + PIL, {cfg.loader_workers} workers, fp32, "
             f"batch {REFERENCE_BATCH}) …"
         )
         measured = _measure(lambda d=depth: reference_epochs(split, d, cfg), device)
@@ -257,7 +281,7 @@ def run_bench(cfg: BenchConfig, data_dir: Path | None) -> tuple[list[Row], list[
         eager = None
         for mode in ("off", *cfg.modes):
             name = "eager" if mode == "off" else mode
-            log.info(f"{depth}-bn: tuner {name} (batch {cfg.batch_size}; bf16 on a GPU) …")
+            log.info(f"{label(depth)}: tuner {name} (batch {cfg.batch_size}; bf16 on a GPU) …")
             measured = _measure(lambda d=depth, m=mode: tuner_epochs(split, d, cfg, m), device)
             images = _epoch_images(len(split), cfg.batch_size)
             row = _row(depth, f"tuner {name} b{cfg.batch_size}", measured, images, reference)
@@ -268,7 +292,7 @@ def run_bench(cfg: BenchConfig, data_dir: Path | None) -> tuple[list[Row], list[
         single = None
         mode = compile_mode("auto", device)
         for n in cfg.packed:
-            log.info(f"{cfg.packed_depth}-bn: {n} packed worker(s), compile {mode} …")
+            log.info(f"{label(cfg.packed_depth)}: {n} packed worker(s), compile {mode} …")
             rate = packed_throughput(cfg, data_dir, mode, n)
             single = single or (rate if n == 1 else None)
             packed.append(Packed(n, rate, rate / single if single else math.nan))

@@ -356,14 +356,15 @@ def report_(name: str, out: Path, top: int, stores: Any) -> None:
 @click.pass_context
 def bench(
     ctx: click.Context,
-    depths: str,
+    model: str,
+    depths: str | None,
     batch_size: int,
     images: int,
     width: float,
     epochs: int,
     loader_workers: int | None,
     packed: str,
-    packed_depth: str,
+    packed_depth: str | None,
     compile_: str,
     data_dir: str | None,
     device: str,
@@ -374,7 +375,7 @@ def bench(
         return
     from tuner.bench.epochs import BenchConfig, measured_modes, run_bench
 
-    names, packed_name = parse_depths(depths, packed_depth)
+    names, packed_name = parse_depths(depths, packed_depth, model)
     picked = devices.pick(device)
     try:
         modes = measured_modes(compile_, picked)

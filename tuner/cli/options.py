@@ -106,10 +106,18 @@ def data_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 BENCH_OPTIONS = [
     click.option(
-        "--depths",
-        default="vgg11,vgg13,vgg16,vgg19",
+        "--model",
+        type=click.Choice(["vgg", "googlenet"]),
+        default="vgg",
         show_default=True,
-        help="VGG depths to measure (with batch norm).",
+        help="The family measured.",
+    ),
+    click.option(
+        "--depths",
+        default=None,
+        help="Networks to measure: VGG depths (with batch norm) [default: "
+        "vgg11,vgg13,vgg16,vgg19], or GoogLeNet stage counts with --model googlenet "
+        "(auxiliary heads on) [default: 1,2,3].",
     ),
     click.option(
         "--batch-size",
@@ -151,7 +159,11 @@ BENCH_OPTIONS = [
         show_default=True,
         help="Numbers of worker processes to pack onto the device ('' for none).",
     ),
-    click.option("--packed-depth", default="vgg16", show_default=True),
+    click.option(
+        "--packed-depth",
+        default=None,
+        help="The packed workers' network [default: vgg16; googlenet: 3].",
+    ),
     click.option(
         "--compile",
         "compile_",
@@ -225,14 +237,33 @@ def _with(options: list[Any], command: Callable[..., Any]) -> Callable[..., Any]
     return command
 
 
-def parse_depths(depths: str, packed_depth: str) -> tuple[tuple[Depth, ...], Depth]:
-    """`vgg11,vgg16` and the packed workers' depth, each one of the known VGG depths."""
-    known = get_args(Depth)
+DEFAULT_NETWORKS = {"vgg": ("vgg11,vgg13,vgg16,vgg19", "vgg16"), "googlenet": ("1,2,3", "3")}
+
+
+def parse_depths(
+    depths: str | None, packed_depth: str | None, model: str = "vgg"
+) -> tuple[tuple[str, ...], str]:
+    """The networks `tuner bench` measures (`vgg11,vgg16`; GoogLeNet stage counts `1,3`, named
+    `googlenet-1s`, `googlenet-3s`) and the packed workers' network, each a known one."""
+    given, packed = DEFAULT_NETWORKS[model]
+    depths = given if depths is None else depths
+    packed_depth = packed if packed_depth is None else packed_depth
     names = tuple(d.strip() for d in depths.split(",") if d.strip())
+    if model == "googlenet":
+        known: tuple[str, ...] = ("1", "2", "3")
+        short = [n.removeprefix("googlenet-").removesuffix("s") for n in (*names, packed_depth)]
+        unknown = [n for n, s in zip((*names, packed_depth), short, strict=True) if s not in known]
+        if unknown or not names:
+            raise click.BadParameter(
+                f"GoogLeNet's stage counts: 1, 2, 3; got {unknown or depths!r}"
+            )
+        named = tuple(f"googlenet-{s}s" for s in short)
+        return named[:-1], named[-1]
+    known = get_args(Depth)
     unknown = [d for d in (*names, packed_depth) if d not in known]
     if unknown or not names:
         raise click.BadParameter(f"known depths: {', '.join(known)}; got {unknown or depths!r}")
-    return names, packed_depth  # type: ignore[return-value]
+    return names, packed_depth
 
 
 def parse_counts(packed: str, *, zero: bool = False) -> tuple[int, ...]:

@@ -25,7 +25,7 @@ from sklearn.metrics import ConfusionMatrixDisplay
 
 from tuner import interrupts
 from tuner.console import counted
-from tuner.data import CLASSES, Split, load_test, load_val, resolve_data_dir
+from tuner.data import CIFAR10_INFO, Split, load_test, load_val, resolve_data_dir
 from tuner.ensemble.selection import (
     Selection,
     accuracy,
@@ -51,7 +51,6 @@ from tuner.train import predict
 
 log = logging.getLogger(__name__)
 PREDICTIONS = Path(VAL_PREDICTIONS).name  # as messages name the file
-CLASS_NAMES = ("plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 Method = Literal["greedy", "average"]
 Source = Literal["search", "refit"]
@@ -131,6 +130,7 @@ class EnsembleReport:
     # the ensemble's test predictions (with flip where asked) and the labels: its confusion
     predicted: np.ndarray | None = field(default=None, repr=False, compare=False)
     labels: np.ndarray | None = field(default=None, repr=False, compare=False)
+    class_names: tuple[str, ...] = CIFAR10_INFO.class_names  # the data set's, in label order
 
     @property
     def top_k(self) -> int:
@@ -183,11 +183,12 @@ def evaluate(
     tracker, runs = Tracker(stores), study_runs(study)
     tracker.check_study_runs(runs, spec.name)
     reconcile_runs(study, tracker, runs)  # what an ensemble or worker that died left RUNNING
-    root = resolve_data_dir(data_dir)
+    root = resolve_data_dir(data_dir, spec.data)
     val = load_val(root, spec.data, spec.seed, device)
     labels = val.labels.cpu().numpy()
     with tempfile.TemporaryDirectory() as tmp:
-        pool, left = candidates(spec, stores, study, tracker, request.source, labels, Path(tmp))
+        pool, left = candidates(spec, stores, study, tracker, request.source, labels, Path(tmp),
+                                val.info.classes)  # fmt: skip
         if not pool:
             where = tracker.artifact_location(runs.experiment_id)
             raise TunerError(_nothing_to_ensemble(spec.name, request.source, left, where))
@@ -291,6 +292,7 @@ def candidates(
     source: Source,
     labels: np.ndarray,
     into: Path,
+    classes: int = 10,
 ) -> tuple[list[Candidate], LeftOut]:
     """Every completed trial whose validation predictions are sound and on today's validation
     images (for `refit`: every one with a completed refit), in trial order, and those left
@@ -303,7 +305,7 @@ def candidates(
     for trial in sorted(trials, key=lambda t: t.number):
         run_id = trial.user_attrs[RUN_ID_ATTR]
         try:
-            probs, saved = checked_predictions(tracker, run_id, into)
+            probs, saved = checked_predictions(tracker, run_id, into, classes)
         except ArtifactError as exc:
             (missing if exc.missing else damaged).append(trial.number)
             if not exc.missing:
@@ -346,22 +348,23 @@ def _numbers(numbers: Sequence[int]) -> str:
 
 
 def checked_predictions(
-    tracker: Tracker, run_id: str, into: Path
+    tracker: Tracker, run_id: str, into: Path, classes: int = 10
 ) -> tuple[np.ndarray, np.ndarray]:
     """A trial's saved validation predictions and labels, as written (the recorded SHA-256)
-    and sound: N×10 probabilities, finite, in 0..1, each row summing to 1, and N labels; an
+    and sound: N×classes probabilities, finite, in 0..1, each row summing to 1, and N labels; an
     `ArtifactError` saying what is wrong."""
     probs, labels = tracker.fetch_val_predictions(run_id, into)
-    why = _unsound(probs, labels)
+    why = _unsound(probs, labels, classes)
     if why is not None:
         raise ArtifactError(f"{PREDICTIONS} of MLflow run {run_id}: {why}", why)
     return probs, labels
 
 
-def _unsound(probs: np.ndarray, labels: np.ndarray) -> str | None:
-    """What is wrong with saved predictions, in a few words; None when nothing is."""
-    if probs.ndim != 2 or probs.shape[1] != CLASSES or len(probs) == 0:
-        return f"probabilities of shape {probs.shape}, expected N×{CLASSES}"
+def _unsound(probs: np.ndarray, labels: np.ndarray, classes: int = 10) -> str | None:
+    """What is wrong with saved predictions of a data set of `classes` classes, in a few
+    words; None when nothing is."""
+    if probs.ndim != 2 or probs.shape[1] != classes or len(probs) == 0:
+        return f"probabilities of shape {probs.shape}, expected N×{classes}"
     if probs.dtype.kind != "f":
         return f"probabilities are {probs.dtype}, expected floats"
     if labels.shape != (len(probs),):
@@ -452,6 +455,7 @@ def _score(
         single_test_tta=mixed("test_flip", [best], [1.0], test_labels),
         predicted=final.argmax(1),
         labels=test_labels,
+        class_names=test.info.class_names,
     )
 
 
@@ -476,11 +480,11 @@ def _predict(
 
     def mirrored(split: Split, plain: torch.Tensor | None = None) -> np.ndarray:
         """The mean of the two views' softmax, then the member's temperature."""
-        plain = predict(model, split.images, batch) if plain is None else plain
-        both = (plain + predict(model, split.images.flip(3), batch)) / 2
+        plain = predict(model, split.images, batch, split.info) if plain is None else plain
+        both = (plain + predict(model, split.images.flip(3), batch, split.info)) / 2
         return tempered(both.cpu().numpy(), temperature)
 
-    plain = predict(model, test.images, batch)
+    plain = predict(model, test.images, batch, test.info)
     return Outputs(
         test=tempered(plain.cpu().numpy(), temperature),
         test_flip=mirrored(test, plain) if flip else None,
@@ -568,14 +572,17 @@ def confusion_figure(report: EnsembleReport) -> object:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7, 6))
+    names = report.class_names
+    many = len(names) > 20  # CIFAR-100's: a matrix of colour, without a number in each cell
+    figure, axes = plt.subplots(figsize=(12, 11) if many else (7, 6))
     ConfusionMatrixDisplay.from_predictions(
         report.labels,
         report.predicted,
-        labels=list(range(CLASSES)),
-        display_labels=CLASS_NAMES,
+        labels=list(range(len(names))),
+        display_labels=None if many else names,
+        include_values=not many,
         ax=axes,
-        colorbar=False,
+        colorbar=many,
         xticks_rotation=45,
     )
     flip = " with flip" if report.request.tta == "flip" else ""

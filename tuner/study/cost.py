@@ -1,5 +1,6 @@
-"""What a study will cost on this machine, before it trains: a few training steps of each depth
-in its space, measured on the device, times the images of an epoch, the epochs a trial trains
+"""What a study will cost on this machine, before it trains: a few training steps of each network
+of its space whose cost differs (each VGG depth, each GoogLeNet stage count), measured on the
+device, times the images of an epoch, the epochs a trial trains
 on average under its pruner, and the trials left. `study run` says it, and stops where it is
 far beyond what the user will wait (`--max-hours`)."""
 
@@ -15,15 +16,17 @@ import torch
 import torch.nn.functional as F
 
 from tuner.console import counted, duration
+from tuner.data import CIFAR10_INFO, DataInfo
 from tuner.errors import TunerError
-from tuner.models import VGG, VGGConfig
+from tuner.models import Architecture, build
 from tuner.pruning import expected_epochs
-from tuner.spec import Depth, StudySpec
+from tuner.spec import StudySpec
 from tuner.train import synchronize
 
 log = logging.getLogger(__name__)
 
-CIFAR_TRAIN_IMAGES = 50_000  # the training split, before the validation images are carved out
+# the training split of each known data set, before the validation images are carved out
+TRAIN_IMAGES = {"cifar10": 50_000, "cifar100": 50_000, "fashion-mnist": 60_000}
 # a CPU's time grows with the batch: a small one measured is as true and costs a second;
 # a GPU's does not (a small batch leaves it idle), so it is measured at the study's own
 CPU_BATCH = 32
@@ -37,9 +40,9 @@ class Cost:
 
     trials: int
     epochs_per_trial: float  # on average, under the study's pruner
-    epoch_seconds: float  # mean over the depths measured, at the study's width and images
+    epoch_seconds: float  # mean over the networks measured, at the study's width and images
     devices: int = 1  # trials at once, as the GPUs given: workers packed on one device share it
-    partial: bool = False  # only the cheaper depths measured: the cost is at least this
+    partial: bool = False  # only the cheaper networks measured: the cost is at least this
 
     @property
     def seconds(self) -> float:
@@ -50,31 +53,61 @@ class Cost:
             f"{counted(self.trials, 'trial')} × "
             f"~{self.epochs_per_trial:.1f} epochs × "
             f"{self.epoch_seconds:.1f} s per epoch (measured"
-            + (", the cheaper depths only" if self.partial else "")
+            + (", the cheaper networks only" if self.partial else "")
             + ")"
             + (f" / {self.devices} GPUs" if self.devices > 1 else "")
             + f": {'at least' if self.partial else 'about'} {duration(self.seconds)}"
         )
 
 
-def train_images(spec: StudySpec) -> int:
+def train_images(spec: StudySpec, info: DataInfo) -> int:
     data = spec.data
-    return data.train_size or CIFAR_TRAIN_IMAGES - data.val_size
+    if data.train_size:
+        return data.train_size
+    return max(1, TRAIN_IMAGES.get(data.name, info.train_images) - data.val_size)
+
+
+def networks(spec: StudySpec, info: DataInfo) -> list[Architecture]:
+    """The networks of the space whose cost differs most, cheapest first: each VGG depth
+    (with batch norm: the dearer kind), each GoogLeNet stage count (at its widest, with
+    auxiliary heads), a builder's network at its first point."""
+    from tuner.objective import architecture, first_point
+
+    space, point = spec.space, first_point(spec)
+
+    def at(**params: object) -> Architecture:
+        return architecture(spec, replace(point, model={**point.model, **params}), info)
+
+    if spec.family == "vgg":
+        depths = sorted(space.depth, key=lambda d: int(d.removeprefix("vgg")))  # type: ignore[attr-defined]
+        return [at(depth=d, batch_norm=True, dropout=0.0) for d in depths]
+    if spec.family == "googlenet":
+        width = space.width.high  # type: ignore[attr-defined]
+        return [at(stages=n, width=width, aux=True, aux_weight=0.3)
+                for n in sorted(space.stages)]  # type: ignore[attr-defined]  # fmt: skip
+    return [architecture(spec, point, info)]
 
 
 def measure(
-    spec: StudySpec, device: torch.device, trials: int, devices: int = 1, limit: float = math.inf
+    spec: StudySpec,
+    device: torch.device,
+    trials: int,
+    devices: int = 1,
+    limit: float = math.inf,
+    info: DataInfo = CIFAR10_INFO,
 ) -> Cost:
-    """The cost of `trials` trials of `spec` on `device`: each depth of its space measured, the
-    cheapest first, until the cheaper ones alone cost more than `limit` seconds (a study of
-    days on a CPU is told in seconds, not after a minute of measuring)."""
+    """The cost of `trials` trials of `spec` on `device`, on images as `info` describes: each
+    network of `networks` measured, the cheapest first, until the cheaper ones alone cost
+    more than `limit` seconds (a study of days on a CPU is told in seconds, not after a
+    minute of measuring)."""
     epochs = expected_epochs(spec)
     measured: list[float] = []
+    archs = networks(spec, info)
     try:
-        for depth in sorted(spec.space.depth, key=lambda d: int(d.removeprefix("vgg"))):
-            measured.append(epoch_seconds(spec, depth, device))
+        for arch in archs:
+            measured.append(epoch_seconds(spec, arch, device, info))
             cost = Cost(trials, epochs, sum(measured) / len(measured), devices)
-            if cost.seconds > limit and len(measured) < len(spec.space.depth):
+            if cost.seconds > limit and len(measured) < len(archs):
                 return replace(cost, partial=True)
         return cost
     finally:
@@ -82,15 +115,17 @@ def measure(
             torch.cuda.empty_cache()
 
 
-def epoch_seconds(spec: StudySpec, depth: Depth, device: torch.device) -> float:
-    """One epoch of the study's training images on a VGG of `depth` (with batch norm: the
-    dearer kind), from eager steps (at least `STEPS` after one to warm up; more while cheap).
-    On the CPU at a small batch, scaled per image."""
+def epoch_seconds(
+    spec: StudySpec, arch: Architecture, device: torch.device, info: DataInfo = CIFAR10_INFO
+) -> float:
+    """One epoch of the study's training images on the network `arch`, from eager steps (at
+    least `STEPS` after one to warm up; more while cheap). On the CPU at a small batch, scaled
+    per image."""
     batch = spec.train.batch_size
     batch = min(CPU_BATCH, batch) if device.type == "cpu" else batch
-    images = torch.randn(batch, 3, 32, 32, device=device)
-    labels = torch.randint(0, 10, (batch,), device=device)
-    model = VGG(VGGConfig(depth, True, 0.0, spec.train.width), seed=0).to(device)
+    images = torch.randn(batch, *arch.input_shape, device=device)
+    labels = torch.randint(0, arch.num_classes, (batch,), device=device)
+    model = build(arch, seed=0).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     times: list[float] = []
     # the first warms up; then at least STEPS, and more while they are cheap: a loaded
@@ -98,13 +133,14 @@ def epoch_seconds(spec: StudySpec, depth: Depth, device: torch.device) -> float:
     while len(times) < STEPS + 1 or (sum(times[1:]) < ENOUGH_SECONDS and len(times) < 50):
         synchronize(device)
         began = time.perf_counter()
-        loss = F.cross_entropy(model(images), labels)
+        out = model(images)
+        loss = F.cross_entropy(out[0] if isinstance(out, tuple) else out, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         synchronize(device)
         times.append(time.perf_counter() - began)
-    return statistics.median(times[1:]) / batch * train_images(spec)
+    return statistics.median(times[1:]) / batch * train_images(spec, info)
 
 
 def check(cost: Cost, spec: StudySpec, device: torch.device, max_hours: float) -> None:
@@ -117,7 +153,7 @@ def check(cost: Cost, spec: StudySpec, device: torch.device, max_hours: float) -
     if device.type == "cpu":
         instead.append("on a GPU (`--device cuda`, `--gpus all`)")
     anyway = (  # a partial estimate is a floor: a number from it would not be enough
-        "a --max-hours above the whole study's cost (every depth is measured then)"
+        "a --max-hours above the whole study's cost (every network is measured then)"
         if cost.partial
         else f"`--max-hours {math.ceil(cost.seconds / 3600)}`"
     )

@@ -55,7 +55,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FOLDER = "report"  # on the parent run
-CHANCE = 0.1  # CIFAR-10: ten classes
+# the classes of each known data set: chance is one in as many (a loader's are not known
+# without its arrays: no trial is called stuck at chance there)
+CLASSES = {"cifar10": 10, "cifar100": 100, "fashion-mnist": 10}
 STUCK_MARGIN = 0.05  # a trial whose best validation accuracy stays within this of chance
 RESAMPLES = 10  # bootstrap resamples of the completed trials for the importances' spread
 
@@ -180,9 +182,10 @@ def importance_chart(found: Sequence[Importance]) -> Figure:
     return figure
 
 
-def failure_modes(trials: list[FrozenTrial]) -> tuple[str, ...]:
-    """The ways trials failed, one sentence each: diverged, stuck at chance, pruned at epoch k,
-    failed for a reason."""
+def failure_modes(trials: list[FrozenTrial], chance: float | None = 0.1) -> tuple[str, ...]:
+    """The ways trials failed, one sentence each: diverged, stuck at `chance` (the accuracy of
+    a guess: one in as many as the classes; None: not known), pruned at epoch k, failed for
+    a reason."""
     found = []
     by = {t.number: _row(t) for t in trials}
     diverged = [t.number for t in trials if Outcome.of(t) is Outcome.DIVERGED]
@@ -194,11 +197,11 @@ def failure_modes(trials: list[FrozenTrial]) -> tuple[str, ...]:
         t.number for t in trials
         if Outcome.of(t) in (Outcome.COMPLETE, Outcome.PRUNED)
         and (t.state == TrialState.COMPLETE or by[t.number].epochs >= 2)
-        and (by[t.number].best_val_acc or 0.0) <= CHANCE + STUCK_MARGIN
+        and chance is not None and (by[t.number].best_val_acc or 0.0) <= chance + STUCK_MARGIN
     ]  # fmt: skip
     if stuck:
         found.append(f"{_count(stuck)} stuck at chance (best validation accuracy ≤ "
-                     f"{CHANCE + STUCK_MARGIN:.2f}): " + _examples(stuck, by))  # fmt: skip
+                     f"{(chance or 0) + STUCK_MARGIN:.2f}): " + _examples(stuck, by))  # fmt: skip
     pruned = Counter(
         int(t.user_attrs.get(PRUNED_AT_ATTR, len(t.intermediate_values)))
         for t in trials
@@ -263,6 +266,7 @@ def gather(spec: StudySpec, stores: Stores, tracker: Tracker, top: int = 10) -> 
     )
     tags = parent.data.tags
     found = importances(study, spec.seed)
+    chance = 1 / CLASSES[spec.data.set] if spec.data.set else None
     # the chart shows the table's numbers (Optuna's own has no spread); none without a table
     chart = {"param_importances": lambda: importance_chart(found)}
     return Page(
@@ -272,7 +276,7 @@ def gather(spec: StudySpec, stores: Stores, tracker: Tracker, top: int = 10) -> 
         best=tuple(_row(t) for t in ranked(trials, top)),
         baselines=tuple(_row(t) for t in trials if BASELINE_ATTR in t.user_attrs),
         importances=found,
-        failures=failure_modes([t for t in trials if t.state != TrialState.WAITING]),
+        failures=failure_modes([t for t in trials if t.state != TrialState.WAITING], chance),
         ensembles=tuple(_ensemble(r) for r in ensembles),
         refits=tuple(sorted(completed_refits(spec, stores).values(), key=lambda r: r.source)),
         pictures=tuple(pictures(study, instead=chart)),

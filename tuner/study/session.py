@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     import optuna
     import torch
 
+    from tuner.data import DataInfo
     from tuner.study.refit import Refit
     from tuner.tracking import StudyRuns, Tracker
     from tuner.train import TrainResult
@@ -63,10 +64,11 @@ class RunRequest:
 def run_study(spec: StudySpec, stores: Stores, request: RunRequest) -> RunSummary:
     """Run a study's trials in this process (one job) or in worker processes (several)."""
     interrupts.install()
+    info = preflight(spec, request)
     # a new study is measured before it is made: one found too long is changed freely
     guard_first = request.max_hours is not None and _new(spec, stores)
     if guard_first:
-        _guard(spec, request, budget_for(spec, request).trials)
+        _guard(spec, request, budget_for(spec, request).trials, info)
     created = create(spec, stores, allow_changed_settings=request.allow_changed_settings)
     tracker, runs = created.tracker, created.runs
     if created.created:
@@ -82,7 +84,7 @@ def run_study(spec: StudySpec, stores: Stores, request: RunRequest) -> RunSummar
         return summarize(study, budget.session, 0.0)
     log.info(_plan_line(spec, study, budget, left, request))
     if request.max_hours is not None and not guard_first:
-        _guard(spec, request, left)
+        _guard(spec, request, left, info)
     plans = worker_plans(spec, stores, runs, request)  # --timeout counts from here
     started = time.perf_counter()
     exits: list[str] = []
@@ -181,7 +183,7 @@ def worker_plans(
     slots = [(d, j) for d in request.devices for j in range(request.jobs_per_device)]
     # no worker for a refit that is not there
     slots = slots[: budget.trials] if queued_only else slots
-    data_dir = resolve_data_dir(request.data_dir)
+    data_dir = resolve_data_dir(request.data_dir, spec.data)
     if len(slots) == 1:
         return [WorkerPlan("main", spec, stores, runs, data_dir, slots[0][0], budget,
                            trainer=request.trainer)]  # fmt: skip
@@ -214,6 +216,7 @@ def run_refit(
     from tuner.study import refit
 
     interrupts.install()
+    preflight(spec, request)
     created = create(spec, stores, allow_changed_settings=request.allow_changed_settings)
     tracker, runs = created.tracker, created.runs
     queued = refit.prepare(spec, stores, top, epochs)
@@ -277,11 +280,23 @@ def _new(spec: StudySpec, stores: Stores) -> bool:
         return False
 
 
-def _guard(spec: StudySpec, request: RunRequest, trials: int) -> None:
+def preflight(spec: StudySpec, request: RunRequest) -> DataInfo:
+    """The study's data set, described (a known set's without reading it; a loader's arrays
+    are loaded and checked), and what can be known wrong before a trial trains
+    (`objective.check_study`), each one line."""
+    from tuner.data import describe, resolve_data_dir
+    from tuner.objective import check_study
+
+    info = describe(spec.data, resolve_data_dir(request.data_dir, spec.data))
+    check_study(spec, info)
+    return info
+
+
+def _guard(spec: StudySpec, request: RunRequest, trials: int, info: DataInfo) -> None:
     """What `trials` trials will cost here, said; stop past `request.max_hours`."""
     assert request.max_hours is not None
     device, limit = request.devices[0], request.max_hours * 3600
-    check(measure(spec, device, trials, len(request.devices), limit), spec, device,
+    check(measure(spec, device, trials, len(request.devices), limit, info), spec, device,
           request.max_hours)  # fmt: skip
 
 

@@ -161,7 +161,8 @@ def work(plan: WorkerPlan) -> None:
 
     tracker = Tracker(plan.stores)
     study = open_study(plan.spec, plan.stores)
-    log.info(f"loading CIFAR-10 from {plan.data_dir} onto {plan.device} …")
+    where = "its loader" if plan.spec.data.loader else plan.data_dir
+    log.info(f"loading {plan.spec.data.name} from {where} onto {plan.device} …")
     data = load_train_val(plan.data_dir, plan.spec.data, plan.spec.seed, plan.device)
     if trial_role(plan.spec.name) is Role.REFIT:
         data = data.merged()  # the configuration is chosen: train on what validated it
