@@ -21,6 +21,7 @@ LAYERS: list[set[str]] = [
     {"stores"},
     {"plugins"},
     {"space", "models.vgg", "data", "pruning", "ensemble.selection"},
+    {"models.googlenet"},  # takes VGG's Dropout, width rounding and initialisation
     {"models"},
     {"train"},
     {"tracking.client"},
