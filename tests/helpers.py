@@ -4,9 +4,12 @@ it prints, and read the stores it wrote. Waits are on conditions, with generous 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
+import pickle
 import re
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -14,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import optuna
 import pytest
 
@@ -198,3 +202,66 @@ class Payload:
 def worker_pid(trial: optuna.trial.FrozenTrial) -> int:
     """The pid of the worker a trial names (`host:pid:start`)."""
     return int(trial.user_attrs["worker"].split(":")[1])
+
+
+def idx_bytes(
+    values: np.ndarray, magic: int | None = None, dims: tuple[int, ...] | None = None
+) -> bytes:
+    """An IDX file of uint8 `values`: its magic number (0x0803 for N×28×28) and dimensions
+    from the array unless given (a test's lie), then the values."""
+    dims = values.shape if dims is None else dims
+    magic = 0x0800 | values.ndim if magic is None else magic
+    return struct.pack(f">I{len(dims)}I", magic, *dims) + values.astype(np.uint8).tobytes()
+
+
+def write_idx(path: Path, raw: bytes, gz: bool) -> Path:
+    """`raw` at `path`, or gzipped at `path.gz`: the path written."""
+    if gz:
+        path = path.with_name(f"{path.name}.gz")
+        raw = gzip.compress(raw, compresslevel=1)
+    path.write_bytes(raw)
+    return path
+
+
+def write_fashion_mnist(
+    folder: Path, n_train: int = 200, n_test: int = 60, gz: bool = True, classes: int = 10
+) -> Path:
+    """Fashion-MNIST's four IDX files in `folder`, `classes` classes all present in each split,
+    images whose brightness depends on the class: the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = np.arange(n) % classes
+        noise = rng.normal(0, 30, size=(n, 28, 28))
+        images = np.clip(20 + labels[:, None, None] * 20 + noise, 0, 255)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte", idx_bytes(images), gz)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", idx_bytes(labels), gz)
+    return folder
+
+
+CIFAR100_FOLDER = "cifar-100-python"
+
+
+def write_cifar100(root: Path, n_train: int = 300, n_test: int = 200, meta: bool = True) -> Path:
+    """The `cifar-100-python` layout (`train`, `test`, `meta`) under `root`, every one of the
+    100 fine classes in each file: `root`."""
+    folder = root / CIFAR100_FOLDER
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, n in (("train", n_train), ("test", n_test)):
+        fine = np.arange(n) % 100
+        batch = {
+            b"filenames": [f"{i}.png".encode() for i in range(n)],
+            b"batch_label": f"{name} batch".encode(),
+            b"fine_labels": fine.tolist(),
+            b"coarse_labels": (fine // 5).tolist(),
+            b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
+        }
+        with (folder / name).open("wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    if meta:
+        names = {b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
+                 b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)]}  # fmt: skip
+        with (folder / "meta").open("wb") as f:
+            pickle.dump(names, f, protocol=2)
+    return root

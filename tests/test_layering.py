@@ -16,7 +16,7 @@ PACKAGE = Path(tuner.__file__).parent
 # Each module's layer: a module imports only modules of lower layers.
 LAYERS: list[set[str]] = [
     {"tuner", "errors", "records", "console", "interrupts", "background", "_tables"},
-    {"spec", "store_errors", "devices"},
+    {"spec", "store_errors", "devices", "_arrays", "_fashion"},
     {"_optuna", "retries"},
     {"stores"},
     {"plugins"},

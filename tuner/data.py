@@ -1,6 +1,8 @@
-"""CIFAR-10 from its standard python layout to tensors; the seeded split; batched augmentation.
+"""Data sets to tensors: CIFAR-10 and CIFAR-100 (their python pickles), Fashion-MNIST (its IDX
+files) or a user's loader (arrays); the checks; the seeded split; batched augmentation.
 
-The test split is read only by `tuner ensemble`.
+Every split carries its `DataInfo` (classes, image shape, statistics). The test split is read
+only by `tuner ensemble`.
 """
 
 from __future__ import annotations
@@ -8,91 +10,188 @@ from __future__ import annotations
 import math
 import os
 import pickle
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 import torch
 
+from tuner import _arrays, _fashion, plugins
 from tuner.errors import ConfigError, DataError
-from tuner.spec import DataSpec
+from tuner.spec import DataSpec, TrainSpec
 
 FOLDER = "cifar-10-batches-py"
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 MD5 = "c58f30108f718f92721af3b95e74349a"
-CLASSES = 10
+CLASSES = 10  # CIFAR-10's
 # per-channel statistics of the CIFAR-10 training set, on the 0..255 scale
 MEAN = (125.31, 122.95, 113.87)
 STD = (62.99, 62.09, 66.70)
+TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))  # the release's names, no others
+TEST_FILE = "test_batch"
+PIXELS = 3 * 32 * 32  # values per image in a batch's `data` rows (red, green, blue planes)
 
 
-def default_data_dir() -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "tuner" / "cifar10"
+@dataclass(frozen=True)
+class DataInfo:
+    """What a network, the normalisation and the augmentation need to know of a data set."""
+
+    name: str  # "cifar10", "cifar100", "fashion-mnist", or a loader's "package.module:function"
+    classes: int
+    shape: tuple[int, int, int]  # channels, height, width (pixels)
+    mean: tuple[float, ...]  # per channel, on the 0..255 scale
+    std: tuple[float, ...]
+    class_names: tuple[str, ...]
 
 
-def resolve_data_dir(cli_value: str | os.PathLike[str] | None) -> Path:
-    """--data-dir, else TUNER_DATA_DIR, else a folder under the user's cache."""
+def _numbered(classes: int) -> tuple[str, ...]:
+    return tuple(str(i) for i in range(classes))
+
+
+CIFAR10_INFO = DataInfo("cifar10", CLASSES, (3, 32, 32), MEAN, STD,
+                        ("plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                         "truck"))  # fmt: skip
+# fine class names are read from the release's `meta` where it is there (`describe`)
+CIFAR100_INFO = DataInfo("cifar100", 100, (3, 32, 32), (129.30, 124.07, 112.43),
+                         (68.17, 65.39, 70.42), _numbered(100))  # fmt: skip
+FASHION_MNIST_INFO = DataInfo("fashion-mnist", 10, (1, 28, 28), (72.94,), (90.02,),
+                              ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                               "Shirt", "Sneaker", "Bag", "Ankle boot"))  # fmt: skip
+KNOWN = {info.name: info for info in (CIFAR10_INFO, CIFAR100_INFO, FASHION_MNIST_INFO)}
+
+
+@dataclass(frozen=True)
+class Release:
+    """A CIFAR python release: where it is downloaded from, and the files it holds."""
+
+    name: str  # for messages
+    folder: str  # the folder its archive unpacks to
+    url: str
+    md5: str
+    train_files: tuple[str, ...]
+    test_file: str
+    train_pattern: str  # the training files, as a message names them
+    label_key: bytes  # the labels in each pickled dict
+    classes: int
+
+
+CIFAR10 = Release("CIFAR-10", FOLDER, URL, MD5, TRAIN_FILES, TEST_FILE, "data_batch_N",
+                  b"labels", CLASSES)  # fmt: skip
+# its fine labels: the 100 classes (the 20 coarse ones are not read)
+CIFAR100 = Release("CIFAR-100", "cifar-100-python",
+                   "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                   "eb9058c3a382ffc7106e4002c42a8d85", ("train",), "test", "train",
+                   b"fine_labels", 100)  # fmt: skip
+
+
+def default_data_dir(spec: DataSpec | None = None) -> Path:
+    """`~/.cache/tuner/<set>` (XDG_CACHE_HOME respected); for a loader, which reads no
+    folder, `~/.cache/tuner`."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tuner"
+    if spec is None:
+        return cache / "cifar10"
+    return cache / spec.set if spec.set else cache
+
+
+def resolve_data_dir(
+    cli_value: str | os.PathLike[str] | None, spec: DataSpec | None = None
+) -> Path:
+    """--data-dir, else TUNER_DATA_DIR, else a folder for the data set under the user's cache."""
     chosen = cli_value or os.environ.get("TUNER_DATA_DIR")
-    return Path(chosen).expanduser() if chosen else default_data_dir()
+    return Path(chosen).expanduser() if chosen else default_data_dir(spec)
 
 
-def batches_dir(root: Path) -> Path:
+def describe(spec: DataSpec, root: Path) -> DataInfo:
+    """What the data set is: for a known one without reading its images (CIFAR-100's class
+    names come from its small `meta` file where it is there); a loader is called (once a
+    process: `load_*` then reuse its checked arrays)."""
+    if spec.loader is not None:
+        return _loaded(spec.loader).info
+    if spec.set == "cifar100":
+        meta = batches_dir(root, CIFAR100) / "meta"
+        if meta.is_file():
+            return replace(CIFAR100_INFO, class_names=_fine_names(meta))
+    return KNOWN[str(spec.set)]
+
+
+def ensure(spec: DataSpec, root: Path) -> Path | str:
+    """Where the data set is read from, downloading a known one that is missing: called once
+    before workers start, so that they do not all download it at once. A loader is not called
+    here (its arrays would stay in this process): its `package.module:function` is returned."""
+    if spec.loader is not None:
+        return spec.loader
+    if spec.set == "fashion-mnist":
+        return _fashion.ensure(root)
+    return ensure_cifar(root, release=_release(spec))
+
+
+def _release(spec: DataSpec) -> Release:
+    return CIFAR100 if spec.set == "cifar100" else CIFAR10
+
+
+def batches_dir(root: Path, release: Release = CIFAR10) -> Path:
     """Accept both the folder that holds `cifar-10-batches-py` and that folder itself."""
-    return root if root.name == FOLDER else root / FOLDER
+    return root if root.name == release.folder else root / release.folder
 
 
-def ensure_cifar(root: Path, *, download: bool = True) -> Path:
-    """Return the `cifar-10-batches-py` folder, downloading the release only where that folder
-    does not exist: a partial copy is named, never downloaded into (two copies would mix)."""
-    folder = batches_dir(root)
+def ensure_cifar(root: Path, *, download: bool = True, release: Release = CIFAR10) -> Path:
+    """Return the release's folder (`cifar-10-batches-py`), downloading the release only where
+    that folder does not exist: a partial copy is named, never downloaded into (two copies
+    would mix)."""
+    folder = batches_dir(root, release)
     if folder.exists():
-        _check_whole(folder)
+        _check_whole(folder, release)
         return folder
     if not download:
-        raise DataError(_missing_message(folder, "downloading is turned off"))
-    print(f"CIFAR-10 not found at {folder}; downloading {URL} …", flush=True)
+        raise DataError(_missing_message(folder, release, "downloading is turned off"))
+    print(f"{release.name} not found at {folder}; downloading {release.url} …", flush=True)
     from torchvision.datasets.utils import download_and_extract_archive
 
     try:
-        download_and_extract_archive(URL, download_root=str(folder.parent), md5=MD5)
+        download_and_extract_archive(release.url, download_root=str(folder.parent),
+                                     md5=release.md5)  # fmt: skip
     except Exception as exc:  # offline, proxy, disk full: all end the same way for the user
-        raise DataError(_missing_message(folder, f"the download failed ({exc})")) from None
+        why = f"the download failed ({exc})"
+        raise DataError(_missing_message(folder, release, why)) from None
     return folder
 
 
-def _check_whole(folder: Path) -> None:
-    """`test_batch` and at least one `data_batch_N` (a development subset may hold fewer than
-    the release's five), else one line naming what is missing."""
-    train = [name for name in TRAIN_FILES if (folder / name).is_file()]
-    test = (folder / TEST_FILE).is_file()
+def _check_whole(folder: Path, release: Release) -> None:
+    """The test file and at least one training file (a development subset of CIFAR-10 may
+    hold fewer than the release's five batches), else one line naming what is missing."""
+    train = [name for name in release.train_files if (folder / name).is_file()]
+    test = (folder / release.test_file).is_file()
     if train and test:
         return
     if train:
-        held = f"holds {_train_names(train)} but not {TEST_FILE}"
+        held = f"holds {_train_names(train, release)} but not {release.test_file}"
+    elif test:
+        held = f"holds {release.test_file} but no {release.train_pattern}"
     else:
-        held = f"holds {TEST_FILE} but no data_batch_N" if test else "holds no CIFAR-10 batch"
+        held = f"holds no {release.name} batch"
     raise DataError(
         f"{folder} {held}: tuner does not download into a folder that exists; add the "
-        f"missing files from {URL}, or remove the folder for tuner to download the release"
+        f"missing files from {release.url}, or remove the folder for tuner to download the "
+        "release"
     )
 
 
-def _train_names(names: list[str]) -> str:
+def _train_names(names: list[str], release: Release) -> str:
     """`data_batch_1..5` for a run of three or more, else the names."""
-    first = TRAIN_FILES.index(names[0])
-    if len(names) > 2 and tuple(names) == TRAIN_FILES[first : first + len(names)]:
+    first = release.train_files.index(names[0])
+    if len(names) > 2 and tuple(names) == release.train_files[first : first + len(names)]:
         return f"{names[0]}..{names[-1].rsplit('_', 1)[1]}"
     return ", ".join(names)
 
 
-def _missing_message(folder: Path, why: str) -> str:
+def _missing_message(folder: Path, release: Release, why: str) -> str:
     return (
-        f"CIFAR-10 is not at {folder} and {why}.\n"
+        f"{release.name} is not at {folder} and {why}.\n"
         "Point tuner at a local copy of the python release (the folder that holds "
-        f"'{FOLDER}/'), with --data-dir DIR or TUNER_DATA_DIR=DIR, or download "
-        f"{URL} and unpack it there."
+        f"'{release.folder}/'), with --data-dir DIR or TUNER_DATA_DIR=DIR, or download "
+        f"{release.url} and unpack it there."
     )
 
 
@@ -151,22 +250,26 @@ class _ArraysOnly(pickle.Unpickler):
         return np.ndarray(shape, dtype)
 
 
-TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))  # the release's names, no others
-TEST_FILE = "test_batch"
-PIXELS = 3 * 32 * 32  # values per image in a batch's `data` rows (red, green, blue planes)
-
-
-def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """One batch file, checked: uint8 pixels N×3072, integer labels in 0..9, as many as images.
-    Each failure is one `DataError` naming the file and the check."""
+def _unpickle(path: Path, what: str) -> object:
+    """A CIFAR pickle through `_ArraysOnly`; `what` names it in the message (`CIFAR-10 batch`)."""
     try:
         with path.open("rb") as f:
-            batch = _ArraysOnly(f, os.fstat(f.fileno()).st_size).load()
+            return _ArraysOnly(f, os.fstat(f.fileno()).st_size).load()
     except Exception as exc:
-        raise DataError(f"{path}: not a readable CIFAR-10 batch ({exc})") from None
-    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
-        raise DataError(f"{path}: not a CIFAR-10 batch (no 'data' and 'labels' entries)")
-    images, labels = _check_pixels(path, batch[b"data"]), _check_labels(path, batch[b"labels"])
+        raise DataError(f"{path}: not a readable {what} ({exc})") from None
+
+
+def _read_batch(path: Path, release: Release = CIFAR10) -> tuple[np.ndarray, np.ndarray]:
+    """One batch file, checked: uint8 pixels N×3072, integer labels in 0..classes-1, as many
+    as images. Each failure is one `DataError` naming the file and the check."""
+    batch = _unpickle(path, f"{release.name} batch")
+    key = release.label_key
+    if not isinstance(batch, dict) or b"data" not in batch or key not in batch:
+        raise DataError(
+            f"{path}: not a {release.name} batch (no 'data' and '{key.decode()}' entries)"
+        )
+    images = _check_pixels(path, batch[b"data"])
+    labels = _check_labels(path, batch[key], release.classes)
     if len(images) != len(labels):
         raise DataError(f"{path}: {len(images)} images but {len(labels)} labels")
     return images, labels
@@ -184,28 +287,13 @@ def _check_pixels(path: Path, data: object) -> np.ndarray:
         )
     if len(data) == 0:
         raise DataError(f"{path}: holds no images")
-    if data.dtype.kind == "f":
-        low, high = float(data.min()), float(data.max())
-        scaled = 0 <= low and high <= 1
-        found = "in [0, 1]" if scaled else f"from {low:g} to {high:g}"
-        hint = " (images scaled to [0, 1] would train as black: save them as uint8)"
-        raise DataError(
-            f"{path}: pixels are {data.dtype} {found}, expected uint8 in 0..255"
-            + (hint if scaled else "")
-        )
-    if data.dtype.kind not in "iu":
-        raise DataError(f"{path}: pixels are {data.dtype}, expected uint8 in 0..255")
-    if data.dtype != np.uint8 and (data.min() < 0 or data.max() > 255):
-        raise DataError(
-            f"{path}: pixel values run from {data.min()} to {data.max()}, expected 0..255"
-        )
-    return data.astype(np.uint8, copy=False).reshape(-1, 3, 32, 32)
+    return _arrays.to_uint8(str(path), data).reshape(-1, 3, 32, 32)
 
 
-def _check_labels(path: Path, raw: object) -> np.ndarray:
+def _check_labels(path: Path, raw: object, classes: int = CLASSES) -> np.ndarray:
     """A list of ints (as the release holds) or an array; numbers only, checked before numpy
     builds them: a list of shared lists would be built whole."""
-    expected = f"expected integers 0..{CLASSES - 1}"
+    expected = f"expected integers 0..{classes - 1}"
     if isinstance(raw, list):
         for label in raw:
             if not isinstance(label, int | float):
@@ -216,50 +304,107 @@ def _check_labels(path: Path, raw: object) -> np.ndarray:
     if labels.ndim != 1:
         raise DataError(f"{path}: labels have shape {labels.shape}, expected one per image")
     if labels.dtype.kind not in "iu":
-        raise DataError(f"{path}: labels are {labels.dtype}, expected integers 0..{CLASSES - 1}")
-    outside = np.flatnonzero((labels < 0) | (labels >= CLASSES))
+        raise DataError(f"{path}: labels are {labels.dtype}, {expected}")
+    outside = np.flatnonzero((labels < 0) | (labels >= classes))
     if len(outside):
         first = outside[0]
         raise DataError(
-            f"{path}: label {labels[first]} (image {first}) is outside 0..{CLASSES - 1}; "
+            f"{path}: label {labels[first]} (image {first}) is outside 0..{classes - 1}; "
             f"{len(outside)} such labels in all"
         )
     return labels.astype(np.int64, copy=False)
 
 
-def read_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """`data_batch_1..5` (train) or `test_batch` (test): uint8 N×3×32×32 and int64 N. Only
-    those names are read: a stray `data_batch_1.bak` would leak copies into the split."""
+def read_split(
+    folder: Path, split: str, release: Release = CIFAR10
+) -> tuple[np.ndarray, np.ndarray]:
+    """`data_batch_1..5` (train) or `test_batch` (test), or CIFAR-100's `train` or `test`:
+    uint8 N×3×32×32 and int64 N. Only those names are read: a stray `data_batch_1.bak` would
+    leak copies into the split."""
     if split == "train":
-        paths = [folder / name for name in TRAIN_FILES if (folder / name).is_file()]
+        paths = [folder / name for name in release.train_files if (folder / name).is_file()]
     elif split == "test":
-        paths = [folder / TEST_FILE] if (folder / TEST_FILE).is_file() else []
+        test = folder / release.test_file
+        paths = [test] if test.is_file() else []
     else:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if not paths:
-        raise DataError(f"{folder}: no {split} batches found (expected data_batch_N, test_batch)")
-    parts = [_read_batch(p) for p in paths]
+        raise DataError(
+            f"{folder}: no {split} batches found "
+            f"(expected {release.train_pattern}, {release.test_file})"
+        )
+    parts = [_read_batch(p, release) for p in paths]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
+def _fine_names(path: Path) -> tuple[str, ...]:
+    """CIFAR-100's 100 fine class names, from its `meta` file."""
+    meta = _unpickle(path, "CIFAR-100 meta file")
+    names = meta.get(b"fine_label_names") if isinstance(meta, dict) else None
+    if not (isinstance(names, list) and len(names) == CIFAR100.classes
+            and all(isinstance(n, bytes | str) for n in names)):  # fmt: skip
+        raise DataError(
+            f"{path}: not CIFAR-100's meta file (no list of 100 fine_label_names); replace it "
+            f"with the release's ({CIFAR100.url}) or remove it"
+        )
+    return tuple(n.decode("latin-1") if isinstance(n, bytes) else n for n in names)
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    info: DataInfo
+    arrays: _arrays.Arrays
+
+
+# a user's loader's checked arrays, per process, by `package.module:function`: `describe`
+# calls it and the `load_*` that follow reuse what it returned (a loader may take minutes)
+_LOADED: dict[str, _Loaded] = {}
+
+
+def _loaded(target: str) -> _Loaded:
+    """The loader `target` called (once a process), and what it returned, checked."""
+    if target not in _LOADED:
+        function = plugins.load(target, "data.loader")
+        where = f"data.loader {target!r}"
+        try:
+            returned = function()
+        except Exception as exc:  # the user's code: whatever it raises is one line
+            why = " ".join(str(exc).split())
+            raise DataError(f"{where}: it raised {type(exc).__name__}: {why}") from None
+        arrays = _arrays.from_loader(where, returned)
+        mean, std = _arrays.channel_stats(arrays.train_images)
+        # a channel of one value (std 0) would be divided by zero: it is only centred
+        std = tuple(s if s > 0 else 1.0 for s in std)
+        c, h, w = arrays.train_images.shape[1:]
+        info = DataInfo(target, arrays.classes, (c, h, w), mean, std, _numbered(arrays.classes))
+        _LOADED[target] = _Loaded(info, arrays)
+    return _LOADED[target]
+
+
 def check_classes(
-    folder: Path, split: str, labels: np.ndarray, carve: int | None, key: str
+    where: str, labels: np.ndarray, carve: int | None, key: str, classes: int
 ) -> None:
-    """Every class has images enough for a stratified split that carves `carve` images out
-    (the study file's `key`)."""
-    counts = np.bincount(labels, minlength=CLASSES)
-    where = f"{folder}: the {split} batches"
+    """Every one of the `classes` has images enough for a stratified split that carves `carve`
+    images out (the study file's `key`); `where` names the images (`FOLDER: the train
+    batches`)."""
+    counts = np.bincount(labels, minlength=classes)
     if counts.min() < 2:
         cls = int(counts.argmin())
         raise DataError(
             f"{where} hold {counts[cls]} image(s) of class {cls}; a stratified split needs at "
-            f"least 2 of each of the {CLASSES} classes (counts: {counts.tolist()})"
+            f"least 2 of each of the {classes} classes (counts: {_counts(counts)})"
         )
-    if carve is not None and carve < min(len(labels), CLASSES):
+    if carve is not None and carve < min(len(labels), classes):
         raise ConfigError(
-            f"{key}={carve} cannot hold one image of each of the {CLASSES} classes; "
+            f"{key}={carve} cannot hold one image of each of the {classes} classes; "
             f"raise {key} in the study file"
         )
+
+
+def _counts(counts: np.ndarray) -> str:
+    """The counts per class for a message; cut after 20 classes (CIFAR-100 has 100)."""
+    shown = counts.tolist()
+    return str(shown) if len(shown) <= 20 else f"{str(shown[:20])[:-1]}, … ({len(shown)} classes)]"
 
 
 def split_indices(
@@ -344,6 +489,7 @@ class Split:
 
     images: torch.Tensor
     labels: torch.Tensor
+    info: DataInfo = CIFAR10_INFO
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -353,61 +499,112 @@ class Split:
 class TrainVal:
     train: Split
     val: Split
-    source: Path
+    source: Path | str  # the folder read, or a loader's "package.module:function"
+
+    @property
+    def info(self) -> DataInfo:
+        return self.train.info
 
     def merged(self) -> TrainVal:
         """Train on both, hold nothing out (a refit: the configuration is chosen already)."""
         images = torch.cat([self.train.images, self.val.images])
         labels = torch.cat([self.train.labels, self.val.labels])
-        empty = Split(images[:0], labels[:0])
-        return TrainVal(Split(images, labels), empty, self.source)
+        empty = Split(images[:0], labels[:0], self.info)
+        return TrainVal(Split(images, labels, self.info), empty, self.source)
 
 
-def _to_split(images: np.ndarray, labels: np.ndarray, device: torch.device) -> Split:
-    return Split(torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device))
+@dataclass(frozen=True)
+class _Part:
+    """One split of a data set as read, checked, on the host."""
+
+    source: Path | str  # the folder, or the loader
+    where: str  # the images, for messages: "FOLDER: the train batches"
+    images: np.ndarray  # uint8 N×C×H×W
+    labels: np.ndarray  # int64 N
+    info: DataInfo
+
+    def to(self, index: np.ndarray, device: torch.device) -> Split:
+        images, labels = torch.from_numpy(self.images[index]), torch.from_numpy(self.labels[index])
+        return Split(images.to(device), labels.to(device), self.info)
+
+
+def _read(root: Path, spec: DataSpec, split: str) -> _Part:
+    """The `train` or `test` split of the data set `spec` names, checked."""
+    if spec.loader is not None:
+        loaded = _loaded(spec.loader)
+        a = loaded.arrays
+        images, labels = (a.train_images, a.train_labels) if split == "train" else (
+            a.test_images, a.test_labels)  # fmt: skip
+        where = f"data.loader {spec.loader!r}: the {split} arrays"
+        return _Part(spec.loader, where, images, labels, loaded.info)
+    if spec.set == "fashion-mnist":
+        folder = _fashion.ensure(root)
+        images, labels = _fashion.read(folder, split)
+        return _Part(folder, f"{folder}: the {split} files", images, labels, FASHION_MNIST_INFO)
+    release = _release(spec)
+    folder = ensure_cifar(root, release=release)
+    images, labels = read_split(folder, split, release)
+    info = describe(spec, folder)
+    return _Part(folder, f"{folder}: the {split} batches", images, labels, info)
 
 
 def load_train_val(root: Path, spec: DataSpec, seed: int, device: torch.device) -> TrainVal:
-    folder, images, labels, train, val = _split_training(root, spec, seed)
-    return TrainVal(
-        train=_to_split(images[train], labels[train], device),
-        val=_to_split(images[val], labels[val], device),
-        source=folder,
-    )
+    part, train, val = _split_training(root, spec, seed)
+    return TrainVal(train=part.to(train, device), val=part.to(val, device), source=part.source)
 
 
 def load_val(root: Path, spec: DataSpec, seed: int, device: torch.device) -> Split:
     """The validation split alone (the same images as `load_train_val`'s): the training
     images are not copied to the device."""
-    _, images, labels, _, val = _split_training(root, spec, seed)
-    return _to_split(images[val], labels[val], device)
+    part, _, val = _split_training(root, spec, seed)
+    return part.to(val, device)
 
 
-def _split_training(
-    root: Path, spec: DataSpec, seed: int
-) -> tuple[Path, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The training batches, checked, and the indices of the seeded, stratified split."""
-    folder = ensure_cifar(root)
-    images, labels = read_split(folder, "train")
-    check_classes(folder, "train", labels, spec.val_size, "data.val_size")
-    check_classes(folder, "train", labels, spec.train_size, "data.train_size")
-    train, val = split_indices(labels, spec.val_size, spec.train_size, seed)
-    return folder, images, labels, train, val
+def _split_training(root: Path, spec: DataSpec, seed: int) -> tuple[_Part, np.ndarray, np.ndarray]:
+    """The training images, checked, and the indices of the seeded, stratified split."""
+    part = _read(root, spec, "train")
+    classes = part.info.classes
+    check_classes(part.where, part.labels, spec.val_size, "data.val_size", classes)
+    check_classes(part.where, part.labels, spec.train_size, "data.train_size", classes)
+    train, val = split_indices(part.labels, spec.val_size, spec.train_size, seed)
+    return part, train, val
 
 
 def load_test(root: Path, spec: DataSpec, seed: int, device: torch.device) -> Split:
-    folder = ensure_cifar(root)
-    images, labels = read_split(folder, "test")
-    check_classes(folder, "test", labels, spec.test_size, "data.test_size")
-    keep = subsample(labels, spec.test_size, seed)
-    return _to_split(images[keep], labels[keep], device)
+    part = _read(root, spec, "test")
+    check_classes(part.where, part.labels, spec.test_size, "data.test_size", part.info.classes)
+    return part.to(subsample(part.labels, spec.test_size, seed), device)
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 N×3×H×W → float, standardized per channel."""
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
+def normalize(images: torch.Tensor, info: DataInfo = CIFAR10_INFO) -> torch.Tensor:
+    """uint8 N×C×H×W → float, standardized per channel with the data set's statistics."""
+    c = len(info.mean)
+    if images.shape[1] != c:  # broadcasting would turn one channel into three silently
+        raise ValueError(f"images have {images.shape[1]} channels but {info.name} has {c}")
+    mean = torch.tensor(info.mean, device=images.device).view(1, c, 1, 1)
+    std = torch.tensor(info.std, device=images.device).view(1, c, 1, 1)
     return (images.float() - mean) / std
+
+
+def check_augment(train: TrainSpec, augments: Iterable[str], info: DataInfo) -> None:
+    """Each augmentation in `augments` fits the images: a crop reflect-pads by
+    `train.crop_padding`, which needs padding below the image's side; a cutout square must fit
+    in the image. A `ConfigError` names the key, the value, the images and the fix."""
+    side = min(info.shape[1:])
+    images = f"{info.name}'s images ({info.shape[1]}×{info.shape[2]} pixels)"
+    for kind in dict.fromkeys(augments):
+        if kind.startswith("crop") and train.crop_padding >= side:
+            raise ConfigError(
+                f"train.crop_padding={train.crop_padding} does not fit {images}: augment "
+                f"{kind!r} pads by reflection, which needs padding below {side}; lower "
+                f"train.crop_padding in the study file, or leave {kind} out of space.augment"
+            )
+        if kind.endswith("cutout") and train.cutout_size > side:
+            raise ConfigError(
+                f"train.cutout_size={train.cutout_size} is larger than {images}; lower "
+                f"train.cutout_size to {side} or less in the study file, or leave {kind} out "
+                "of space.augment"
+            )
 
 
 AUGMENT_CHUNK = 8192  # images augmented per batched op: bounds the index tensors (64 MB)
