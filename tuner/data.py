@@ -44,6 +44,7 @@ class DataInfo:
     mean: tuple[float, ...]  # per channel, on the 0..255 scale
     std: tuple[float, ...]
     class_names: tuple[str, ...]
+    train_images: int = 0  # in the training split (a release's; a loader's as it returned)
 
 
 def _numbered(classes: int) -> tuple[str, ...]:
@@ -52,13 +53,13 @@ def _numbered(classes: int) -> tuple[str, ...]:
 
 CIFAR10_INFO = DataInfo("cifar10", CLASSES, (3, 32, 32), MEAN, STD,
                         ("plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-                         "truck"))  # fmt: skip
+                         "truck"), 50_000)  # fmt: skip
 # fine class names are read from the release's `meta` where it is there (`describe`)
 CIFAR100_INFO = DataInfo("cifar100", 100, (3, 32, 32), (129.30, 124.07, 112.43),
-                         (68.17, 65.39, 70.42), _numbered(100))  # fmt: skip
+                         (68.17, 65.39, 70.42), _numbered(100), 50_000)  # fmt: skip
 FASHION_MNIST_INFO = DataInfo("fashion-mnist", 10, (1, 28, 28), (72.94,), (90.02,),
                               ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
-                               "Shirt", "Sneaker", "Bag", "Ankle boot"))  # fmt: skip
+                               "Shirt", "Sneaker", "Bag", "Ankle boot"), 60_000)  # fmt: skip
 KNOWN = {info.name: info for info in (CIFAR10_INFO, CIFAR100_INFO, FASHION_MNIST_INFO)}
 
 
@@ -376,7 +377,8 @@ def _loaded(target: str) -> _Loaded:
         # a channel of one value (std 0) would be divided by zero: it is only centred
         std = tuple(s if s > 0 else 1.0 for s in std)
         c, h, w = arrays.train_images.shape[1:]
-        info = DataInfo(target, arrays.classes, (c, h, w), mean, std, _numbered(arrays.classes))
+        info = DataInfo(target, arrays.classes, (c, h, w), mean, std, _numbered(arrays.classes),
+                        len(arrays.train_labels))  # fmt: skip
         _LOADED[target] = _Loaded(info, arrays)
     return _LOADED[target]
 

@@ -94,15 +94,15 @@ def status(name: str, result: Status, where: str) -> str:
     ]
     lines.append(f"\ntop {len(result.top)}:")
     points = [decode(trial.params) for trial in result.top]
-    wide = max(len(p.network()) for p in points)
+    wide = max(len("network"), *(len(p.network()) for p in points))
     lines.append(
-        f"{'trial':>6}  {'val_acc':>8}  {'network':<{wide}} {'optimizer':<9} "
+        f"{'trial':>6}  {'val_acc':>8}  {'network':<{wide}}  {'optimizer':<9} "
         f"{'lr':>9} {'wd':>8}  the rest"
     )
     for trial, p in zip(result.top, points, strict=True):
         rest = p.details().split(" ", 2)[2]  # after lr= and wd=: the family's, and augment
         lines.append(
-            f"{trial.number:>6}  {trial.value:>8.4f}  {p.network():<{wide}} "
+            f"{trial.number:>6}  {trial.value:>8.4f}  {p.network():<{wide}}  "
             f"{p.optimizer:<9} {p.lr:>9.2e} {p.weight_decay:>8.1e}  {rest}"
         )
     return "\n".join(lines + _refits_and_ensembles(name, result))

@@ -25,8 +25,6 @@ from tuner.train import synchronize
 
 log = logging.getLogger(__name__)
 
-# the training split of each known data set, before the validation images are carved out
-TRAIN_IMAGES = {"cifar10": 50_000, "cifar100": 50_000, "fashion-mnist": 60_000}
 # a CPU's time grows with the batch: a small one measured is as true and costs a second;
 # a GPU's does not (a small batch leaves it idle), so it is measured at the study's own
 CPU_BATCH = 32
@@ -64,7 +62,8 @@ def train_images(spec: StudySpec, info: DataInfo) -> int:
     data = spec.data
     if data.train_size:
         return data.train_size
-    return max(1, TRAIN_IMAGES.get(data.name, info.train_images) - data.val_size)
+    # the training split, less the validation images carved out of it
+    return max(1, info.train_images - data.val_size)
 
 
 def networks(spec: StudySpec, info: DataInfo) -> list[Architecture]:

@@ -139,9 +139,10 @@ class Supervisor:
 
 def run_pool(plans: list[WorkerPlan], study: optuna.Study, tracker: Tracker) -> list[Exit]:
     """Run each plan in a worker process until every one has ended; how each ended."""
-    from tuner.data import ensure_cifar
+    from tuner.data import ensure
 
-    ensure_cifar(plans[0].data_dir)  # download once here, not once per worker at the same time
+    # download once here, not once per worker at the same time
+    ensure(plans[0].spec.data, plans[0].data_dir)
     supervisor = Supervisor({plan.name: plan for plan in plans}, study, tracker)
     pool = Pool(main, supervisor.on_exit)
     for plan in plans:
