@@ -75,3 +75,40 @@ def test_a_point_has_a_short_label_and_log10_twins_of_its_log_scale_parameters()
     assert twins == {"log10_weight_decay": pytest.approx(-4.0),
                      **({"log10_lr": pytest.approx(-2.0)} if lr_is_log else {})}  # fmt: skip
     assert "log10_dropout" not in twins, "a linear parameter has none"
+
+
+def _drawn(raw: dict, n: int = 60) -> list[tuple[optuna.trial.FrozenTrial, space.TrialParams]]:
+    spec = parse(raw)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    drawn = []
+    for _ in range(n):
+        trial = study.ask()
+        drawn.append(space.suggest(trial, spec.space, spec.builder))
+        study.tell(trial, 0.0)
+    return list(zip(study.get_trials(deepcopy=False), drawn, strict=True))
+
+
+TRAINING = {k: TINY_STUDY["space"][k] for k in ("optimizer", "weight_decay", "augment")}
+
+
+def test_googlenet_draws_its_aux_weight_only_with_aux() -> None:
+    sampled = _drawn({**TINY_STUDY, "model": "googlenet", "space": TRAINING})
+    for trial, p in sampled:
+        assert ("aux_weight" in trial.params) == p.aux
+        assert p.stages in (1, 2, 3) and 0.25 <= p.width <= 1.0
+        assert space.decode(trial.params, "googlenet") == p
+        assert p.label().startswith(f"googlenet-{p.stages}s")
+    assert {p.aux for _, p in sampled} == {True, False}
+
+
+def test_a_builder_draws_choices_floats_and_stepped_ints() -> None:
+    raw = {**TINY_STUDY, "model": {"builder": "examples.resnet:build"},
+           "space": {**TRAINING, "blocks": [1, 2, 3], "channels": {"low": 8, "high": 32,
+                     "step": 8}, "dropout": {"low": 0.0, "high": 0.5}}}  # fmt: skip
+    sampled = _drawn(raw)
+    for trial, p in sampled:
+        assert p.blocks in (1, 2, 3) and p.channels in (8, 16, 24, 32)
+        assert isinstance(p.channels, int) and 0 <= p.dropout <= 0.5
+        assert space.decode(trial.params, "builder", p.builder) == p
+        assert p.label() == f"resnet {p.optimizer}"
+        assert space.encode(p) == trial.params

@@ -308,3 +308,86 @@ def test_a_sampler_seed_is_any_int_hashed_into_each_trials_seed() -> None:
     for seed in (-5, 2**40):
         loaded = spec.parse({**TINY_STUDY, "sampler": {"type": "random", "seed": seed}})
         assert 0 <= trial_seed(loaded, 3) < 2**32
+
+
+# -- model families and data sets ---------------------------------------------------------------
+
+TRAINING_SPACE = {k: TINY_STUDY["space"][k] for k in ("optimizer", "weight_decay", "augment")}
+
+
+def _family(model: object, space: dict, **more: object) -> dict:
+    return {**TINY_STUDY, "model": model, "space": {**TRAINING_SPACE, **space}, **more}
+
+
+FAMILY_BAD = {
+    "not a family": (_family("resnet", {}), "model: not a model family", ""),
+    "googlenet stages": (_family("googlenet", {"stages": [4]}), "space.stages.0", "less than or"),
+    "vgg key in googlenet": (_family("googlenet", {"depth": ["vgg11"]}), "space.depth",
+                             "unknown key"),
+    "googlenet key in vgg": (_family("vgg", {"stages": [1]}), "space.stages", "unknown key"),
+    "builder path": (_family({"builder": "no colon"}, {}), "model.builder", "should match"),
+    "builder parameter": (_family({"builder": "m:f"}, {"blocks": {"low": 1}}),
+                          "space.blocks.high", "required key"),
+    "builder reserved": (_family({"builder": "m:f"}, {"lr_x": [1]}), "space", "'lr_x' cannot"),
+    "builder kind": (_family({"builder": "m:f"}, {"blocks": 3}), "space.blocks",
+                     "a list of choices"),
+    "baseline misses": (
+        _family("googlenet", {}, baselines=[{"name": "b", "stages": 1, "width": 0.5,
+                 "aux": False, "optimizer": "sgd", "lr": 0.01, "weight_decay": 1e-4,
+                 "augment": "none"}]),
+        "(top level): baseline 'b'", "dropout is missing"),
+    "baseline type": (
+        _family("vgg", {}, baselines=[{"name": "b", "depth": "vgg11", "batch_norm": 1,
+                 "dropout": 0.0, "optimizer": "sgd", "lr": 0.01, "weight_decay": 1e-4,
+                 "augment": "none"}]),
+        "(top level): baseline 'b'", "batch_norm=1 is not among [True, False]"),
+    "baseline foreign": (
+        _family("vgg", {}, baselines=[{"name": "b", "depth": "vgg11", "batch_norm": True,
+                 "dropout": 0.0, "stages": 2, "optimizer": "sgd", "lr": 0.01,
+                 "weight_decay": 1e-4, "augment": "none"}]),
+        "(top level): baseline 'b'", "stages is not a parameter of model 'vgg'"),
+    "set and loader": ({**TINY_STUDY, "data": {"set": "cifar100", "loader": "m:f"}}, "data",
+                       "give data.set or data.loader, not both"),
+    "unknown set": ({**TINY_STUDY, "data": {"set": "mnist"}}, "data.set", "'fashion-mnist'"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(FAMILY_BAD))
+def test_a_family_space_is_validated_against_the_family_chosen(case: str) -> None:
+    raw, key, phrase = FAMILY_BAD[case]
+    with pytest.raises(SpecError) as info:
+        spec.parse(raw, source="s.yaml")
+    lines = str(info.value).splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"s.yaml: {key}") and phrase in lines[0]
+
+
+def test_a_family_left_unsaid_searches_its_defaults() -> None:
+    loaded = spec.parse(_family("googlenet", {}))
+    assert loaded.family == "googlenet" and loaded.builder is None
+    assert set(loaded.space.model_params()) == {"stages", "width", "aux", "aux_weight",
+                                                "dropout"}  # fmt: skip
+    channels = {"low": 8, "high": 32, "step": 8}
+    builder = spec.parse(_family({"builder": "examples.resnet:build"},
+                                 {"blocks": [1, 2], "channels": channels}))  # fmt: skip
+    assert builder.family == "builder" and builder.builder == "examples.resnet:build"
+    assert set(builder.space.model_params()) == {"blocks", "channels"}
+
+
+def test_studies_made_before_families_read_the_same() -> None:
+    """A study file, and a study created, before `model` and `data.set` existed: the same spec
+    today (no search-space change is seen)."""
+    from tuner.study.setup import diff
+
+    today = spec.load("vgg-cifar", Path("studies")).to_dict()
+    before = {k: v for k, v in today.items() if k != "model"}
+    before["data"] = {k: v for k, v in today["data"].items() if k not in ("set", "loader")}
+    assert diff(spec.parse(before).to_dict(), today) == []
+    assert today["model"] == "vgg" and today["data"]["set"] == "cifar10"
+
+
+@pytest.mark.parametrize("name", ["googlenet-fashion", "googlenet-fashion-smoke",
+                                  "vgg-cifar100", "vgg-cifar", "vgg-cifar-smoke"])  # fmt: skip
+def test_shipped_study_files_load(name: str) -> None:
+    loaded = spec.load(name, Path(__file__).resolve().parents[1] / "studies")
+    assert loaded.name == name

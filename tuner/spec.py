@@ -228,6 +228,15 @@ class BuilderSpec(_Frozen):
     builder: Import
 
 
+# `model:` is a family's name, or a mapping naming a builder: one or the other is read, and
+# only its errors are said
+ModelChoice = Annotated[
+    Annotated[Literal["vgg", "googlenet"], Tag("family")]
+    | Annotated[BuilderSpec, Tag("BuilderSpec")],
+    Discriminator(lambda v: "BuilderSpec" if isinstance(v, dict | BuilderSpec) else "family"),
+]
+
+
 class TrainSpec(_Frozen):
     epochs: Epochs
     batch_size: Annotated[int, Strict(), Field(gt=0, le=65_536)] = 512
@@ -402,7 +411,7 @@ class StudySpec(_Frozen):
     name: Annotated[str, Strict(), Field(max_length=NAME_CHARS, pattern=f"^{NAME_PATTERN}$")]
     seed: Seed = 0
     trials: Count = 20  # the finished trials the study aims at, whoever runs them
-    model: Literal["vgg", "googlenet"] | BuilderSpec = "vgg"  # the family searched
+    model: ModelChoice = "vgg"  # the family searched
     space: AnySpace  # the family's parameters (its defaults where left out) and training's
     train: TrainSpec
     data: DataSpec = DataSpec()
@@ -613,14 +622,29 @@ def parse(raw: dict[str, Any], source: str = "<spec>") -> StudySpec:
 # union members' tags, which pydantic adds to a key's path: the samplers', pruners', families'
 # and a builder parameter's kinds
 _TAGS = {"tpe", "random", "hyperband", "median", "none", *FAMILIES, "choices", "float", "int",
-         "BuilderSpec", "literal['vgg','googlenet']"}  # fmt: skip
+         "BuilderSpec", "family"}  # fmt: skip
+
+
+def _untagged(loc: list[str]) -> list[str]:
+    """A key's path without the union tags pydantic puts in it: right after a union-holding
+    key (`sampler.tpe.seed` → `sampler.seed`), and a builder parameter's kind
+    (`space.blocks.float.high` → `space.blocks.high`)."""
+    out: list[str] = []
+    for i, part in enumerate(loc):
+        after_union = i > 0 and loc[i - 1] in ("sampler", "pruner", "space", "model")
+        if (after_union and part in _TAGS) or (
+            len(out) == 2 and out[0] == "space" and part in ("choices", "float", "int")
+        ):
+            continue
+        out.append(part)
+    return out
 
 
 def _describe(err: Any, source: str) -> str:
     """One line per problem: file, dotted key, what is wrong, and how to fix it where we know."""
     loc = [str(part) for part in err["loc"] if not str(part).startswith("function-after")]
     # pydantic adds the discriminator tag ("tpe") to the path of union members: drop it
-    loc = [part for part in loc if part not in _TAGS]
+    loc = _untagged(loc)
     key = ".".join(part for part in loc if part != "[key]") or "(top level)"
     value = err.get("input")
     kind = err["type"]
