@@ -245,3 +245,19 @@ def test_study_run_refuses_a_broken_builder_before_it_makes_anything(
     assert done.stderr.strip().startswith("error: model.builder 'broken_builders:wrong_channels'")
     assert len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "mlruns").exists(), "no store was made"
+
+
+def test_a_study_keeps_its_family() -> None:
+    """Another `model:` for a study made is a new search space: refused, with the change."""
+    from tuner.errors import SpecError
+    from tuner.records import SPEC_JSON_ATTR
+    from tuner.study.setup import check_contract
+
+    vgg = parse({**TINY_STUDY, "name": "kept"})
+    study = optuna.create_study()
+    study.set_user_attr(SPEC_JSON_ATTR, vgg.to_dict())
+    check_contract(study, vgg, allow_changed_settings=False)
+    googlenet = parse({**TINY_STUDY, "name": "kept", "model": "googlenet",
+                       "space": {**TRAINING, **OPTIMIZER}})  # fmt: skip
+    with pytest.raises(SpecError, match="model: 'vgg' → 'googlenet'"):
+        check_contract(study, googlenet, allow_changed_settings=False)

@@ -50,7 +50,10 @@ def test_status_prints_the_counts_it_was_given() -> None:
     text = report.status("vgg", Status(counts, top, "p"), "sqlite:///x.db")
     assert "complete: 3  pruned: 7  diverged: 1  failed: 2  running: 0  waiting: 0" in text
     assert "best: trial 0, val_acc 0.9000" in text and "  lr            0.05" in text
-    assert "top 2:" in text and "     1    0.5000  vgg16-bn  sgd        5.00e-02  5.0e-04  dropout=0.25 aug=" in text
+    assert (
+        "top 2:" in text
+        and "     1    0.5000  vgg16-bn  sgd        5.00e-02  5.0e-04  dropout=0.25 aug=" in text
+    )
     assert "refits (on train + validation):\n  none yet: tuner refit vgg" in text
     assert "  none yet: tuner ensemble vgg --top 5" in text
     empty = report.status("vgg", Status(counts, (), None), "sqlite:///x.db")

@@ -46,3 +46,12 @@ def test_a_tiny_cpu_run_measures_every_path_and_packing(tmp_path: Path) -> None:
     assert [p.workers for p in packed] == [1, 2] and packed[0].ratio == 1.0
     assert packed[1].images_per_second > 0, "two processes trained and reported"
     assert "synthetic" in source
+
+
+def test_a_googlenet_is_timed_by_its_name() -> None:
+    from tuner.bench.epochs import label, network
+
+    model = network("googlenet-2s", 0.125).train()
+    logits, aux = model(torch.zeros(2, 3, 32, 32))
+    assert logits.shape == (2, 10) and len(aux) == 2, "auxiliary heads on: the dearer kind"
+    assert label("googlenet-2s") == "googlenet-2s" and label("vgg16") == "vgg16-bn"

@@ -63,3 +63,13 @@ def test_options_accept_only_what_works(
     assert info.value.code == 2, err
     assert args[-2] in err and "Traceback" not in err, err
     assert not (tmp_path / "mlruns").exists()
+
+
+def test_bench_measures_googlenets_by_their_stage_counts() -> None:
+    assert parse_depths(None, None, "googlenet") == (
+        ("googlenet-1s", "googlenet-2s", "googlenet-3s"), "googlenet-3s")  # fmt: skip
+    assert parse_depths("1, googlenet-3s", "2", "googlenet") == (
+        ("googlenet-1s", "googlenet-3s"), "googlenet-2s")  # fmt: skip
+    with pytest.raises(click.BadParameter, match="stage counts: 1, 2, 3; got \\['4'\\]"):
+        parse_depths("4", None, "googlenet")
+    assert parse_depths(None, None) == (("vgg11", "vgg13", "vgg16", "vgg19"), "vgg16")

@@ -87,8 +87,9 @@ def data_options(command: Callable[..., Any]) -> Callable[..., Any]:
         "--data-dir",
         type=click.Path(file_okay=False),
         default=None,
-        help="CIFAR-10 folder (holding cifar-10-batches-py/) [env TUNER_DATA_DIR; "
-        "default ~/.cache/tuner/cifar10].",
+        help="The data set's folder (holding cifar-10-batches-py/, cifar-100-python/ or "
+        "fashion-mnist/, as data.set says) [env TUNER_DATA_DIR; default "
+        "~/.cache/tuner/<set>].",
     )
     @click.option(
         "--device",

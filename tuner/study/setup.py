@@ -54,7 +54,7 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 # mix two spaces in one study). The fixed settings of every trial: only when asked, and then
 # each trial records the settings it trained with. The rest steers the search, not what a
 # trial trains (trials per run, sampler, pruner, limits): free.
-SPACE_KEYS = ("space",)
+SPACE_KEYS = ("space", "model")  # the family is part of what is searched
 SETTINGS_KEYS = ("seed", "train", "data")
 
 
