@@ -294,7 +294,7 @@ def ensemble(
     device: Any,
 ) -> None:
     """Choose members and weights on the validation images, score them together on the
-    CIFAR-10 test split against the best single trial, and log it to MLflow."""
+    data set's test split against the best single trial, and log it to MLflow."""
     from tuner.ensemble import EnsembleRequest, evaluate
 
     spec = find(name, stores)
