@@ -216,3 +216,31 @@ class TestPatientStorageIsOptunas(StorageTestCase):
     @pytest.fixture
     def storage(self, storage_url: str) -> _optuna.PatientStorage:
         return _optuna.PatientStorage(storage_url)
+
+
+def test_a_trial_taken_carries_its_takers_mark_from_the_first_moment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new trial and a queued one popped carry the taker's attributes in the transaction
+    that makes them RUNNING: no second write, so no moment when a killed worker's trial is
+    RUNNING without its mark."""
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    study = optuna.create_study(storage=_optuna.PatientStorage(url), study_name="s")
+    study.enqueue_trial({"x": 1.0})
+    _optuna.take_as(study, {"worker": "host:1:2", "session": "abc"})
+
+    def no_second_write(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the mark was written after the trial was taken")
+
+    monkeypatch.setattr(_optuna.PatientStorage, "set_trial_user_attr", no_second_write)
+    queued, new = _optuna.ask(study), _optuna.ask(study)
+    elsewhere = optuna.load_study(study_name="s", storage=url)  # another process's view
+    for trial in (queued, new):
+        held = elsewhere.trials[trial.number]
+        assert held.state == TrialState.RUNNING
+        assert held.user_attrs == {"worker": "host:1:2", "session": "abc"}
+    assert queued.number == 0 and new.number == 1, "the queued trial is taken first"
+    monkeypatch.undo()
+    study.enqueue_trial({"x": 2.0})  # a template's trial (queued) is nobody's yet
+    assert elsewhere.trials[-1].state == TrialState.WAITING
+    assert elsewhere.trials[-1].user_attrs == {}

@@ -16,7 +16,7 @@ import functools
 import json
 import logging
 import warnings
-from collections.abc import Callable, Container, Iterator
+from collections.abc import Callable, Container, Iterator, Sequence
 from typing import Any
 
 import optuna
@@ -36,6 +36,12 @@ def ask(study: optuna.Study) -> optuna.Trial:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
         return study.ask()
+
+
+def take_as(study: optuna.Study, attrs: dict[str, Any]) -> None:
+    """Each trial this process takes from now on (`ask`: a new one, or a queued one popped)
+    carries `attrs` from the transaction that makes it RUNNING (`PatientStorage`)."""
+    _backend(study).taker_attrs = dict(attrs)
 
 
 def frozen(trial: optuna.Trial) -> FrozenTrial:
@@ -310,7 +316,16 @@ def trial_states(study: optuna.Study) -> dict[int, TrialState]:
 
 class PatientStorage(optuna.storages.RDBStorage):
     """Optuna's RDB storage, whose calls wait out a locked SQLite file (`patiently`) instead
-    of failing the trial after the driver's timeout."""
+    of failing the trial after the driver's timeout.
+
+    `taker_attrs`: user attributes written on each trial this process takes, a new one `ask`
+    makes or a queued one it pops, in the transaction that makes it RUNNING: a worker's mark
+    (`records.WORKER_ATTR`) is on every trial it runs from the first moment, so that its
+    supervisor finds the trial by it, whenever the worker dies. Optuna writes them in a
+    second transaction after `ask`, and a worker killed between the two left a RUNNING trial
+    nobody could name until its heartbeat went stale."""
+
+    taker_attrs: dict[str, Any] = {}  # noqa: RUF012 (replaced whole, never changed in place)
 
     def _get_trials(
         self,
@@ -337,6 +352,20 @@ class PatientStorage(optuna.storages.RDBStorage):
             f"the Optuna storage {shown(self.url)}",
         )
 
+    def set_trial_state_values(
+        self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
+    ) -> bool:
+        """Optuna's, patiently; popping a queued trial (WAITING → RUNNING) also writes
+        `taker_attrs` in the same transaction."""
+        if state != TrialState.RUNNING or not self.taker_attrs:
+            return patiently(
+                lambda: optuna.storages.RDBStorage.set_trial_state_values(
+                    self, trial_id, state, values
+                ),
+                f"the Optuna storage {shown(self.url)}",
+            )
+        return patiently(lambda: _take(self, trial_id), f"the Optuna storage {shown(self.url)}")
+
 
 def _new_trial(
     storage: optuna.storages.RDBStorage, study_id: int, template: FrozenTrial | None
@@ -350,15 +379,48 @@ def _new_trial(
         # the study's row locked: one process at a time numbers a new trial
         models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
         made = storage._get_prepared_new_trial(study_id, template, session)
-        if template is None:
+        if template is None:  # `ask`'s new RUNNING trial: the taker's mark with it
+            attrs = dict(getattr(storage, "taker_attrs", {}))
+            _mark(storage, session, made.trial_id, attrs)
             return FrozenTrial(number=made.number, state=made.state, value=None, values=None,
                                datetime_start=made.datetime_start, datetime_complete=None,
-                               params={}, distributions={}, user_attrs={}, system_attrs={},
+                               params={}, distributions={}, user_attrs=attrs, system_attrs={},
                                intermediate_values={}, trial_id=made.trial_id)  # fmt: skip
         frozen = copy.deepcopy(template)
         frozen.number, frozen.datetime_start = made.number, made.datetime_start
         frozen._trial_id = made.trial_id
         return frozen
+
+
+def _take(storage: PatientStorage, trial_id: int) -> bool:
+    """One try of popping queued trial `trial_id`: Optuna's `set_trial_state_values(RUNNING)`
+    (False where another process took it first), with `taker_attrs` in its transaction."""
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    try:
+        with _create_scoped_session(storage.scoped_session) as session:
+            trial = models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
+            storage.check_trial_is_updatable(trial_id, trial.state)
+            if trial.state != TrialState.WAITING:
+                return False
+            trial.state = TrialState.RUNNING
+            trial.datetime_start = datetime.datetime.now()
+            _mark(storage, session, trial_id, storage.taker_attrs)
+    except sqlalchemy.exc.IntegrityError:
+        return False
+    return True
+
+
+def _mark(storage: optuna.storages.RDBStorage, session: Any, trial_id: int, attrs: dict) -> None:
+    """Trial `trial_id`'s user attributes `attrs`, written in `session` (Optuna's private
+    statement for one, `_set_trial_attr_without_commit`)."""
+    from optuna.storages._rdb import models
+
+    for key, value in attrs.items():
+        storage._set_trial_attr_without_commit(
+            session, models.TrialUserAttributeModel, trial_id, key, value
+        )
 
 
 def _patient(name: str) -> Callable[..., object]:
@@ -380,5 +442,5 @@ for _name in (*optuna.storages.BaseStorage.__abstractmethods__, "record_heartbea
               "_get_stale_trial_ids", "get_trial_user_attrs", "get_trial_system_attrs",
               "get_best_trial", "get_n_trials", "_set_trial_param", "_get_best_trial_id",
               "get_trial_id_from_study_id_trial_number"):  # fmt: skip
-    if hasattr(optuna.storages.RDBStorage, _name):
+    if hasattr(optuna.storages.RDBStorage, _name) and _name not in vars(PatientStorage):
         setattr(PatientStorage, _name, _patient(_name))

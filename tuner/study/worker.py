@@ -209,12 +209,14 @@ def run_one(
                 fail_stale(study, ctx.tracker)
                 if budget.spent(study):
                     return False
-                trial = _optuna.ask(study)  # a queued trial first (popped atomically)
+                # a queued trial first (popped atomically); in the transaction that makes it
+                # RUNNING, this worker's mark (its supervisor finds it by that, whenever this
+                # process dies) and the run's session (counted, under the claim)
+                _optuna.take_as(study, {WORKER_ATTR: worker_id(), SESSION_ATTR: budget.session})
+                trial = _optuna.ask(study)
                 # its heartbeat from the start: if this process dies from here on, another
                 # (its supervisor, a later run, another node) fails it and queues it again
                 beating.enter_context(_optuna.heartbeat(trial, f"[trial {trial.number}]"))
-                trial.set_user_attr(WORKER_ATTR, worker_id())  # it says the trial is live
-                trial.set_user_attr(SESSION_ATTR, budget.session)  # counted, under the claim
             trial.set_user_attr(SAMPLER_SEED_ATTR, trial_seed(ctx.spec, trial.number))
             trial.set_user_attr(SETTINGS_ATTR, settings_digest(ctx.spec))
             run = TrialRun(ctx, trial)
