@@ -196,6 +196,11 @@ REFUSED = {  # what a loader returns → what its one line says
                      "x_train has shape (120, 20, 20, 2), expected N×H×W, N×H×W×C"),
     "a list": ("(X.tolist(), Y), (XT, YT)", "x_train is a list, expected a numpy array"),
     "a raise": ("1 / 0", "it raised ZeroDivisionError: division by zero"),
+    "ambiguous layout": ("(X[:, :3, :4, :3], Y), (XT[:, :3, :4, :3], YT)",
+                         "channels first or last cannot be told apart"),
+    "NaN pixels": ("(np.full(X.shape, np.nan), Y), (XT, YT)", "holding NaN or infinite"),
+    "a huge label": ("(X, np.where(Y == 3, 10**9, Y)), (XT, YT)",
+                     "y_train holds label 1000000000 for 120 images"),
 }  # fmt: skip
 
 
@@ -217,11 +222,14 @@ def test_a_loader_that_cannot_be_imported_is_named(loader) -> None:
         data.describe(spec, Path("unused"))
 
 
-def test_a_loaders_test_split_is_checked_per_class(loader) -> None:
-    """Every class twice at least in the test arrays, as in a release's test file."""
+def test_a_loaders_test_split_is_checked_per_class_where_a_subset_is_drawn(loader) -> None:
+    """Every class twice at least in the test arrays where `test_size` draws a stratified
+    subset of them; the whole test split is scored as it is."""
     spec = DataSpec(loader=loader("(X, Y), (XT, np.where(YT == 1, 0, YT))"), test_size=10)
     with pytest.raises(DataError, match="the test arrays hold 0 image.s. of class 1"):
         data.load_test(Path("unused"), spec, 0, CPU)
+    whole = data.load_test(Path("unused"), spec.model_copy(update={"test_size": None}), 0, CPU)
+    assert 1 not in whole.labels.tolist()
 
 
 # Fashion-MNIST's files

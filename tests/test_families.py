@@ -177,8 +177,8 @@ BROKEN_BUILDERS = {
     "missing": ("broken_builders:nothing", "has no 'nothing'"),
     "raises": ("broken_builders:raises", "raised KeyError"),
     "returns": ("broken_builders:returns_dict", "returned a dict, expected a torch.nn.Module"),
-    "shape": ("broken_builders:wrong_classes", "to (2, 3), expected (2, 10)"),
-    "fails": ("broken_builders:wrong_channels", "fails on a batch of shape (2, 1, 28, 28)"),
+    "shape": ("broken_builders:wrong_classes", "to (3, 3), expected a tensor of (3, 10)"),
+    "fails": ("broken_builders:wrong_channels", "fails on a batch of shape (3, 1, 28, 28)"),
 }
 BUILDERS = """
 import torch
@@ -261,3 +261,33 @@ def test_a_study_keeps_its_family() -> None:
                        "space": {**TRAINING, **OPTIMIZER}})  # fmt: skip
     with pytest.raises(SpecError, match="model: 'vgg' → 'googlenet'"):
         check_contract(study, googlenet, allow_changed_settings=False)
+
+
+def test_a_builders_network_that_cannot_train_a_batch_is_one_line_in_the_estimate() -> None:
+    """Right for the check's batch, wrong for a training batch: the cost estimate names it."""
+    from tuner.study.cost import measure
+
+    class Odd(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(28 * 28, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.fc(x.flatten(1))
+            return out if len(x) <= 3 else out[:1]
+
+    spec = parse({**TINY_STUDY, "model": {"builder": "odd_nets:build"},
+                  "space": {**TRAINING, **OPTIMIZER, "blocks": [1]}})  # fmt: skip
+    module = type(sys)("odd_nets")
+    module.build = lambda params, shape, classes: Odd()  # type: ignore[attr-defined]
+    sys.modules["odd_nets"] = module
+    try:
+        from tuner.data import FASHION_MNIST_INFO
+        from tuner.objective import check_study
+
+        check_study(spec, FASHION_MNIST_INFO)  # the check's batch of three passes
+        with pytest.raises(ConfigError, match="model.builder 'odd_nets:build': its network "
+                           "fails to train a batch of 32 images"):  # fmt: skip
+            measure(spec, CPU, 4, info=FASHION_MNIST_INFO)
+    finally:
+        del sys.modules["odd_nets"]

@@ -19,6 +19,9 @@ RETURNS = "((x_train, y_train), (x_test, y_test)), as keras.datasets' load_data(
 def to_uint8(where: str, data: np.ndarray) -> np.ndarray:
     """Pixels as uint8: integers within 0..255 are taken, floats refused (with the hint that
     catches images scaled to [0, 1])."""
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        raise DataError(f"{where}: pixels are {data.dtype} holding NaN or infinite values, "
+                        "expected uint8 in 0..255")  # fmt: skip
     if data.dtype.kind == "f":
         low, high = float(data.min()), float(data.max())
         scaled = 0 <= low and high <= 1
@@ -88,6 +91,11 @@ def _images(where: str, value: object) -> np.ndarray:
     """N×H×W (grayscale), N×H×W×C (channels last) or N×C×H×W with C in 1, 3, 4 → N×C×H×W."""
     layouts = "N×H×W, N×H×W×C or N×C×H×W with C in 1, 3 or 4"
     images = _array(where, value, f"of uint8 images, {layouts}")
+    if images.ndim == 4 and images.shape[1] in CHANNELS and images.shape[3] in CHANNELS:
+        raise DataError(
+            f"{where} has shape {images.shape}: channels first or last cannot be told apart "
+            "(both could be channels); give images larger than 4 pixels a side"
+        )
     if images.ndim == 3:
         images = images[:, None]
     elif images.ndim == 4 and images.shape[3] in CHANNELS:
@@ -120,6 +128,11 @@ def _classes(where: str, train: np.ndarray, test: np.ndarray) -> int:
             f"{where}: labels run from {min(train.min(), test.min())}, expected 0..K-1"
         )
     classes = int(train.max()) + 1
+    if classes > len(train):  # before counting them: a label of 10**9 would count 8 GB
+        raise DataError(
+            f"{where}: y_train holds label {classes - 1} for {len(train)} images; every class "
+            f"0..K-1 needs a training image: number the classes 0..K-1 with none left out"
+        )
     if classes < 2:
         raise DataError(f"{where}: y_train holds class 0 alone; a classifier needs 2 or more")
     if test.max() >= classes:

@@ -18,14 +18,17 @@ def load(target: str, what: str) -> Callable[..., Any]:
     (`model.builder`)."""
     module_name, _, attr = target.partition(":")
     here = os.getcwd()
-    if here not in sys.path:  # a console script's path lacks it; `python -m` puts it first
-        sys.path.insert(0, here)
+    if here not in sys.path and "" not in sys.path:
+        # a console script's path lacks it (`python -m` puts it first): last, so that a
+        # stray file in it (`grp.py`) never shadows a module of Python's or a package's
+        sys.path.append(here)
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:  # ImportError, or what the module raised while it ran
+    except (Exception, SystemExit) as exc:  # ImportError, or what the module raised as it ran
+        why = " ".join(str(exc).split())
         raise ConfigError(
             f"{what} {target!r}: cannot import {module_name} "
-            f"({type(exc).__name__}: {exc}); it is looked for in {here} and on sys.path"
+            f"({type(exc).__name__}: {why}); it is looked for on sys.path, then in {here}"
         ) from None
     found = module
     for part in attr.split("."):
@@ -33,5 +36,6 @@ def load(target: str, what: str) -> Callable[..., Any]:
         if found is None:
             raise ConfigError(f"{what} {target!r}: {module_name} has no {attr!r}")
     if not callable(found):
-        raise ConfigError(f"{what} {target!r}: {attr} is a {type(found).__name__}, not a function")
+        kind = type(found).__name__
+        raise ConfigError(f"{what} {target!r}: {attr} is not a function (it is of type {kind})")
     return found

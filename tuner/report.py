@@ -83,6 +83,7 @@ def status(name: str, result: Status, where: str) -> str:
 
     lines = [
         f"study {name!r}  ({where})",
+        f"model {result.builder or result.family} on {result.data}",
         "  ".join(f"{RECORDS[o].word}: {n}" for o, n in result.counts.items()),
     ]
     if result.best is None:
@@ -90,10 +91,12 @@ def status(name: str, result: Status, where: str) -> str:
     lines.append(f"\nbest: trial {result.best.number}, val_acc {result.best.value:.4f}")
     lines += [
         f"  {key:<13} {_rounded(value)}"
-        for key, value in decode(result.best.params).as_dict().items()
+        for key, value in decode(result.best.params, result.family, result.builder)
+        .as_dict()
+        .items()
     ]
     lines.append(f"\ntop {len(result.top)}:")
-    points = [decode(trial.params) for trial in result.top]
+    points = [decode(trial.params, result.family, result.builder) for trial in result.top]
     wide = max(len("network"), *(len(p.network()) for p in points))
     lines.append(
         f"{'trial':>6}  {'val_acc':>8}  {'network':<{wide}}  {'optimizer':<9} "
@@ -146,7 +149,7 @@ def status_json(name: str, result: Status, where: str) -> str:
 
     def trial(t: Any) -> dict[str, Any]:
         return {"number": t.number, "val_acc": number(t.value),
-                "params": decode(t.params).as_dict()}  # fmt: skip
+                "params": decode(t.params, result.family, result.builder).as_dict()}  # fmt: skip
 
     def refit(r: Any) -> dict[str, Any]:
         return {**dataclasses.asdict(r), "train_loss": number(r.train_loss)}
@@ -155,6 +158,8 @@ def status_json(name: str, result: Status, where: str) -> str:
         {
             "study": name,
             "storage": where,
+            "model": result.builder or result.family,
+            "data": result.data,
             "counts": {RECORDS[o].word: n for o, n in result.counts.items()},
             "best": trial(result.best) if result.best is not None else None,
             "top": [trial(t) for t in result.top],

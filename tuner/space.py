@@ -169,11 +169,15 @@ def encode(point: Any) -> dict[str, Any]:
 def family_of(params: Mapping[str, Any]) -> str:
     """The family a stored point was drawn from, by its parameters (where no study file is at
     hand: `study status` reads the tables alone)."""
-    if "depth" in params and "batch_norm" in params:
+    model = {k for k in params if k not in TRAINING and not k.startswith("lr_")}
+    if model == {"depth", "batch_norm", "dropout"} and str(params["depth"]).startswith("vgg"):
         return "vgg"
-    if "stages" in params and "aux" in params:
+    if {"stages", "width", "aux", "dropout"} <= model <= {*_GOOGLENET}:
         return "googlenet"
-    return "builder"
+    return "builder"  # a builder's parameters may take any name: the label is its module's
+
+
+_GOOGLENET = ("stages", "width", "aux", "aux_weight", "dropout")
 
 
 def decode(

@@ -10,6 +10,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -102,7 +103,19 @@ class IntRange(_Frozen):
 
 
 Choice = Annotated[bool, Strict()] | Int | Float | Annotated[str, Strict(), Field(max_length=200)]
-Choices = Annotated[tuple[Choice, ...], Field(min_length=1)]
+
+
+def _distinct(choices: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Optuna takes equal choices for one (`1`, `1.0` and `true`): a value given twice would
+    come back as the other."""
+    for i, a in enumerate(choices):
+        for b in choices[i + 1 :]:
+            if a == b:
+                raise ValueError(f"choices {a!r} and {b!r} are one to Optuna: give each once")
+    return choices
+
+
+Choices = Annotated[tuple[Choice, ...], Field(min_length=1), AfterValidator(_distinct)]
 Param = Choices | FloatRange | IntRange  # how a model parameter is searched
 
 
@@ -190,7 +203,10 @@ class GoogLeNetSpace(SpaceSpec):
 
 
 # parameter names a builder's cannot take: the training keys, and the learning rates' names
-RESERVED = frozenset({"family", "optimizer", "weight_decay", "augment", "lr"})
+# and what tuner logs beside a trial's parameters in MLflow (records.ACCUMULATION_ATTR,
+# REFIT_OF_ATTR, the run's `state`, the `log10_` twins)
+RESERVED = frozenset({"family", "optimizer", "weight_decay", "augment", "lr", "state",
+                      "grad_accumulation", "refit_of"})  # fmt: skip
 
 
 class BuilderSpace(SpaceSpec):
@@ -204,7 +220,8 @@ class BuilderSpace(SpaceSpec):
     @model_validator(mode="after")
     def _check_names(self) -> BuilderSpace:
         for name in self.model_params():
-            if name in RESERVED or name.startswith("lr_") or not name.isidentifier():
+            if (name in RESERVED or name.startswith(("lr_", "log10_"))
+                    or not name.isidentifier()):  # fmt: skip
                 raise ValueError(
                     f"{name!r} cannot name a builder's parameter (tuner's own keys, and names "
                     "that are not Python identifiers, are taken)"
@@ -380,6 +397,8 @@ def _outside(b: BaselineSpec, space: SpaceSpec) -> list[str]:
     for key, how in params.items():
         on = space.CONDITIONS.get(key)
         if on is not None and given.get(on[0]) != on[1]:
+            if key in given:  # it would be dropped silently
+                found.append(f"{key} is drawn only where {on[0]}={on[1]!r}: leave it out")
             continue  # not drawn for this point
         if key not in given:
             found.append(f"{key} is missing")
@@ -395,6 +414,9 @@ def _outside(b: BaselineSpec, space: SpaceSpec) -> list[str]:
             found.append(f"{key}={value!r} is outside [{how.low}, {how.high}]")
         elif isinstance(how, IntRange) and not isinstance(value, int):
             found.append(f"{key}={value!r} is not an int")
+        elif isinstance(how, IntRange) and (value - how.low) % how.step:
+            found.append(f"{key}={value!r} is off the range's steps ({how.low}, "
+                         f"{how.low + how.step}, …)")  # fmt: skip
     return found
 
 
@@ -425,10 +447,11 @@ class StudySpec(_Frozen):
     @field_validator("model", mode="before")
     @classmethod
     def _known_model(cls, value: Any) -> Any:
-        if isinstance(value, str) and value not in ("vgg", "googlenet"):
+        if (isinstance(value, str) and value not in ("vgg", "googlenet")) or not isinstance(
+            value, str | dict | BuilderSpec
+        ):
             raise ValueError(
-                "not a model family: write vgg, googlenet, or {builder: "
-                f'"package.module:function"}}, got {_short(value)}'
+                'not a model family: write vgg, googlenet, or {builder: "package.module:function"}'
             )
         return value
 
@@ -603,6 +626,11 @@ def _yaml_error(path: Path, exc: yaml.YAMLError) -> str:
 
 
 def parse(raw: dict[str, Any], source: str = "<spec>") -> StudySpec:
+    if isinstance(raw.get("space"), dict) and "family" in raw["space"]:
+        raise SpecError(  # tuner's own tag, set from `model:`: the file names the family there
+            f"{source}: space.family: unknown key (the model family is `model:` "
+            "(vgg, googlenet, or {builder: ...}), not a key of space)"
+        )
     try:
         spec = StudySpec.model_validate(raw)
     except ValidationError as exc:
@@ -650,6 +678,14 @@ def _describe(err: Any, source: str) -> str:
     kind = err["type"]
     if kind == "extra_forbidden":
         message = "unknown key (a typo, or a setting tuner does not have)"
+        owner = [
+            f for f, c in FAMILIES.items()
+            if loc[:1] == ["space"] and len(loc) == 2
+            and loc[1] in c.model_fields and loc[1] not in SpaceSpec.model_fields
+        ]  # fmt: skip
+        if owner:
+            message = (f"not a parameter of this model family; it is {owner[0]}'s: "
+                       f"write `model: {owner[0]}`")  # fmt: skip
     elif kind == "missing":
         message = "required key is missing"
     else:

@@ -238,6 +238,7 @@ def _with(options: list[Any], command: Callable[..., Any]) -> Callable[..., Any]
     return command
 
 
+HINT = "'--depths' or '--packed-depth'"
 DEFAULT_NETWORKS = {"vgg": ("vgg11,vgg13,vgg16,vgg19", "vgg16"), "googlenet": ("1,2,3", "3")}
 
 
@@ -263,7 +264,9 @@ def parse_depths(
     known = get_args(Depth)
     unknown = [d for d in (*names, packed_depth) if d not in known]
     if unknown or not names:
-        raise click.BadParameter(f"known depths: {', '.join(known)}; got {unknown or depths!r}")
+        raise click.BadParameter(
+            f"known depths: {', '.join(known)}; got {unknown or depths!r}", param_hint=HINT
+        )
     return names, packed_depth
 
 

@@ -5,10 +5,13 @@ rebuilt from its own record (an ensemble may mix families)."""
 
 from __future__ import annotations
 
+import copy
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -78,62 +81,93 @@ def build(arch: Architecture, *, seed: int | None = None) -> nn.Module:
 
 
 class _seeded:
-    """Draw a builder's initial weights from `seed`, leaving the global RNG as it was."""
+    """Draw a builder's initial weights from `seed`, leaving the global RNGs (torch's, numpy's,
+    Python's) and torch's threads as they were: a builder is the user's code."""
 
     def __init__(self, seed: int | None) -> None:
-        self.seed, self.fork = seed, torch.random.fork_rng(devices=[])
+        self.seed = seed
 
     def __enter__(self) -> None:
+        self.saved = (torch.get_rng_state(), np.random.get_state(), random.getstate(),
+                      torch.get_num_threads())  # fmt: skip
         if self.seed is not None:
-            self.fork.__enter__()
             torch.manual_seed(self.seed)
 
     def __exit__(self, *exc: object) -> None:
-        if self.seed is not None:
-            self.fork.__exit__(*exc)
+        rng, numpy_rng, python_rng, threads = self.saved
+        torch.set_rng_state(rng)
+        np.random.set_state(numpy_rng)
+        random.setstate(python_rng)
+        torch.set_num_threads(threads)
+
+
+DUMMY_BATCH = 3  # odd: a network right only for a batch of two (or one) is caught
 
 
 def check_builder(arch: Architecture) -> nn.Module:
     """Call the user's builder with the drawn parameters, the input shape and the number of
-    classes; its import error, a wrong return type or a wrong output on one dummy batch is
-    one `ConfigError` line naming the builder, before anything trains."""
+    classes, and pass one dummy batch through its network in eval mode (logits alone, one
+    row per image and a column per class) and in training mode (the same, or `(logits,
+    [auxiliary logits…])`). Its import error, anything it raises, a wrong return type or a
+    wrong output is one `ConfigError` line naming the builder, before anything trains. The
+    network is returned as it was built (the batch leaves no trace in its state)."""
     assert arch.builder is not None
     target = arch.builder
     make = plugins.load(target, "model.builder")
+    called = f"called with {dict(arch.params)}, input shape {arch.input_shape}, " \
+             f"{arch.num_classes} classes"  # fmt: skip
     try:
         model = make(dict(arch.params), arch.input_shape, arch.num_classes)
-    except Exception as exc:
-        raise ConfigError(
-            f"model.builder {target!r} raised {type(exc).__name__}: {exc} (called with "
-            f"{dict(arch.params)}, input shape {arch.input_shape}, {arch.num_classes} classes)"
-        ) from None
+    except (Exception, SystemExit) as exc:  # the user's code: whatever it raises is one line
+        raise ConfigError(f"model.builder {target!r} raised {_one_line(exc)} ({called})") from None
     if not isinstance(model, nn.Module):
         raise ConfigError(
             f"model.builder {target!r} returned a {type(model).__name__}, expected a "
             "torch.nn.Module"
         )
-    dummy = torch.zeros(2, *arch.input_shape)
-    was = model.training
-    model.eval()
+    _check_output(model, arch, training=False)  # also makes a lazy module's weights
+    state = copy.deepcopy(model.state_dict())  # training mode moves batch norm's statistics
+    try:
+        _check_output(model, arch, training=True)
+    finally:
+        model.load_state_dict(state)
+        model.train()
+    return model
+
+
+def _check_output(model: nn.Module, arch: Architecture, training: bool) -> None:
+    target, mode = arch.builder, "training" if training else "eval"
+    dummy = torch.zeros(DUMMY_BATCH, *arch.input_shape)
+    expected = (DUMMY_BATCH, arch.num_classes)
+    model.train(training)
     try:
         with torch.no_grad():
             out = model(dummy)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise ConfigError(
             f"model.builder {target!r}: its network fails on a batch of shape "
-            f"{tuple(dummy.shape)} ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+            f"{tuple(dummy.shape)} in {mode} mode ({_one_line(exc)})"
         ) from None
-    finally:
-        model.train(was)
-    logits = out[0] if isinstance(out, tuple) else out
-    expected = (2, arch.num_classes)
-    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != expected:
-        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ConfigError(
-            f"model.builder {target!r}: its network maps a batch of shape "
-            f"{tuple(dummy.shape)} to {got}, expected {expected} (one logit per class)"
-        )
-    return model
+    parts = [out] if not (training and isinstance(out, tuple)) else [out[0], *_aux(out)]
+    for part in parts:
+        if not isinstance(part, torch.Tensor) or tuple(part.shape) != expected:
+            got = tuple(part.shape) if isinstance(part, torch.Tensor) else type(part).__name__
+            raise ConfigError(
+                f"model.builder {target!r}: in {mode} mode its network maps a batch of shape "
+                f"{tuple(dummy.shape)} to {got}, expected a tensor of {expected} (one logit "
+                "per class" + (", or (logits, [auxiliary logits])" if training else "") + ")"
+            )
+
+
+def _aux(out: tuple) -> list[object]:
+    """A training forward's auxiliary logits: `(logits, [aux, …])`; anything else is wrong."""
+    if len(out) == 2 and isinstance(out[1], list | tuple):
+        return list(out[1])
+    return [out]  # not the shape the step reads: said as what it is
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
 def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], what: str = "") -> None:

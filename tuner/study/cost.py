@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from tuner.console import counted, duration
 from tuner.data import CIFAR10_INFO, DataInfo
-from tuner.errors import TunerError
+from tuner.errors import ConfigError, TunerError
 from tuner.models import Architecture, build
 from tuner.pruning import expected_epochs
 from tuner.spec import StudySpec
@@ -104,7 +104,7 @@ def measure(
     archs = networks(spec, info)
     try:
         for arch in archs:
-            measured.append(epoch_seconds(spec, arch, device, info))
+            measured.append(_measured(spec, arch, device, info))
             cost = Cost(trials, epochs, sum(measured) / len(measured), devices)
             if cost.seconds > limit and len(measured) < len(archs):
                 return replace(cost, partial=True)
@@ -114,14 +114,32 @@ def measure(
             torch.cuda.empty_cache()
 
 
+def _measured(spec: StudySpec, arch: Architecture, device: torch.device, info: DataInfo) -> float:
+    """`epoch_seconds`; a user's network that fails to train a batch is one line naming it."""
+    if arch.builder is None:
+        return epoch_seconds(spec, arch, device, info)
+    try:
+        return epoch_seconds(spec, arch, device, info)
+    except Exception as exc:
+        why = " ".join(str(exc).split())
+        raise ConfigError(
+            f"model.builder {arch.builder!r}: its network fails to train a batch of "
+            f"{_batch(spec, device)} images ({type(exc).__name__}: {why})"
+        ) from None
+
+
+def _batch(spec: StudySpec, device: torch.device) -> int:
+    batch = spec.train.batch_size
+    return min(CPU_BATCH, batch) if device.type == "cpu" else batch
+
+
 def epoch_seconds(
     spec: StudySpec, arch: Architecture, device: torch.device, info: DataInfo = CIFAR10_INFO
 ) -> float:
     """One epoch of the study's training images on the network `arch`, from eager steps (at
     least `STEPS` after one to warm up; more while cheap). On the CPU at a small batch, scaled
     per image."""
-    batch = spec.train.batch_size
-    batch = min(CPU_BATCH, batch) if device.type == "cpu" else batch
+    batch = _batch(spec, device)
     images = torch.randn(batch, *arch.input_shape, device=device)
     labels = torch.randint(0, arch.num_classes, (batch,), device=device)
     model = build(arch, seed=0).to(device)

@@ -41,6 +41,9 @@ class Status:
     parent_run_id: str | None
     refits: tuple[RefitDone, ...] = ()  # completed, by search trial
     ensembles: tuple[dict, ...] = ()  # what `tuner ensemble` recorded of each, oldest first
+    family: str = "vgg"  # the study's model family, to read its points by
+    builder: str | None = None  # a builder's `package.module:function`
+    data: str = "cifar10"  # the data set, or a loader's `package.module:function`
 
     @property
     def best(self) -> Ranked | None:
@@ -91,7 +94,8 @@ def study_status(spec: StudySpec, stores: Stores, top: int = 5) -> Status:
         v for k, v in sorted(found.user_attrs.items()) if k.startswith(ENSEMBLE_PREFIX)
     )
     return Status(tally, found.top, found.user_attrs.get(PARENT_ATTR),
-                  tuple(sorted(done, key=lambda r: r.of)), ensembles)  # fmt: skip
+                  tuple(sorted(done, key=lambda r: r.of)), ensembles, spec.family,
+                  spec.builder, spec.data.name)  # fmt: skip
 
 
 REFIT_KEYS = (REFIT_OF_ATTR, REFIT_EPOCHS_ATTR)
