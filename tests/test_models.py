@@ -11,7 +11,6 @@ from tuner.models import (
     VGG,
     Architecture,
     Dropout,
-    VGGConfig,
     build,
     build_vgg,
     load_state,
@@ -68,13 +67,21 @@ def test_table_has_five_pools_per_variant() -> None:
     assert all(row.count("M") == 5 for row in LAYERS.values())
 
 
-def test_trial_models_are_seeded_not_global() -> None:
-    arch = VGGConfig("vgg11", batch_norm=False, dropout=0.1, width=0.125)
+SEEDED = {
+    "vgg": Architecture("vgg", {"depth": "vgg11", "batch_norm": False, "dropout": 0.1}, 0.125),
+    "googlenet": Architecture("googlenet", {"stages": 2, "width": 1.0, "aux": True,
+                                            "aux_weight": 0.3, "dropout": 0.1}, 0.125),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", sorted(SEEDED))
+def test_trial_models_are_seeded_not_global(family: str) -> None:
+    arch = SEEDED[family]
     torch.manual_seed(1)
-    a = VGG(arch, seed=7).state_dict()
+    a = build(arch, seed=7).state_dict()
     torch.manual_seed(2)
-    b = VGG(arch, seed=7).state_dict()
-    c = VGG(arch, seed=8).state_dict()
+    b = build(arch, seed=7).state_dict()
+    c = build(arch, seed=8).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
