@@ -286,7 +286,10 @@ def test_a_node_killed_mid_trial_has_its_trial_retried_and_its_run_killed_in_tim
     name = "killed"
     long = {"train": {"epochs": 40, "batch_size": 32, "width": 0.0625}, "pruner": {"type": "none"}}
     victim = cluster.start(cluster.folder(0, name, **long), "study", "run", name, "--trials", "1")
-    other = cluster.start(cluster.folder(1, name, **long), "study", "run", name, "--trials", "5")
+    # the other node works on for 45 s: its trials take seconds each, and a budget it
+    # spent before the lost trial's grace period ran out would leave none to fail it
+    other = cluster.start(cluster.folder(1, name, **long), "study", "run", name,
+                          "--trials", "1000", "--timeout", "45")  # fmt: skip
     wait_until(lambda: name in optuna.get_all_study_names(cluster.storage), "the study", 300)
     wait_until(lambda: _running_on(cluster, name, victim.pid), "the victim's trial", 300)
     lost = _running_on(cluster, name, victim.pid)

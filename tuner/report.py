@@ -83,8 +83,8 @@ def status(name: str, result: Status, where: str) -> str:
 
     lines = [
         f"study {name!r}  ({where})",
-        f"model {result.builder or result.family} on {result.data}",
         "  ".join(f"{RECORDS[o].word}: {n}" for o, n in result.counts.items()),
+        f"model {result.builder or result.family} on {result.data}",
     ]
     if result.best is None:
         return "\n".join([*lines, "no completed trials yet"])

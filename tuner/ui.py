@@ -37,13 +37,17 @@ TRIALS_VIEW = "tuner-trials"
 SHARED_VIEW_TAG = "mlflow.sharedViewState."  # MLflow's prefix; the key follows
 METRICS = ("metrics.`objective`", "metrics.`best_val_acc`", "metrics.`epochs_trained`",
            "params.`state`")  # fmt: skip
-TRAINING = ("optimizer", "lr", "weight_decay", "augment")
 VGG_PARAMS = ("depth", "batch_norm", "dropout")  # a study whose file is not at hand: VGG's
 
 
 def columns(model_params: Sequence[str] = VGG_PARAMS) -> tuple[str, ...]:
-    """The summary metrics, then the family's parameters and training's."""
-    return (*METRICS, *(f"params.`{p}`" for p in (*model_params, *TRAINING)))
+    """The summary metrics; the family's first two parameters (what a trial's name says: a
+    VGG's depth and batch norm), the optimizer, its learning rate and weight decay, then the
+    family's others and the augmentation: the columns a reader compares first come first,
+    where the table is not scrolled."""
+    first, rest = list(model_params[:2]), list(model_params[2:])
+    shown = [*first, "optimizer", "lr", "weight_decay", *rest, "augment"]
+    return (*METRICS, *(f"params.`{p}`" for p in shown))
 
 
 def trials_view(model_params: Sequence[str] = VGG_PARAMS) -> dict[str, object]:
