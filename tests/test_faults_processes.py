@@ -153,11 +153,25 @@ def test_an_ensemble_stopped_mid_way_leaves_no_run_running(
 # -- 13. a worker frozen past its grace period (a machine under heavy load) ---------------------
 
 
+def _all_stopped(pid: int) -> bool:
+    """Every thread of process `pid` is stopped (state T in /proc)."""
+    states = []
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
+        except OSError:  # a thread that ended meanwhile
+            continue
+    return bool(states) and all(state in ("T", "t") for state in states)
+
+
 def _stop_outside_a_write(process: subprocess.Popen, db: Path) -> None:
     """SIGSTOP `process` at a moment it holds no write lock on `db` (its epoch writer thread
     writes now and then): a process stopped mid-write would hold the lock for good."""
     for _ in range(50):
         process.send_signal(signal.SIGSTOP)
+        # the signal is delivered when the kernel gets to it: until every thread is stopped,
+        # one may still take the lock after the check below
+        wait_until(lambda: _all_stopped(process.pid), "the process to stop", 30)
         try:
             with sqlite3.connect(db, timeout=0) as free:
                 free.execute("BEGIN IMMEDIATE")
