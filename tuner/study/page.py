@@ -55,9 +55,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FOLDER = "report"  # on the parent run
-# the classes of each known data set: chance is one in as many (a loader's are not known
-# without its arrays: no trial is called stuck at chance there)
-CLASSES = {"cifar10": 10, "cifar100": 100, "fashion-mnist": 10}
 STUCK_MARGIN = 0.05  # a trial whose best validation accuracy stays within this of chance
 RESAMPLES = 10  # bootstrap resamples of the completed trials for the importances' spread
 
@@ -266,7 +263,10 @@ def gather(spec: StudySpec, stores: Stores, tracker: Tracker, top: int = 10) -> 
     )
     tags = parent.data.tags
     found = importances(study, spec.seed)
-    chance = 1 / CLASSES[spec.data.set] if spec.data.set else None
+    from tuner.data import KNOWN  # the known data sets' classes: chance is one in as many
+
+    # a loader's classes are not known without its arrays: no trial is called stuck there
+    chance = 1 / KNOWN[spec.data.set].classes if spec.data.set else None
     # the chart shows the table's numbers (Optuna's own has no spread); none without a table
     chart = {"param_importances": lambda: importance_chart(found)}
     return Page(
