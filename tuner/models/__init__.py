@@ -49,16 +49,6 @@ class Architecture:
         return cls(data["family"], dict(data.get("params", {})), data.get("width", 1.0),
                    data.get("num_classes", 10), shape, data.get("builder"))  # type: ignore[arg-type]  # fmt: skip
 
-    def describe(self) -> str:
-        """`vgg16-bn at width 0.25`, `googlenet (stages=2, …)`, for messages."""
-        p = self.params
-        if self.family == "vgg":
-            name = f"{p.get('depth')}{'-bn' if p.get('batch_norm') else ''}"
-        else:
-            name = self.builder or self.family
-            name += " (" + ", ".join(f"{k}={v}" for k, v in p.items()) + ")"
-        return f"{name} at width {self.width}" if self.builder is None else name
-
 
 def build(arch: Architecture, *, seed: int | None = None) -> nn.Module:
     """The network `arch` records, its initial weights drawn from `seed` (None: the global RNG).
