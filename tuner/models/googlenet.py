@@ -24,8 +24,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from tuner.models.vgg import Dropout, scaled
-from tuner.models.vgg import _init as init_like_vgg
+from tuner.models.vgg import Dropout, initialize, scaled
 
 
 class Row(NamedTuple):
@@ -178,7 +177,7 @@ class GoogLeNet(nn.Module):
         self.register_buffer(
             "aux_weight", torch.tensor(float(config.aux_weight)), persistent=False
         )
-        _seeded_init(self, seed)
+        initialize(self, seed)  # VGG's initial weights, from `seed`
 
     def forward(self, x: torch.Tensor) -> Output:
         heads = self.training and len(self.aux) > 0
@@ -193,17 +192,6 @@ class GoogLeNet(nn.Module):
                     aux_logits.append(self.aux[self._taps[s, m]](x))
         logits = self.classifier(x)
         return (logits, tuple(aux_logits)) if heads else logits
-
-
-def _seeded_init(model: nn.Module, seed: int | None) -> None:
-    """VGG's initial weights (He for convs, BN ones/zeros, small normal for linears), drawn
-    from `seed` without touching the global RNG (None: from the global RNG)."""
-    if seed is None:
-        init_like_vgg(model)
-        return
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        init_like_vgg(model)
 
 
 def build_googlenet(

@@ -81,12 +81,7 @@ class VGG(nn.Module):
         self.classifier = nn.Sequential(
             nn.Flatten(), Dropout(arch.dropout), nn.Linear(channels, arch.num_classes)
         )
-        if seed is None:
-            _init(self)
-        else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                _init(self)
+        initialize(self, seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(F.adaptive_avg_pool2d(self.features(x), 1))
@@ -141,8 +136,15 @@ def rename_legacy(state: Mapping[str, torch.Tensor], model: VGG) -> dict[str, to
     return renamed
 
 
-def _init(model: nn.Module) -> None:
-    """He init for convs (as torchvision's VGG), small normal for the head."""
+def initialize(model: nn.Module, seed: int | None = None) -> None:
+    """He init for convs (as torchvision's VGG), ones and zeros for batch norm, small normal
+    for linears: drawn from `seed` without touching the global RNG (None: from the global
+    RNG)."""
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            initialize(model)
+        return
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
