@@ -8,7 +8,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from tuner.spec import Augment, FloatRange, IntRange, Optimizer, Param, SpaceSpec
+from tuner.spec import (
+    Augment,
+    FloatRange,
+    GoogLeNetSpace,
+    IntRange,
+    Optimizer,
+    Param,
+    SpaceSpec,
+    VGGSpace,
+)
 
 if TYPE_CHECKING:
     import optuna
@@ -170,14 +179,12 @@ def family_of(params: Mapping[str, Any]) -> str:
     """The family a stored point was drawn from, by its parameters (where no study file is at
     hand: `study status` reads the tables alone)."""
     model = {k for k in params if k not in TRAINING and not k.startswith("lr_")}
-    if model == {"depth", "batch_norm", "dropout"} and str(params["depth"]).startswith("vgg"):
+    vgg, googlenet = set(VGGSpace.param_names()), set(GoogLeNetSpace.param_names())
+    if model == vgg and str(params["depth"]).startswith("vgg"):
         return "vgg"
-    if {"stages", "width", "aux", "dropout"} <= model <= {*_GOOGLENET}:
+    if googlenet - GoogLeNetSpace.CONDITIONS.keys() <= model <= googlenet:
         return "googlenet"
     return "builder"  # a builder's parameters may take any name: the label is its module's
-
-
-_GOOGLENET = ("stages", "width", "aux", "aux_weight", "dropout")
 
 
 def decode(

@@ -163,10 +163,15 @@ class SpaceSpec(_Frozen):
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
         return self
 
+    @classmethod
+    def param_names(cls) -> tuple[str, ...]:
+        """The family's own parameters, as its class declares them, in the order they are drawn
+        (none for a builder's: the study file names them)."""
+        return tuple(k for k in cls.model_fields if k not in SpaceSpec.model_fields)
+
     def model_params(self) -> dict[str, Param]:
         """The family's parameters and how each is searched, in the order they are drawn."""
-        shared = set(SpaceSpec.model_fields)
-        return {k: getattr(self, k) for k in type(self).model_fields if k not in shared}
+        return {k: getattr(self, k) for k in self.param_names()}
 
 
 class VGGSpace(SpaceSpec):
@@ -681,7 +686,7 @@ def _describe(err: Any, source: str) -> str:
         owner = [
             f for f, c in FAMILIES.items()
             if loc[:1] == ["space"] and len(loc) == 2
-            and loc[1] in c.model_fields and loc[1] not in SpaceSpec.model_fields
+            and loc[1] in c.param_names()
         ]  # fmt: skip
         if owner:
             message = (f"not a parameter of this model family; it is {owner[0]}'s: "
