@@ -169,13 +169,22 @@ def _forward_loss(
     label_smoothing: float,
     info: DataInfo = CIFAR10_INFO,
 ) -> torch.Tensor:
-    """uint8 images in, mean cross-entropy out: the part of a step that torch.compile takes.
-    A network that returns `(logits, auxiliary logits)` while training (GoogLeNet's auxiliary
-    classifiers) adds each auxiliary head's loss times its `aux_weight` (1 where it has none),
-    as Szegedy et al. did."""
+    """uint8 images in, mean cross-entropy out: the part of a step that torch.compile takes."""
     device = images.device
     with autocast(device):
         out = model(to_input(images, device, info))
+    return loss_of(model, out, labels, label_smoothing)
+
+
+def loss_of(
+    model: nn.Module,
+    out: torch.Tensor | tuple,
+    labels: torch.Tensor,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """The mean cross-entropy of what `model` returned for a batch. A network that returns
+    `(logits, auxiliary logits)` while training (GoogLeNet's auxiliary classifiers) adds each
+    auxiliary head's loss times its `aux_weight` (1 where it has none), as Szegedy et al. did."""
     loss = F.cross_entropy(_logits(out).float(), labels, label_smoothing=label_smoothing)
     if isinstance(out, tuple) and len(out) > 1:
         weight = getattr(model, "aux_weight", 1.0)

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from tuner.data import FOLDER, MEAN, STD, Split, TrainVal, read_split
 from tuner.models import Architecture, build
-from tuner.train import CompileMode, TrainConfig, compile_mode, synchronize, train
+from tuner.train import CompileMode, TrainConfig, compile_mode, loss_of, synchronize, train
 
 log = logging.getLogger(__name__)
 REFERENCE_BATCH = 128
@@ -160,23 +159,13 @@ def reference_epochs(split: Split, depth: str, cfg: BenchConfig) -> list[float]:
         for images, labels in loader:
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
-            loss = _loss(model(images), labels, model)
+            loss = loss_of(model, model(images), labels)  # with auxiliary heads' losses
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         synchronize(device)
         seconds.append(time.perf_counter() - started)
     return seconds
-
-
-def _loss(out: torch.Tensor | tuple, labels: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
-    """Cross-entropy, with each auxiliary head's times its weight where the network has them
-    (as tuner's step adds them)."""
-    if not isinstance(out, tuple):
-        return F.cross_entropy(out, labels)
-    logits, aux = out
-    weight = getattr(model, "aux_weight", 1.0)
-    return F.cross_entropy(logits, labels) + sum(weight * F.cross_entropy(a, labels) for a in aux)
 
 
 # -- tuner's path ------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 
 from tuner.console import counted, duration
 from tuner.data import CIFAR10_INFO, DataInfo
@@ -21,7 +20,7 @@ from tuner.errors import ConfigError, TunerError
 from tuner.models import Architecture, build
 from tuner.pruning import expected_epochs
 from tuner.spec import StudySpec
-from tuner.train import synchronize
+from tuner.train import loss_of, synchronize
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +149,7 @@ def epoch_seconds(
     while len(times) < STEPS + 1 or (sum(times[1:]) < ENOUGH_SECONDS and len(times) < 50):
         synchronize(device)
         began = time.perf_counter()
-        out = model(images)
-        loss = F.cross_entropy(out[0] if isinstance(out, tuple) else out, labels)
+        loss = loss_of(model, model(images), labels)  # auxiliary heads' too, as a trial's
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
