@@ -115,11 +115,11 @@ def measure(
 
 def _measured(spec: StudySpec, arch: Architecture, device: torch.device, info: DataInfo) -> float:
     """`epoch_seconds`; a user's network that fails to train a batch is one line naming it."""
-    if arch.builder is None:
-        return epoch_seconds(spec, arch, device, info)
     try:
         return epoch_seconds(spec, arch, device, info)
     except Exception as exc:
+        if arch.builder is None:  # tuner's own network: not the user's to fix
+            raise
         why = " ".join(str(exc).split())
         raise ConfigError(
             f"model.builder {arch.builder!r}: its network fails to train a batch of "
