@@ -51,7 +51,7 @@ from tuner.records import (
 )
 from tuner.retries import queue_again
 from tuner.space import TrialParams, log10_twins, suggest
-from tuner.spec import StudySpec
+from tuner.spec import FloatRange, IntRange, StudySpec
 from tuner.store_errors import store_cause
 from tuner.stores import store_error
 from tuner.tracking import StudyRuns, Tracker, TrialOutputs, TrialRunRef
@@ -520,7 +520,6 @@ def architecture(spec: StudySpec, params: TrialParams, info: DataInfo) -> Archit
 def first_point(spec: StudySpec) -> TrialParams:
     """A point of the space without drawing: each parameter's first choice or its range's
     middle (a builder is checked on it before any trial trains)."""
-    from tuner.spec import FloatRange, IntRange
 
     def pick(how: object) -> object:
         if isinstance(how, IntRange):

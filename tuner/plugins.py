@@ -1,6 +1,6 @@
 """A user's own code, named in a study file as `package.module:function` (a model builder, a data
-loader): imported the way `python -m` would find it (the current folder first), and every
-failure to find it is one line naming it."""
+loader): imported from sys.path and, where a console script's path lacks it, the current
+folder (searched last), and every failure to find it is one line naming it."""
 
 from __future__ import annotations
 

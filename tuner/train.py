@@ -81,9 +81,8 @@ class EpochStats:
 @dataclass(frozen=True)
 class TrainResult:
     history: tuple[EpochStats, ...]
-    val_probs: (
-        np.ndarray
-    )  # N×classes softmax on the validation split after the last epoch (N may be 0)
+    # N×classes softmax on the validation split after the last epoch (N may be 0)
+    val_probs: np.ndarray
     state_dict: dict[str, torch.Tensor]  # on the CPU, ready to save
 
 
