@@ -12,6 +12,8 @@ from tuner import data
 from tuner.errors import ConfigError, DataError
 from tuner.spec import DataSpec
 
+from .helpers import offline
+
 
 def test_reads_the_standard_layout(fake_cifar: Path) -> None:
     folder = data.ensure_cifar(fake_cifar, download=False)
@@ -87,9 +89,6 @@ def test_offline_without_data_says_how_to_fix_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import torchvision.datasets.utils as tv_utils
-
-    def offline(*args, **kwargs):
-        raise OSError("Temporary failure in name resolution")
 
     monkeypatch.setattr(tv_utils, "download_and_extract_archive", offline)
     with pytest.raises(DataError) as info:

@@ -19,7 +19,14 @@ from tuner.errors import ConfigError, DataError
 from tuner.spec import DataSpec, TrainSpec
 
 from .conftest import write_fake_cifar
-from .helpers import CIFAR100_FOLDER, idx_bytes, write_cifar100, write_fashion_mnist, write_idx
+from .helpers import (
+    CIFAR100_FOLDER,
+    idx_bytes,
+    offline,
+    write_cifar100,
+    write_fashion_mnist,
+    write_idx,
+)
 
 CPU = torch.device("cpu")
 
@@ -359,9 +366,6 @@ def test_a_failed_download_says_where_to_point_tuner(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import torchvision.datasets.utils as tv_utils
-
-    def offline(*args, **kwargs):
-        raise OSError("Temporary failure in name resolution")
 
     monkeypatch.setattr(tv_utils, "download_url", offline)
     with pytest.raises(DataError) as info:
