@@ -103,8 +103,8 @@ def test_the_ensemble_report_shows_members_weights_and_the_gain() -> None:
 
 
 def test_the_bench_table_has_a_row_per_measurement() -> None:
-    rows = [Row("vgg16", "DataLoader+PIL fp32 b128", 7.378, 538.0, None, 1.2, None),
-            Row("vgg16", "tuner eager b512", 5.614, 638.4, 1.314, 0.3, 2.25)]  # fmt: skip
+    rows = [Row("vgg16-bn", "DataLoader+PIL fp32 b128", 7.378, 538.0, None, 1.2, None),
+            Row("vgg16-bn", "tuner eager b512", 5.614, 638.4, 1.314, 0.3, 2.25)]  # fmt: skip
     text = report.bench_table(rows, [Packed(1, 661.0, 1.0), Packed(2, 741.0, 1.121)])
     lines = text.splitlines()
     assert lines[1].split() == ["vgg16-bn", "DataLoader+PIL", "fp32", "b128", "7.378", "538",

@@ -347,11 +347,6 @@ def bench(
     )
 
 
-def _network(name: str) -> str:
-    """`vgg16-bn` (tuner bench times VGGs with batch norm), `googlenet-3s`."""
-    return name if name.startswith("googlenet") else f"{name}-bn"
-
-
 def bench_table(rows: list[Row], packed: list[Packed]) -> str:
     lines = [
         f"{'model':<12} {'path':<26} {'epoch s':>8} {'images/s':>10} {'× ref':>6} "
@@ -362,7 +357,7 @@ def bench_table(rows: list[Row], packed: list[Packed]) -> str:
         warmup = "" if r.warmup_seconds is None else f"{r.warmup_seconds:.1f}"
         peak = "" if r.peak_gib is None else f"{r.peak_gib:.2f}"
         lines.append(
-            f"{_network(r.depth):<12} {r.path:<26} {r.epoch_seconds:>8.3f} "
+            f"{r.depth:<12} {r.path:<26} {r.epoch_seconds:>8.3f} "
             f"{r.images_per_second:>10,.0f} {ratio:>6} {warmup:>9} {_payback(r):>10} {peak:>8}"
         )
     if packed:

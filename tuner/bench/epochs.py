@@ -60,7 +60,7 @@ def label(name: str) -> str:
 
 @dataclass(frozen=True)
 class Row:
-    depth: str  # the network (`network`)
+    depth: str  # the network, as `label` names it (`vgg16-bn`, `googlenet-3s`)
     path: str
     epoch_seconds: float
     images_per_second: float
@@ -259,21 +259,23 @@ def run_bench(cfg: BenchConfig, data_dir: Path | None) -> tuple[list[Row], list[
     split, source = bench_data(data_dir, cfg.images, device)
     rows: list[Row] = []
     for depth in cfg.depths:
+        network = label(depth)
         log.info(
-            f"{label(depth)}: reference (DataLoader + PIL, {cfg.loader_workers} workers, fp32, "
+            f"{network}: reference (DataLoader + PIL, {cfg.loader_workers} workers, fp32, "
             f"batch {REFERENCE_BATCH}) …"
         )
         measured = _measure(lambda d=depth: reference_epochs(split, d, cfg), device)
         images = _epoch_images(len(split), REFERENCE_BATCH)
-        reference = _row(depth, f"DataLoader+PIL fp32 b{REFERENCE_BATCH}", measured, images, None)
+        path = f"DataLoader+PIL fp32 b{REFERENCE_BATCH}"
+        reference = _row(network, path, measured, images, None)
         rows.append(reference)
         eager = None
         for mode in ("off", *cfg.modes):
             name = "eager" if mode == "off" else mode
-            log.info(f"{label(depth)}: tuner {name} (batch {cfg.batch_size}; bf16 on a GPU) …")
+            log.info(f"{network}: tuner {name} (batch {cfg.batch_size}; bf16 on a GPU) …")
             measured = _measure(lambda d=depth, m=mode: tuner_epochs(split, d, cfg, m), device)
             images = _epoch_images(len(split), cfg.batch_size)
-            row = _row(depth, f"tuner {name} b{cfg.batch_size}", measured, images, reference)
+            row = _row(network, f"tuner {name} b{cfg.batch_size}", measured, images, reference)
             eager = eager or row
             rows.append(row if mode == "off" else _with_payback(row, eager))
     packed: list[Packed] = []
