@@ -357,18 +357,17 @@ class PatientStorage(optuna.storages.RDBStorage):
     ) -> bool:
         """Optuna's, patiently; popping a queued trial (WAITING → RUNNING) also writes
         `taker_attrs` in the same transaction."""
-        if state != TrialState.RUNNING or not self.taker_attrs:
-            return patiently(
-                lambda: optuna.storages.RDBStorage.set_trial_state_values(
-                    self, trial_id, state, values
-                ),
-                f"the Optuna storage {shown(self.url)}",
-            )
-        return patiently(lambda: _take(self, trial_id), f"the Optuna storage {shown(self.url)}")
+
+        def once() -> bool:
+            if state == TrialState.RUNNING and self.taker_attrs:
+                return _take(self, trial_id)
+            return optuna.storages.RDBStorage.set_trial_state_values(self, trial_id, state, values)
+
+        return patiently(once, f"the Optuna storage {shown(self.url)}")
 
 
 def _new_trial(
-    storage: optuna.storages.RDBStorage, study_id: int, template: FrozenTrial | None
+    storage: PatientStorage, study_id: int, template: FrozenTrial | None
 ) -> FrozenTrial:
     """One try of `RDBStorage._create_new_trial`: its statements (the private
     `_get_prepared_new_trial`, in Optuna's private session), and the trial it gives back."""
@@ -380,7 +379,7 @@ def _new_trial(
         models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
         made = storage._get_prepared_new_trial(study_id, template, session)
         if template is None:  # `ask`'s new RUNNING trial: the taker's mark with it
-            attrs = dict(getattr(storage, "taker_attrs", {}))
+            attrs = dict(storage.taker_attrs)
             _mark(storage, session, made.trial_id, attrs)
             return FrozenTrial(number=made.number, state=made.state, value=None, values=None,
                                datetime_start=made.datetime_start, datetime_complete=None,
